@@ -1,0 +1,35 @@
+"""meancache: training-free MeanCache acceleration for flow-matching samplers (ICLR 2026, arXiv 2601.19961).
+
+Public API:
+
+* :class:`Schedule` - which steps run the model and the window K of the others; published presets.
+* :func:`sample` - an Euler sampler that calls the model only at the schedule's compute steps.
+* :func:`accelerate` / :func:`disable` / :func:`reset` - MeanCache for a module inside your own Euler loop.
+"""
+
+from __future__ import annotations
+
+from .api import accelerate
+from .api import disable
+from .api import reset
+from .history import History
+from .sampler import sample
+from .schedule import MAX_ORDER
+from .schedule import Schedule
+from .schedule import StepPlan
+from .schedule import preset_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_ORDER",
+    "History",
+    "Schedule",
+    "StepPlan",
+    "__version__",
+    "accelerate",
+    "disable",
+    "preset_names",
+    "reset",
+    "sample",
+]

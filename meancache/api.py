@@ -1,0 +1,127 @@
+"""The one-line entry points: ``meancache.accelerate``, ``meancache.disable`` and ``meancache.reset``."""
+
+from __future__ import annotations
+
+from typing import Callable
+from typing import Hashable
+from typing import Sequence
+
+import torch
+
+from .module import ATTRIBUTE
+from .module import MeanCacheController
+from .module import accelerate_module
+from .module import disable_module
+from .schedule import Schedule
+
+__all__ = ["accelerate", "disable", "reset"]
+
+
+def accelerate(
+    model: torch.nn.Module,
+    schedule: Schedule | None = None,
+    *,
+    budget: int | None = None,
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    timestep_scale: float = 1000.0,
+    sigma_fn: Callable[..., float] | None = None,
+    latent_arg: str | None = None,
+    timestep_arg: str = "timestep",
+    output_sign: float = 1.0,
+    branch_fn: Callable[[tuple, dict], Hashable] | None = None,
+) -> torch.nn.Module:
+    """Make ``model`` skip the model evaluation on MeanCache's skipped steps, inside your own Euler loop.
+
+    ``model.forward`` is replaced on this instance (other instances and the class are untouched) and ``model`` is
+    returned, with the same call signature. On compute steps the original forward runs and its output is returned
+    as is. On skipped steps the model does not run; the call returns MeanCache's estimated average velocity over the
+    step, in the same structure as the model's output (tensor, tuple, or diffusers output object).
+
+    Each call's sigma comes from ``sigma_fn(*args, **kwargs)`` when given, else from the ``timestep_arg`` argument
+    divided by ``timestep_scale`` (diffusers flow-matching transformers take ``timestep = 1000 * sigma``). Calls are
+    mapped onto ``sigmas``: the current step's sigma again means another guidance branch of the same step, the next
+    sigma the next step, ``sigmas[0]`` a new trajectory. Branches are told apart by call order within a step (the
+    k-th call of a step is branch k), or by ``branch_fn(args, kwargs) -> key``; each has its own history.
+
+    Args:
+        model: a ``torch.nn.Module`` whose output is the flow velocity (or its negative, see ``output_sign``).
+        schedule: a :class:`~meancache.Schedule`; resampled (with a log line) when its step count differs from the
+            grid's.
+        budget: instead of ``schedule``: use ``Schedule.default(budget, len(sigmas) - 1)``.
+        sigmas: the sampler's grid, ``num_steps + 1`` decreasing floats. Required; change it later with
+            ``model.meancache.set_sigmas(...)``.
+        timestep_scale: ``sigma = timestep / timestep_scale``.
+        sigma_fn: ``sigma_fn(*args, **kwargs) -> float``, overriding the timestep rule (e.g. Z-Image's transformer
+            takes ``1 - sigma``).
+        latent_arg: name of the forward parameter holding the latent x_i (default: the first parameter). It must
+            be the sampler's latent itself, not a rescaled copy.
+        timestep_arg: name of the forward parameter holding the timestep.
+        output_sign: ``-1`` when the model predicts ``-dx/dsigma`` (Z-Image), else ``1``.
+        branch_fn: ``branch_fn(args, kwargs) -> hashable`` naming the guidance branch of a call.
+
+    Returns:
+        ``model`` itself, patched. ``model.meancache`` holds the state: ``reset()``, ``set_sigmas()``, ``stats``,
+        ``schedule``.
+
+    Raises:
+        RuntimeError: ``model`` is already accelerated.
+        ValueError: for a missing or invalid ``sigmas``/``schedule``/``budget``, or a forward without the named
+            parameters.
+
+    Example:
+        >>> import torch, meancache
+        >>> class Flow(torch.nn.Module):
+        ...     def forward(self, x, timestep):
+        ...         return x - 1.0
+        >>> sigmas = torch.linspace(1, 0, 21)
+        >>> model = meancache.accelerate(Flow(), budget=8, sigmas=sigmas)
+        >>> x = torch.randn(2, 4)
+        >>> for i in range(20):
+        ...     v = model(x, timestep=1000 * sigmas[i])
+        ...     x = x + (sigmas[i + 1] - sigmas[i]) * v
+        >>> model.meancache.stats.model_calls
+        8
+        >>> _ = meancache.disable(model)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model is a {type(model).__name__}: accelerate() takes a torch.nn.Module")
+    return accelerate_module(
+        model,
+        schedule,
+        budget=budget,
+        sigmas=sigmas,
+        timestep_scale=timestep_scale,
+        sigma_fn=sigma_fn,
+        latent_arg=latent_arg,
+        timestep_arg=timestep_arg,
+        output_sign=output_sign,
+        branch_fn=branch_fn,
+    )
+
+
+def disable(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove MeanCache from ``model``: its original ``forward`` is restored, so calls are bit-identical again.
+
+    Calling it on a model that is not accelerated does nothing (safe in ``finally`` blocks). Returns ``model``.
+
+    Example:
+        >>> import torch, meancache
+        >>> m = meancache.accelerate(torch.nn.Identity(), budget=2, sigmas=[1.0, 0.5, 0.0], sigma_fn=lambda x: 1.0)
+        >>> meancache.disable(m) is m, hasattr(m, "meancache")
+        (True, False)
+    """
+    return disable_module(model)
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Start a new trajectory on an accelerated ``model`` (same as ``model.meancache.reset()``).
+
+    Example:
+        >>> import torch, meancache
+        >>> m = meancache.accelerate(torch.nn.Identity(), budget=2, sigmas=[1.0, 0.5, 0.0], sigma_fn=lambda x: 1.0)
+        >>> meancache.reset(m)
+    """
+    controller = model.__dict__.get(ATTRIBUTE) if isinstance(model, torch.nn.Module) else None
+    if not isinstance(controller, MeanCacheController):
+        raise ValueError(f"{type(model).__name__} is not accelerated by meancache")
+    controller.reset()

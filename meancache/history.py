@@ -1,0 +1,105 @@
+"""Bounded history of a MeanCache trajectory: a ring of the last few (latent, velocity) pairs.
+
+The official release keeps every step's latent, an fp32 copy of it and its velocity, so its memory grows with the
+number of steps (algorithm.md §9.3). A skipped step with window K reads only the entry K steps back and the newest
+one (§5), so a ring of ``capacity <= 6`` entries is exact. Entries are stored in float32 (float64 for float64
+latents), whatever the latent dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import MAX_ORDER
+
+__all__ = ["History", "history_dtype"]
+
+
+def history_dtype(latent_dtype: torch.dtype) -> torch.dtype:
+    """The dtype MeanCache keeps history and does its math in: float64 for float64 latents, else float32.
+
+    Example:
+        >>> import torch
+        >>> history_dtype(torch.bfloat16)
+        torch.float32
+    """
+    if not latent_dtype.is_floating_point:
+        raise ValueError(f"latents dtype={latent_dtype}: must be a floating-point dtype")
+    return torch.float64 if latent_dtype == torch.float64 else torch.float32
+
+
+class History:
+    """Ring buffer of the last ``capacity`` logged steps of one trajectory.
+
+    Step ``j`` (counted from the start of the trajectory) lives in slot ``j % capacity`` of ``xs`` and ``vs``,
+    each of shape ``(capacity, *latent_shape)`` and dtype :func:`history_dtype`. Storage is allocated on the first
+    :meth:`push` and reused afterwards, so memory is ``2 * capacity * numel * itemsize`` bytes for any number of
+    steps.
+
+    Args:
+        capacity: entries kept, 1..6 (the largest window K the schedule uses is enough).
+
+    Example:
+        >>> import torch
+        >>> h = History(2)
+        >>> for j in range(5):
+        ...     h.push(torch.full((3,), float(j)), torch.zeros(3))
+        >>> h.count, len(h), h.x(4)[0].item(), h.oldest
+        (5, 2, 4.0, 3)
+    """
+
+    def __init__(self, capacity: int = MAX_ORDER):
+        if not isinstance(capacity, int) or not 1 <= capacity <= MAX_ORDER:
+            raise ValueError(f"capacity={capacity!r}: must be an int in 1..{MAX_ORDER}")
+        self.capacity = capacity
+        self.count = 0
+        self.xs: torch.Tensor | None = None
+        self.vs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        """Entries currently held (at most ``capacity``)."""
+        return min(self.count, self.capacity)
+
+    @property
+    def oldest(self) -> int:
+        """Step index of the oldest entry still held."""
+        return self.count - len(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage held by the ring (0 before the first push)."""
+        return 0 if self.xs is None else 2 * self.xs.numel() * self.xs.element_size()
+
+    def clear(self) -> None:
+        """Forget every entry but keep the storage for the next trajectory."""
+        self.count = 0
+
+    def _slot(self, step: int) -> int:
+        if not self.oldest <= step < self.count:
+            raise IndexError(f"step {step} is not in the history (holds steps {self.oldest}..{self.count - 1})")
+        return step % self.capacity
+
+    def x(self, step: int) -> torch.Tensor:
+        """Latent at the start of ``step`` (a view into the ring)."""
+        return self.xs[self._slot(step)]
+
+    def v(self, step: int) -> torch.Tensor:
+        """Velocity used at ``step``: the model's, or the estimate on a skipped step (a view into the ring)."""
+        return self.vs[self._slot(step)]
+
+    def push(self, x: torch.Tensor, v: torch.Tensor) -> None:
+        """Log step ``count``: copy ``x`` and ``v`` (any float dtype) into the ring, evicting the oldest entry."""
+        dtype = history_dtype(x.dtype)
+        if self.xs is None or self.xs.shape[1:] != x.shape or self.xs.device != x.device or self.xs.dtype != dtype:
+            if self.count:
+                raise ValueError(
+                    f"latent shape/device/dtype changed mid-trajectory: history holds "
+                    f"{tuple(self.xs.shape[1:])} {self.xs.dtype} on {self.xs.device}, got {tuple(x.shape)} "
+                    f"{x.dtype} on {x.device}; call reset() between trajectories"
+                )
+            self.xs = torch.empty((self.capacity, *x.shape), dtype=dtype, device=x.device)
+            self.vs = torch.empty_like(self.xs)
+        slot = self.count % self.capacity
+        self.xs[slot].copy_(x)
+        self.vs[slot].copy_(v)
+        self.count += 1

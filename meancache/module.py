@@ -1,0 +1,387 @@
+"""``meancache.accelerate(module)``: MeanCache for a bare ``torch.nn.Module`` driven by the caller's own Euler loop.
+
+The module's ``forward`` is replaced on this instance only (never on the class). On compute steps the original
+forward runs and its output is returned untouched; on skipped steps the model does not run and the call returns
+MeanCache's average-velocity estimate in the same output structure. :func:`disable` puts the original ``forward``
+back.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from typing import Callable
+from typing import Hashable
+from typing import Sequence
+
+import torch
+
+from .history import History
+from .history import history_dtype
+from .reference import estimate_from_history
+from .sampler import check_latents
+from .sampler import check_velocity
+from .schedule import Schedule
+from .sigmas import as_sigma_list
+
+__all__ = ["MeanCacheController", "accelerate_module", "disable_module", "ATTRIBUTE"]
+
+logger = logging.getLogger("meancache")
+
+#: Name of the attribute an accelerated module carries (``module.meancache``).
+ATTRIBUTE = "meancache"
+
+
+@dataclass
+class _Branch:
+    """History and output template of one guidance branch within a trajectory."""
+
+    history: History
+    rebuild: Callable[[torch.Tensor], Any] | None = None
+    out_dtype: torch.dtype | None = None
+
+
+@dataclass
+class RunStats:
+    """Counts for the current (or last) trajectory of an accelerated module."""
+
+    steps: int = 0
+    model_calls: int = 0
+    skipped_calls: int = 0
+    branches: int = 0
+    history_bytes: int = 0
+
+
+def _split_output(out) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The velocity tensor in a model output, and a function that puts a new velocity in its place.
+
+    Supported: a tensor; a tuple or list whose first item is the tensor (diffusers' ``return_dict=False``); a
+    mapping whose first value is the tensor (diffusers' ``Transformer2DModelOutput``). Other items of a tuple or
+    mapping are carried over from the last computed step.
+    """
+    if isinstance(out, torch.Tensor):
+        return out, lambda v: v
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        rest = tuple(out[1:])
+        kind = type(out)
+        if kind in (tuple, list):
+            return out[0], lambda v: kind((v, *rest))
+        if hasattr(out, "_fields"):  # namedtuple
+            return out[0], lambda v: kind(v, *rest)
+        return out[0], lambda v: kind((v, *rest))
+    if isinstance(out, Mapping) and out:
+        key = next(iter(out))
+        if isinstance(out[key], torch.Tensor):
+            items = dict(out)
+            kind = type(out)
+            return out[key], lambda v: kind(**{**items, key: v})
+    raise ValueError(
+        f"the model returned a {type(out).__name__}: meancache needs a tensor, a tuple/list whose first item is "
+        "the velocity tensor, or a mapping whose first value is it"
+    )
+
+
+class MeanCacheController:
+    """Per-module MeanCache state, reachable as ``module.meancache`` after :func:`meancache.accelerate`.
+
+    It follows the caller's sampling loop from the sigma of each call: a call at the current step's sigma is
+    another guidance branch of that step, a call at the next sigma of the grid starts the next step, and a call at
+    ``sigmas[0]`` starts a new trajectory (all history is dropped). Any other sigma raises ValueError and resets.
+
+    Branches: by default the k-th call made at one step is branch k (call order, as cond/uncond pairs are made in
+    a fixed order); ``branch_fn(args, kwargs) -> key`` overrides this. Each branch has its own history ring.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        schedule: Schedule,
+        sigmas,
+        *,
+        sigma_fn: Callable[..., float] | None,
+        timestep_scale: float,
+        latent_arg: str | None,
+        timestep_arg: str,
+        output_sign: float,
+        branch_fn: Callable[[tuple, dict], Hashable] | None,
+    ):
+        self.base_schedule = schedule
+        self.sigma_fn = sigma_fn
+        self.timestep_scale = timestep_scale
+        self.output_sign = output_sign
+        self.branch_fn = branch_fn
+        self._signature = inspect.signature(module.forward)
+        params = list(self._signature.parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = {p.name for p in params}
+        if latent_arg is None:
+            if not positional:
+                raise ValueError(
+                    f"{type(module).__name__}.forward{self._signature} has no positional parameter to read the "
+                    "latent from: pass latent_arg='<name>'"
+                )
+            latent_arg = positional[0].name
+        elif latent_arg not in names:
+            raise ValueError(
+                f"latent_arg={latent_arg!r} is not a parameter of {type(module).__name__}.forward{self._signature}"
+            )
+        if sigma_fn is None and timestep_arg not in names:
+            raise ValueError(
+                f"timestep_arg={timestep_arg!r} is not a parameter of {type(module).__name__}.forward"
+                f"{self._signature}: pass timestep_arg='<name>' or sigma_fn=<callable returning sigma>"
+            )
+        self.latent_arg = latent_arg
+        self.timestep_arg = timestep_arg
+        self.sigmas: list[float] = []
+        self.schedule = schedule
+        self.stats = RunStats()
+        self._plan = ()
+        self._branches: dict[Hashable, _Branch] = {}
+        self._step = -1
+        self._calls_in_step = 0
+        self._branches_per_step: int | None = None
+        self.set_sigmas(sigmas)
+
+    # -- configuration --------------------------------------------------------------------------------------------
+    def set_sigmas(self, sigmas) -> None:
+        """Use a new sigma grid (``num_steps + 1`` values) from the next call on; resets the trajectory.
+
+        The schedule is resampled to the grid's step count when they differ (see :meth:`Schedule.resample`).
+        """
+        grid = as_sigma_list(sigmas)
+        n = len(grid) - 1
+        for i in range(n - 1):
+            if grid[i + 1] == grid[i]:
+                raise ValueError(
+                    f"sigmas[{i}] == sigmas[{i + 1}] = {grid[i]}: accelerate() tells steps apart by sigma, so the "
+                    "sigmas the model is called at must be distinct"
+                )
+        schedule = self.base_schedule
+        if schedule.num_steps != n:
+            logger.info(
+                "meancache: schedule has %d steps but the grid has %d; resampling the schedule (budget %d)",
+                schedule.num_steps,
+                n,
+                schedule.budget,
+            )
+            schedule = schedule.resample(n)
+        self.sigmas = grid
+        self.schedule = schedule
+        self._plan = schedule.expand()
+        # half the distance to the nearest other sigma: the widest error a timestep may carry (bf16 rounding)
+        self._tol = []
+        for i in range(n):
+            gaps = [abs(grid[i] - grid[j]) for j in (i - 1, i + 1) if 0 <= j < n]
+            self._tol.append(0.5 * min(gaps) if gaps else math.inf)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current trajectory; the next call must be at ``sigmas[0]``. Storage is kept for reuse."""
+        for branch in self._branches.values():
+            branch.history.clear()
+        self._branches_active = set()
+        self._step = -1
+        self._calls_in_step = 0
+        self._branches_per_step = None
+
+    # -- per call -------------------------------------------------------------------------------------------------
+    def _sigma_of(self, args: tuple, kwargs: dict, bound) -> float:
+        if self.sigma_fn is not None:
+            value = self.sigma_fn(*args, **kwargs)
+        else:
+            t = bound.arguments.get(self.timestep_arg)
+            if t is None:
+                raise ValueError(
+                    f"the call passed no {self.timestep_arg!r}: meancache reads each call's sigma from it "
+                    "(or pass sigma_fn= to accelerate())"
+                )
+            if isinstance(t, torch.Tensor):
+                # one host read per model call; the whole batch must share one sigma
+                lo, hi = torch.stack([t.detach().min(), t.detach().max()]).double().tolist()
+                if lo != hi:
+                    raise ValueError(
+                        f"{self.timestep_arg} holds different values ({lo}..{hi}) across the batch: meancache "
+                        "uses one schedule per batch, so every sample must be at the same step"
+                    )
+                value = lo / self.timestep_scale
+            else:
+                value = float(t) / self.timestep_scale
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"sigma={value} read from the call is not finite")
+        return value
+
+    def _near(self, sigma: float, i: int) -> bool:
+        return abs(sigma - self.sigmas[i]) <= self._tol[i]
+
+    def _locate(self, sigma: float) -> tuple[int, int]:
+        """(step, index of this call within the step); starts a new trajectory at sigmas[0]."""
+        n = len(self.sigmas) - 1
+        i = self._step
+        if i >= 0 and self._near(sigma, i):
+            if self._branches_per_step is not None and self._calls_in_step >= self._branches_per_step:
+                raise ValueError(
+                    f"call {self._calls_in_step + 1} at step {i} (sigma={sigma:.6g}), but step 0 made "
+                    f"{self._branches_per_step} call(s): every step must make the same number of model calls"
+                )
+            self._calls_in_step += 1
+            return i, self._calls_in_step - 1
+        if i >= 0 and i + 1 < n and self._near(sigma, i + 1):
+            if self._branches_per_step is None:
+                self._branches_per_step = self._calls_in_step
+            self._step = i + 1
+            self._calls_in_step = 1
+            return i + 1, 0
+        if self._near(sigma, 0):
+            self.reset()
+            self.stats = RunStats()
+            self._step = 0
+            self._calls_in_step = 1
+            return 0, 0
+        expected = f"sigmas[{i + 1}]={self.sigmas[i + 1]:.6g}" if 0 <= i < n - 1 else "none (trajectory ended)"
+        state = f"after step {i}" if i >= 0 else "before the first step"
+        self.reset()
+        raise ValueError(
+            f"sigma={sigma:.6g} read from the call is not on the grid where the sampler should be {state}: "
+            f"expected the same step, the next one ({expected}) or a restart at sigmas[0]={self.sigmas[0]:.6g}. "
+            "Pass the sampler's sigmas to accelerate(sigmas=...) or module.meancache.set_sigmas(...)"
+        )
+
+    def __call__(self, original: Callable, args: tuple, kwargs: dict):
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{exc} (while meancache read the call's arguments)") from None
+        x = bound.arguments.get(self.latent_arg)
+        check_latents(x, name=f"latent argument {self.latent_arg!r}")
+        sigma = self._sigma_of(args, kwargs, bound)
+        step, call_index = self._locate(sigma)
+        key = self.branch_fn(args, kwargs) if self.branch_fn is not None else call_index
+        try:
+            return self._run(original, args, kwargs, x, step, key)
+        except BaseException:
+            # an interrupted step leaves a half-logged history: drop it so the next call starts clean
+            self.reset()
+            raise
+
+    def _run(self, original, args, kwargs, x, step, key):
+        plan = self._plan[step]
+        branch = self._branches.get(key)
+        if step == 0 and key not in self._branches_active:
+            if branch is None:
+                branch = _Branch(History(self.schedule.window))
+                self._branches[key] = branch
+            elif branch.history.capacity < self.schedule.window:
+                branch.history = History(self.schedule.window)
+            branch.history.clear()
+            self._branches_active.add(key)
+            self.stats.branches = len(self._branches_active)
+        elif branch is None or key not in self._branches_active:
+            raise ValueError(f"branch {key!r} first appeared at step {step}: every branch must be called at step 0")
+        if branch.history.count != step:
+            raise ValueError(
+                f"branch {key!r} was called twice at step {step} or skipped a step (history at step "
+                f"{branch.history.count}); each branch must be called once per step"
+            )
+        dtype = history_dtype(x.dtype)
+        if plan.computed:
+            out = original(*args, **kwargs)
+            v_out, branch.rebuild = _split_output(out)
+            check_velocity(v_out, x, f"model call at step {step}")
+            branch.out_dtype = v_out.dtype
+            branch.history.push(x, v_out.to(dtype) * self.output_sign)
+            self.stats.model_calls += 1
+            result = out
+        else:
+            v_hat = estimate_from_history(x, branch.history, plan.order, step, self.sigmas)
+            branch.history.push(x, v_hat)
+            self.stats.skipped_calls += 1
+            result = branch.rebuild((v_hat * self.output_sign).to(branch.out_dtype))
+        self.stats.steps = step + 1
+        self.stats.history_bytes = sum(b.history.nbytes for b in self._branches.values())
+        return result
+
+
+def accelerate_module(
+    module: torch.nn.Module,
+    schedule: Schedule | None = None,
+    *,
+    budget: int | None = None,
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    timestep_scale: float = 1000.0,
+    sigma_fn: Callable[..., float] | None = None,
+    latent_arg: str | None = None,
+    timestep_arg: str = "timestep",
+    output_sign: float = 1.0,
+    branch_fn: Callable[[tuple, dict], Hashable] | None = None,
+) -> torch.nn.Module:
+    """Patch ``module`` in place; see :func:`meancache.accelerate` for the arguments."""
+    existing = module.__dict__.get(ATTRIBUTE)
+    if isinstance(existing, MeanCacheController):
+        raise RuntimeError(
+            f"{type(module).__name__} is already accelerated by meancache; call meancache.disable(module) first"
+        )
+    if ATTRIBUTE in module.__dict__ or hasattr(type(module), ATTRIBUTE):
+        raise RuntimeError(f"{type(module).__name__} already has an attribute {ATTRIBUTE!r}; meancache needs it")
+    if sigmas is None:
+        raise ValueError(
+            "sigmas=None: accelerate(module) needs the sampler's sigma grid (num_steps + 1 values) to know each "
+            "skipped step's size"
+        )
+    if schedule is None:
+        if budget is None:
+            raise ValueError("pass schedule=<meancache.Schedule> or budget=<int>")
+        n = len(as_sigma_list(sigmas)) - 1
+        schedule = Schedule.default(budget, n)
+    elif not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
+    elif budget is not None and budget != schedule.budget:
+        raise ValueError(f"budget={budget} contradicts schedule.budget={schedule.budget}: pass one of them")
+    if output_sign not in (1, -1, 1.0, -1.0):
+        raise ValueError(f"output_sign={output_sign!r}: must be 1 or -1")
+    if not (isinstance(timestep_scale, (int, float)) and math.isfinite(timestep_scale) and timestep_scale > 0):
+        raise ValueError(f"timestep_scale={timestep_scale!r}: must be a finite number > 0")
+    if sigma_fn is not None and not callable(sigma_fn):
+        raise ValueError(f"sigma_fn={sigma_fn!r}: must be callable with the model's arguments")
+    if branch_fn is not None and not callable(branch_fn):
+        raise ValueError(f"branch_fn={branch_fn!r}: must be callable as branch_fn(args, kwargs)")
+    controller = MeanCacheController(
+        module,
+        schedule,
+        sigmas,
+        sigma_fn=sigma_fn,
+        timestep_scale=float(timestep_scale),
+        latent_arg=latent_arg,
+        timestep_arg=timestep_arg,
+        output_sign=float(output_sign),
+        branch_fn=branch_fn,
+    )
+    own_forward = module.__dict__.get("forward")
+    original = module.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return controller(original, args, kwargs)
+
+    controller._own_forward = own_forward
+    module.forward = forward
+    module.__dict__[ATTRIBUTE] = controller
+    return module
+
+
+def disable_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`accelerate_module`; a module that is not accelerated is returned unchanged."""
+    controller = module.__dict__.get(ATTRIBUTE)
+    if not isinstance(controller, MeanCacheController):
+        return module
+    if controller._own_forward is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = controller._own_forward
+    del module.__dict__[ATTRIBUTE]
+    return module

@@ -1,0 +1,463 @@
+"""Which steps run the model, and how far back each skipped step looks.
+
+A :class:`Schedule` is the static plan of a MeanCache run (algorithm.md §6.1): the sorted indices of the steps
+that evaluate the model (``compute_steps``; their count is the budget B, the first and the last step always
+included) and one window ``K`` per segment between two consecutive compute steps (``orders``):
+
+* ``K = 0`` ("chain") only on 1-step segments, where nothing is skipped;
+* ``K = 1`` plain reuse of the last velocity;
+* ``K = 2 .. 6`` the finite-difference JVP estimate over the last K logged steps.
+
+Published tables ship as JSON files in ``meancache/presets`` and load with :meth:`Schedule.preset`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from importlib import resources
+from typing import Iterable
+from typing import NamedTuple
+from typing import Sequence
+
+__all__ = ["MAX_ORDER", "SCHEDULE_FORMAT_VERSION", "Schedule", "StepPlan", "preset_names"]
+
+logger = logging.getLogger("meancache")
+
+#: Largest window K (label ``v_diff_mean_jvp1_s6``); also the capacity bound of the history ring.
+MAX_ORDER = 6
+#: Version written into schedule files; :meth:`Schedule.from_json` rejects other versions.
+SCHEDULE_FORMAT_VERSION = 1
+SCHEDULE_FORMAT = "meancache.schedule"
+PRESET_FORMAT = "meancache.preset"
+# Segments whose K is 0 ("chain") but that become longer than one step when a table is stretched to more steps
+# get this window: a damped first-order extrapolation (algorithm.md §2.3), better than plain reuse on the dense,
+# fast-changing part of the trajectory where chains sit.
+STRETCHED_CHAIN_ORDER = 2
+# No published table has a segment longer than 8 steps (algorithm.md §6.4); the default schedule keeps that cap.
+DEFAULT_MAX_SEGMENT = 8
+
+
+class StepPlan(NamedTuple):
+    """What happens at one sampler step.
+
+    ``computed`` is True when the model runs; ``order`` is the window K of a skipped step (0 on computed steps).
+    """
+
+    computed: bool
+    order: int
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass; a True step index is always a caller bug
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Schedule:
+    """A validated MeanCache schedule.
+
+    Args:
+        compute_steps: strictly increasing step indices that evaluate the model; ``0`` and ``num_steps - 1`` must
+            be included. Their count is the budget (2 <= budget <= num_steps).
+        orders: ``budget - 1`` windows K in ``0..6``, one per segment between consecutive compute steps.
+            ``K = 0`` is allowed only on 1-step segments.
+        num_steps: number of sampler steps N.
+
+    Raises:
+        ValueError: naming the field, the bad value and the rule, for every violated invariant.
+
+    Example:
+        >>> from meancache import Schedule
+        >>> s = Schedule([0, 1, 4, 5], [0, 2, 0], num_steps=6)
+        >>> s.budget, s.pattern()
+        (4, ('CC..CC', '--22--'))
+    """
+
+    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_plan")
+
+    def __init__(self, compute_steps: Iterable[int], orders: Iterable[int], num_steps: int):
+        if not _is_int(num_steps):
+            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+        if num_steps < 2:
+            raise ValueError(f"num_steps={num_steps}: must be >= 2 (a schedule needs a first and a last step)")
+        steps = tuple(compute_steps)
+        ks = tuple(orders)
+        bad = [s for s in steps if not _is_int(s)]
+        if bad:
+            raise ValueError(f"compute_steps={list(steps)}: every entry must be an int, got {bad[0]!r}")
+        bad = [k for k in ks if not _is_int(k)]
+        if bad:
+            raise ValueError(f"orders={list(ks)}: every entry must be an int, got {bad[0]!r}")
+        budget = len(steps)
+        if budget < 2:
+            raise ValueError(f"compute_steps={list(steps)}: budget {budget} < 2; the first and last step must be computed")
+        if budget > num_steps:
+            raise ValueError(f"compute_steps={list(steps)}: budget {budget} > num_steps={num_steps}")
+        for a, b in zip(steps, steps[1:]):
+            if b <= a:
+                kind = "repeated" if a == b else "unsorted"
+                raise ValueError(
+                    f"compute_steps={list(steps)}: {kind} step {b} after {a}; steps must be strictly increasing"
+                )
+        if steps[0] != 0:
+            raise ValueError(f"compute_steps={list(steps)}: first step {steps[0]} is not 0; step 0 must be computed")
+        if steps[-1] != num_steps - 1:
+            raise ValueError(
+                f"compute_steps={list(steps)}: last step {steps[-1]} is not num_steps - 1 = {num_steps - 1}; "
+                "the last step must be computed"
+            )
+        if len(ks) != budget - 1:
+            raise ValueError(
+                f"orders={list(ks)}: length {len(ks)} != budget - 1 = {budget - 1} (one K per segment between "
+                "consecutive compute steps)"
+            )
+        for j, k in enumerate(ks):
+            if not 0 <= k <= MAX_ORDER:
+                raise ValueError(f"orders[{j}]={k}: K must be in 0..{MAX_ORDER}")
+            if k == 0 and steps[j + 1] - steps[j] > 1:
+                raise ValueError(
+                    f"orders[{j}]=0 on segment {steps[j]}->{steps[j + 1]}: K=0 (chain) is allowed only on 1-step "
+                    "segments; a skipped step needs K >= 1"
+                )
+        self._compute_steps = steps
+        self._orders = ks
+        self._num_steps = num_steps
+        self._plan = None
+
+    # -- read-only views ------------------------------------------------------------------------------------------
+    @property
+    def compute_steps(self) -> tuple[int, ...]:
+        """Sorted step indices that evaluate the model (tuple of int)."""
+        return self._compute_steps
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        """One window K per segment between consecutive compute steps (tuple of int, length budget - 1)."""
+        return self._orders
+
+    @property
+    def num_steps(self) -> int:
+        """Number of sampler steps N."""
+        return self._num_steps
+
+    @property
+    def budget(self) -> int:
+        """Number of model evaluations B (``len(compute_steps)``)."""
+        return len(self._compute_steps)
+
+    @property
+    def window(self) -> int:
+        """Largest K any skipped step uses (1 when nothing is skipped): the history entries a run needs."""
+        ks = [p.order for p in self.expand() if not p.computed]
+        return max(ks, default=1)
+
+    def expand(self) -> tuple[StepPlan, ...]:
+        """Per-step view: one :class:`StepPlan` ``(computed, order)`` for each of the ``num_steps`` steps.
+
+        Example:
+            >>> Schedule([0, 3], [4], num_steps=4).expand()[1]
+            StepPlan(computed=False, order=4)
+        """
+        if self._plan is None:
+            plan = [StepPlan(True, 0)] * self._num_steps
+            for a, b, k in zip(self._compute_steps, self._compute_steps[1:], self._orders):
+                for i in range(a + 1, b):
+                    plan[i] = StepPlan(False, k)
+            self._plan = tuple(plan)
+        return self._plan
+
+    def pattern(self) -> tuple[str, str]:
+        """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and K per skipped step (``-`` if computed).
+
+        Example:
+            >>> Schedule([0, 2, 3], [1, 0], num_steps=4).pattern()
+            ('C.CC', '-1--')
+        """
+        plan = self.expand()
+        return (
+            "".join("C" if p.computed else "." for p in plan),
+            "".join("-" if p.computed else str(p.order) for p in plan),
+        )
+
+    # -- equality and display -------------------------------------------------------------------------------------
+    def _key(self):
+        return (self._compute_steps, self._orders, self._num_steps)
+
+    def __eq__(self, other):
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (
+            f"Schedule(compute_steps={list(self._compute_steps)}, orders={list(self._orders)}, "
+            f"num_steps={self._num_steps})"
+        )
+
+    # -- serialisation --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dict with the format name and version."""
+        return {
+            "format": SCHEDULE_FORMAT,
+            "version": SCHEDULE_FORMAT_VERSION,
+            "num_steps": self._num_steps,
+            "compute_steps": list(self._compute_steps),
+            "orders": list(self._orders),
+        }
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string that :meth:`from_json` reads back into an equal schedule.
+
+        Example:
+            >>> s = Schedule.preset("qwen-image", 10)
+            >>> Schedule.from_json(s.to_json()) == s
+            True
+        """
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data) -> "Schedule":
+        """Build from :meth:`to_dict` output, checking the format name and version."""
+        if not isinstance(data, dict):
+            raise ValueError(f"schedule data={type(data).__name__}: must be a JSON object")
+        fmt = data.get("format")
+        if fmt != SCHEDULE_FORMAT:
+            raise ValueError(f"format={fmt!r}: not a meancache schedule (expected {SCHEDULE_FORMAT!r})")
+        version = data.get("version")
+        if version != SCHEDULE_FORMAT_VERSION:
+            raise ValueError(f"version={version!r}: this meancache reads schedule format {SCHEDULE_FORMAT_VERSION}")
+        missing = [k for k in ("num_steps", "compute_steps", "orders") if k not in data]
+        if missing:
+            raise ValueError(f"schedule data is missing field(s) {missing}")
+        return cls(data["compute_steps"], data["orders"], data["num_steps"])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schedule":
+        """Parse a string written by :meth:`to_json`. Raises ValueError on malformed or foreign data."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"schedule JSON is malformed: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the schedule as a JSON file.
+
+        Example:
+            >>> import tempfile, os
+            >>> p = os.path.join(tempfile.mkdtemp(), "s.json")
+            >>> Schedule.default(10, 50).save(p); Schedule.load(p) == Schedule.default(10, 50)
+            True
+        """
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Schedule":
+        """Read a file written by :meth:`save`. A malformed file raises ValueError naming the path."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return cls.from_json(text)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+
+    # -- constructors ---------------------------------------------------------------------------------------------
+    @classmethod
+    def full(cls, num_steps: int) -> "Schedule":
+        """Every step computed: the uncached sampler.
+
+        Example:
+            >>> Schedule.full(4).pattern()
+            ('CCCC', '----')
+        """
+        if not _is_int(num_steps) or num_steps < 2:
+            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+        return cls(range(num_steps), [0] * (num_steps - 1), num_steps)
+
+    @classmethod
+    def preset(cls, name: str, budget: int, num_steps: int = 50) -> "Schedule":
+        """A published MeanCache table (algorithm.md §6.2), resampled to ``num_steps`` when that is not 50.
+
+        Presets: ``qwen-image`` (budgets 25/17/10), ``qwen-image-2512`` (25/17/10), ``z-image`` (25/20/17/15/13).
+        See :meth:`resample` for the rule used at other step counts.
+
+        Raises:
+            ValueError: for an unknown name or budget, listing what exists.
+
+        Example:
+            >>> Schedule.preset("qwen-image", 10).compute_steps
+            (0, 1, 3, 7, 14, 21, 28, 35, 42, 49)
+            >>> Schedule.preset("qwen-image", 10, num_steps=20).budget
+            10
+        """
+        tables = _preset_tables()
+        if name not in tables:
+            raise ValueError(f"preset name={name!r} is unknown; available presets: {sorted(tables)}")
+        n_ref, by_budget = tables[name]
+        if budget not in by_budget:
+            raise ValueError(
+                f"budget={budget!r} has no {name!r} preset; available budgets: {sorted(by_budget, reverse=True)}"
+            )
+        return by_budget[budget].resample(num_steps) if num_steps != n_ref else by_budget[budget]
+
+    @classmethod
+    def default(cls, budget: int, num_steps: int) -> "Schedule":
+        """A schedule for models without a preset, shaped like the published ones (algorithm.md §6.4).
+
+        Shape (steps placed by a piecewise compute density over the normalised position u = i / (N - 1)):
+
+        * head, u < 0.2: density 4, so the start is dense (consecutive or every-other-step computes);
+        * middle, 0.2 <= u < 0.85: density 1, long segments (at most 8 steps where the budget allows);
+        * tail, u >= 0.85: density 2, short segments;
+        * K = 2 on head and middle segments, K = 4 on tail segments, K = 0 (chain) on 1-step segments; the first
+          and last step are always computed.
+
+        Compute steps are the density's quantiles, made distinct (and at most 8 apart where the budget allows) by :func:`_place`; budget = num_steps computes
+        every step. The densities and windows were chosen on the analytic Gaussian-mixture flows (unshifted and
+        shift-3 grids, budgets 10-25 of 50), where a K = 2 middle beat the published tables' plain-reuse middle.
+        A calibrated schedule for the actual model is better still.
+
+        Example:
+            >>> Schedule.default(10, 50).compute_steps
+            (0, 2, 5, 7, 11, 19, 27, 35, 43, 49)
+        """
+        _check_budget(budget, num_steps)
+        if budget == num_steps:
+            return cls.full(num_steps)
+        marks = [(0.0, 4.0), (0.2, 1.0), (0.85, 2.0), (1.0, None)]
+        mass = [w * (marks[j + 1][0] - u) for j, (u, w) in enumerate(marks[:-1])]
+        total = sum(mass)
+        targets = []
+        for j in range(budget):
+            q = total * j / (budget - 1)
+            u = 1.0
+            for (u0, w), m in zip(marks, mass):
+                if q <= m + 1e-12:
+                    u = u0 + q / w
+                    break
+                q -= m
+            targets.append(u * (num_steps - 1))
+        steps = _place(targets, num_steps, max_gap=DEFAULT_MAX_SEGMENT)
+        orders = []
+        for a, b in zip(steps, steps[1:]):
+            u = a / (num_steps - 1)
+            if b - a == 1:
+                orders.append(0)
+            elif u < 0.85:
+                orders.append(2)
+            else:
+                orders.append(4)
+        return cls(steps, orders, num_steps)
+
+    def resample(self, num_steps: int) -> "Schedule":
+        """The same plan on another number of steps.
+
+        Rule: compute step ``c`` of an N-step schedule maps to the real position ``c * (M - 1) / (N - 1)`` on the
+        M-step grid (first to first, last to last). The B positions are rounded to B distinct integers by an exact
+        least-squares assignment (:func:`_place`), so the budget, the first and the last step are kept and the
+        order is preserved. Each new segment keeps the K of the segment it came from; a K = 0 segment stretched
+        beyond one step gets K = 2 (:data:`STRETCHED_CHAIN_ORDER`). When the budget exceeds M, every one of the M
+        steps is computed (nothing is left to skip) and a warning is logged.
+
+        Example:
+            >>> Schedule.preset("qwen-image", 10).resample(20).compute_steps
+            (0, 1, 2, 3, 5, 8, 11, 14, 16, 19)
+        """
+        if not _is_int(num_steps) or num_steps < 2:
+            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+        if num_steps == self._num_steps:
+            return self
+        if self.budget >= num_steps:
+            if self.budget > num_steps:
+                logger.warning(
+                    "meancache: budget %d exceeds num_steps=%d; every step is computed", self.budget, num_steps
+                )
+            return Schedule.full(num_steps)
+        scale = (num_steps - 1) / (self._num_steps - 1)
+        steps = _place([c * scale for c in self._compute_steps], num_steps)
+        orders = [
+            STRETCHED_CHAIN_ORDER if k == 0 and b - a > 1 else k
+            for a, b, k in zip(steps, steps[1:], self._orders)
+        ]
+        return Schedule(steps, orders, num_steps)
+
+
+def _check_budget(budget, num_steps):
+    if not _is_int(num_steps) or num_steps < 2:
+        raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+    if not _is_int(budget) or not 2 <= budget <= num_steps:
+        raise ValueError(f"budget={budget!r}: must be an int with 2 <= budget <= num_steps={num_steps}")
+
+
+def _place(targets: Sequence[float], num_steps: int, max_gap: int | None = None) -> list[int]:
+    """Round sorted real positions to distinct integers 0 = n_0 < ... < n_{B-1} = num_steps - 1.
+
+    Exact dynamic programme minimising ``sum (n_j - targets[j])**2`` under the strict-order constraint, so close
+    targets are pushed apart as little as possible. Writing ``n_j = j + o_j``, strict order becomes
+    ``o_{j-1} <= o_j`` with ``0 <= o_j <= num_steps - B``. With ``max_gap`` (ignored when the budget cannot span
+    the steps with such gaps) consecutive steps are also at most ``max_gap`` apart: ``o_j - o_{j-1} < max_gap``.
+    O(B * num_steps * max_gap).
+    """
+    b = len(targets)
+    width = num_steps - b + 1
+    if max_gap is None or max_gap * (b - 1) < num_steps - 1:
+        max_gap = num_steps
+    inf = math.inf
+    cost = [0.0 if o == 0 else inf for o in range(width)]  # n_0 = 0 is fixed
+    back = []
+    for j in range(1, b):
+        cur, arg = [inf] * width, [0] * width
+        for o in range(width):
+            lo = max(0, o - max_gap + 1)
+            best_o = min(range(lo, o + 1), key=cost.__getitem__)  # smallest offset wins ties
+            cur[o] = cost[best_o] + (j + o - targets[j]) ** 2
+            arg[o] = best_o
+        if j == b - 1:  # n_{B-1} = num_steps - 1 is fixed
+            cur = [inf] * (width - 1) + [cur[-1]]
+        back.append(arg)
+        cost = cur
+    o = width - 1
+    offsets = [o]
+    for arg in reversed(back):
+        o = arg[o]
+        offsets.append(o)
+    return [j + o for j, o in enumerate(reversed(offsets))]
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_tables() -> dict:
+    """Load every preset JSON shipped in ``meancache/presets`` once: name -> (num_steps, {budget: Schedule})."""
+    tables = {}
+    root = resources.files("meancache") / "presets"
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        data = json.loads(entry.read_text(encoding="utf-8"))
+        if data.get("format") != PRESET_FORMAT or data.get("version") != 1:
+            raise ValueError(f"{entry.name}: not a meancache preset file of version 1")
+        n = data["num_steps"]
+        by_budget = {}
+        for key, table in data["schedules"].items():
+            try:
+                by_budget[int(key)] = Schedule(table["compute_steps"], table["orders"], n)
+            except ValueError as exc:
+                raise ValueError(f"preset {entry.name}, budget {key}: {exc}") from None
+        tables[data["name"]] = (n, by_budget)
+    return tables
+
+
+def preset_names() -> dict[str, list[int]]:
+    """The shipped presets and their budgets, e.g. ``{"qwen-image": [25, 17, 10], ...}``.
+
+    Example:
+        >>> preset_names()["z-image"]
+        [25, 20, 17, 15, 13]
+    """
+    return {name: sorted(t[1], reverse=True) for name, t in _preset_tables().items()}
