@@ -1,0 +1,104 @@
+"""The estimator and the history ring, against the closed form of algorithm.md §2.3 (restatement)."""
+
+from __future__ import annotations
+
+import pytest
+import restatement
+import torch
+
+from meancache import History
+from meancache.reference import average_velocity
+from meancache.reference import estimate_from_history
+from meancache.reference import euler_step
+
+
+def _trajectory(steps, seed=0, shape=(4, 5)):
+    """Exact Euler steps with random velocities: what the history of a real run looks like."""
+    g = torch.Generator().manual_seed(seed)
+    sigmas = sorted(torch.rand(steps + 1, generator=g, dtype=torch.float64).tolist(), reverse=True)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    xs, vs = [], []
+    for i in range(steps):
+        v = torch.randn(shape, generator=g, dtype=torch.float64)
+        xs.append(x)
+        vs.append(v)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return sigmas, xs, vs, x
+
+
+@pytest.mark.parametrize("k", range(1, 7))
+def test_estimate_equals_closed_form(k):
+    steps = 8
+    sigmas, xs, vs, x = _trajectory(steps, seed=k)
+    history = History(6)
+    for xj, vj in zip(xs, vs):
+        history.push(xj, vj)
+    got = estimate_from_history(x, history, k, steps, sigmas + [0.0])
+    want = restatement.closed_form_estimate(vs, sigmas + [0.0], steps, k)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_window_one_is_plain_reuse():
+    sigmas, xs, vs, x = _trajectory(3)
+    history = History(1)
+    for xj, vj in zip(xs, vs):
+        history.push(xj, vj)
+    got = estimate_from_history(x, history, 1, 3, sigmas + [0.0])
+    torch.testing.assert_close(got, vs[-1], rtol=1e-10, atol=1e-10)
+
+
+def test_linear_trend_is_damped_extrapolation():
+    # uniform steps, v_m = a + b m: v_hat = v_{i-1} + b (K - 1) / (2K)  (algorithm.md §2.3)
+    n, h = 10, 0.05
+    sigmas = [1.0 - h * i for i in range(n + 1)]
+    a, b = torch.tensor([0.3], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
+    history = History(6)
+    x = torch.tensor([1.0], dtype=torch.float64)
+    for m in range(8):
+        v = (a + b * m).double()
+        history.push(x, v)
+        x = x - h * v
+    for k in range(1, 7):
+        got = estimate_from_history(x, history, k, 8, sigmas)
+        want = (a + b * 7).double() + b.double() * (k - 1) / (2 * k)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_length_window_reuses_last_velocity():
+    v_last = torch.tensor([1.5, -2.0])
+    z = torch.zeros(2)
+    out = average_velocity(z, z, torch.ones(2), v_last, 0.5, 0.5, 0.25)
+    assert torch.equal(out, v_last)
+
+
+def test_history_ring_evicts_oldest_and_rejects_out_of_range():
+    h = History(3)
+    for j in range(7):
+        h.push(torch.full((2,), float(j)), torch.full((2,), -float(j)))
+    assert (h.count, len(h), h.oldest) == (7, 3, 4)
+    assert h.x(6)[0].item() == 6.0 and h.v(4)[0].item() == -4.0
+    with pytest.raises(IndexError, match=r"step 3 is not in the history \(holds steps 4..6\)"):
+        h.x(3)
+    with pytest.raises(ValueError, match="capacity=7"):
+        History(7)
+    with pytest.raises(ValueError, match="latent shape/device/dtype changed mid-trajectory"):
+        h.push(torch.zeros(3), torch.zeros(3))
+
+
+def test_estimate_rejects_bad_state():
+    h = History(2)
+    with pytest.raises(ValueError, match="step 0 cannot be skipped"):
+        estimate_from_history(torch.zeros(2), h, 1, 0, [1.0, 0.0])
+    h.push(torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="order=0"):
+        estimate_from_history(torch.zeros(2), h, 0, 1, [1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="history holds 1 steps but step=2"):
+        estimate_from_history(torch.zeros(2), h, 1, 2, [1.0, 0.5, 0.2, 0.0])
+
+
+def test_euler_step_in_float32_for_bf16_latents():
+    x = torch.tensor([1.0], dtype=torch.bfloat16)
+    v = torch.tensor([1.0 / 3.0], dtype=torch.float32)
+    out = euler_step(x, v, 1.0, 0.99)
+    assert out.dtype == torch.bfloat16
+    assert out.item() == torch.tensor([1.0 - 0.01 / 3.0]).to(torch.bfloat16).item()
