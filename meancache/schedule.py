@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 from importlib import resources
 from typing import Iterable
@@ -52,8 +53,8 @@ class StepPlan(NamedTuple):
 
 
 def _is_int(value) -> bool:
-    # bool is an int subclass; a True step index is always a caller bug
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numpy and torch integer scalars are Integral too; bool is excluded because a True step index is a caller bug
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class Schedule:
@@ -83,8 +84,8 @@ class Schedule:
             raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
         if num_steps < 2:
             raise ValueError(f"num_steps={num_steps}: must be >= 2 (a schedule needs a first and a last step)")
-        steps = tuple(compute_steps)
-        ks = tuple(orders)
+        steps = _as_tuple(compute_steps, "compute_steps")
+        ks = _as_tuple(orders, "orders")
         bad = [s for s in steps if not _is_int(s)]
         if bad:
             raise ValueError(f"compute_steps={list(steps)}: every entry must be an int, got {bad[0]!r}")
@@ -122,9 +123,9 @@ class Schedule:
                     f"orders[{j}]=0 on segment {steps[j]}->{steps[j + 1]}: K=0 (chain) is allowed only on 1-step "
                     "segments; a skipped step needs K >= 1"
                 )
-        self._compute_steps = steps
-        self._orders = ks
-        self._num_steps = num_steps
+        self._compute_steps = tuple(int(c) for c in steps)
+        self._orders = tuple(int(k) for k in ks)
+        self._num_steps = int(num_steps)
         self._plan = None
 
     # -- read-only views ------------------------------------------------------------------------------------------
@@ -298,10 +299,10 @@ class Schedule:
             10
         """
         tables = _preset_tables()
-        if name not in tables:
+        if not isinstance(name, str) or name not in tables:
             raise ValueError(f"preset name={name!r} is unknown; available presets: {sorted(tables)}")
         n_ref, by_budget = tables[name]
-        if budget not in by_budget:
+        if not _is_int(budget) or budget not in by_budget:
             raise ValueError(
                 f"budget={budget!r} has no {name!r} preset; available budgets: {sorted(by_budget, reverse=True)}"
             )
@@ -387,6 +388,15 @@ class Schedule:
             for a, b, k in zip(steps, steps[1:], self._orders)
         ]
         return Schedule(steps, orders, num_steps)
+
+
+def _as_tuple(values, name: str) -> tuple:
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name}={values!r}: must be a sequence of ints")
+    try:
+        return tuple(values)
+    except TypeError:
+        raise ValueError(f"{name}={values!r}: must be a sequence of ints") from None
 
 
 def _check_budget(budget, num_steps):
