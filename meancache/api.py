@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 from typing import Hashable
 from typing import Sequence
@@ -10,9 +11,11 @@ import torch
 
 from .module import ATTRIBUTE
 from .module import MeanCacheController
-from .module import accelerate_module
 from .module import disable_module
+from .module import install
+from .module import is_accelerated
 from .schedule import Schedule
+from .sigmas import as_sigma_list
 
 __all__ = ["accelerate", "disable", "reset"]
 
@@ -85,18 +88,42 @@ def accelerate(
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model is a {type(model).__name__}: accelerate() takes a torch.nn.Module")
-    return accelerate_module(
+    if is_accelerated(model):
+        raise RuntimeError(
+            f"{type(model).__name__} is already accelerated by meancache; call meancache.disable(model) first"
+        )
+    if sigmas is None:
+        raise ValueError(
+            "sigmas=None: accelerate(module) needs the sampler's sigma grid (num_steps + 1 values) to know each "
+            "skipped step's size"
+        )
+    if schedule is None:
+        if budget is None:
+            raise ValueError("pass schedule=<meancache.Schedule> or budget=<int>")
+        schedule = Schedule.default(budget, len(as_sigma_list(sigmas)) - 1)
+    elif not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
+    elif budget is not None and budget != schedule.budget:
+        raise ValueError(f"budget={budget} contradicts schedule.budget={schedule.budget}: pass one of them")
+    if output_sign not in (1, -1):
+        raise ValueError(f"output_sign={output_sign!r}: must be 1 or -1")
+    if not (isinstance(timestep_scale, (int, float)) and math.isfinite(timestep_scale) and timestep_scale > 0):
+        raise ValueError(f"timestep_scale={timestep_scale!r}: must be a finite number > 0")
+    for name, fn in (("sigma_fn", sigma_fn), ("branch_fn", branch_fn)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name}={fn!r}: must be callable")
+    controller = MeanCacheController(
         model,
         schedule,
-        budget=budget,
-        sigmas=sigmas,
-        timestep_scale=timestep_scale,
+        sigmas,
         sigma_fn=sigma_fn,
+        timestep_scale=float(timestep_scale),
         latent_arg=latent_arg,
         timestep_arg=timestep_arg,
-        output_sign=output_sign,
+        output_sign=float(output_sign),
         branch_fn=branch_fn,
     )
+    return install(model, controller)
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
@@ -121,7 +148,6 @@ def reset(model: torch.nn.Module) -> None:
         >>> m = meancache.accelerate(torch.nn.Identity(), budget=2, sigmas=[1.0, 0.5, 0.0], sigma_fn=lambda x: 1.0)
         >>> meancache.reset(m)
     """
-    controller = model.__dict__.get(ATTRIBUTE) if isinstance(model, torch.nn.Module) else None
-    if not isinstance(controller, MeanCacheController):
+    if not is_accelerated(model):
         raise ValueError(f"{type(model).__name__} is not accelerated by meancache")
-    controller.reset()
+    model.__dict__[ATTRIBUTE].reset()

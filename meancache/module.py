@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Callable
 from typing import Hashable
-from typing import Sequence
 
 import torch
 
@@ -29,7 +28,7 @@ from .sampler import check_velocity
 from .schedule import Schedule
 from .sigmas import as_sigma_list
 
-__all__ = ["MeanCacheController", "accelerate_module", "disable_module", "ATTRIBUTE"]
+__all__ = ["MeanCacheController", "install", "is_accelerated", "disable_module", "ATTRIBUTE"]
 
 logger = logging.getLogger("meancache")
 
@@ -307,20 +306,8 @@ class MeanCacheController:
         return result
 
 
-def accelerate_module(
-    module: torch.nn.Module,
-    schedule: Schedule | None = None,
-    *,
-    budget: int | None = None,
-    sigmas: Sequence[float] | torch.Tensor | None = None,
-    timestep_scale: float = 1000.0,
-    sigma_fn: Callable[..., float] | None = None,
-    latent_arg: str | None = None,
-    timestep_arg: str = "timestep",
-    output_sign: float = 1.0,
-    branch_fn: Callable[[tuple, dict], Hashable] | None = None,
-) -> torch.nn.Module:
-    """Patch ``module`` in place; see :func:`meancache.accelerate` for the arguments."""
+def install(module: torch.nn.Module, controller: MeanCacheController) -> torch.nn.Module:
+    """Route ``module``'s calls through ``controller`` by replacing ``forward`` on this instance only."""
     existing = module.__dict__.get(ATTRIBUTE)
     if isinstance(existing, MeanCacheController):
         raise RuntimeError(
@@ -328,39 +315,6 @@ def accelerate_module(
         )
     if ATTRIBUTE in module.__dict__ or hasattr(type(module), ATTRIBUTE):
         raise RuntimeError(f"{type(module).__name__} already has an attribute {ATTRIBUTE!r}; meancache needs it")
-    if sigmas is None:
-        raise ValueError(
-            "sigmas=None: accelerate(module) needs the sampler's sigma grid (num_steps + 1 values) to know each "
-            "skipped step's size"
-        )
-    if schedule is None:
-        if budget is None:
-            raise ValueError("pass schedule=<meancache.Schedule> or budget=<int>")
-        n = len(as_sigma_list(sigmas)) - 1
-        schedule = Schedule.default(budget, n)
-    elif not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
-    elif budget is not None and budget != schedule.budget:
-        raise ValueError(f"budget={budget} contradicts schedule.budget={schedule.budget}: pass one of them")
-    if output_sign not in (1, -1, 1.0, -1.0):
-        raise ValueError(f"output_sign={output_sign!r}: must be 1 or -1")
-    if not (isinstance(timestep_scale, (int, float)) and math.isfinite(timestep_scale) and timestep_scale > 0):
-        raise ValueError(f"timestep_scale={timestep_scale!r}: must be a finite number > 0")
-    if sigma_fn is not None and not callable(sigma_fn):
-        raise ValueError(f"sigma_fn={sigma_fn!r}: must be callable with the model's arguments")
-    if branch_fn is not None and not callable(branch_fn):
-        raise ValueError(f"branch_fn={branch_fn!r}: must be callable as branch_fn(args, kwargs)")
-    controller = MeanCacheController(
-        module,
-        schedule,
-        sigmas,
-        sigma_fn=sigma_fn,
-        timestep_scale=float(timestep_scale),
-        latent_arg=latent_arg,
-        timestep_arg=timestep_arg,
-        output_sign=float(output_sign),
-        branch_fn=branch_fn,
-    )
     own_forward = module.__dict__.get("forward")
     original = module.forward
 
@@ -374,8 +328,13 @@ def accelerate_module(
     return module
 
 
+def is_accelerated(module) -> bool:
+    """True when ``module`` carries a meancache controller."""
+    return isinstance(getattr(module, "__dict__", {}).get(ATTRIBUTE), MeanCacheController)
+
+
 def disable_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`accelerate_module`; a module that is not accelerated is returned unchanged."""
+    """Undo :func:`install`; a module that is not accelerated is returned unchanged."""
     controller = module.__dict__.get(ATTRIBUTE)
     if not isinstance(controller, MeanCacheController):
         return module
