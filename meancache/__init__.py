@@ -5,6 +5,8 @@ Public API:
 * :class:`Schedule` - which steps run the model and the window K of the others; published presets.
 * :func:`sample` - an Euler sampler that calls the model only at the schedule's compute steps.
 * :func:`accelerate` / :func:`disable` / :func:`reset` - MeanCache for a module inside your own Euler loop.
+* :mod:`meancache.ops` - the fused steps as ``torch.library`` ops; :func:`available_backends` - which
+  implementation (CUDA extension, Triton, pure torch) can run them here, and why not.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from .api import accelerate
 from .api import disable
 from .api import reset
+from ._backend import available_backends
 from .history import History
 from .sampler import sample
 from .schedule import MAX_ORDER
@@ -28,6 +31,7 @@ __all__ = [
     "StepPlan",
     "__version__",
     "accelerate",
+    "available_backends",
     "disable",
     "preset_names",
     "reset",

@@ -87,8 +87,11 @@ class History:
         """Velocity used at ``step``: the model's, or the estimate on a skipped step (a view into the ring)."""
         return self.vs[self._slot(step)]
 
-    def push(self, x: torch.Tensor, v: torch.Tensor) -> None:
-        """Log step ``count``: copy ``x`` and ``v`` (any float dtype) into the ring, evicting the oldest entry."""
+    def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring ``(xs, vs)`` for latents like ``x``, allocated on the first step and reused afterwards.
+
+        Raises ValueError when the latent's shape, device or dtype changes in the middle of a trajectory.
+        """
         dtype = history_dtype(x.dtype)
         if self.xs is None or self.xs.shape[1:] != x.shape or self.xs.device != x.device or self.xs.dtype != dtype:
             if self.count:
@@ -99,7 +102,16 @@ class History:
                 )
             self.xs = torch.empty((self.capacity, *x.shape), dtype=dtype, device=x.device)
             self.vs = torch.empty_like(self.xs)
+        return self.xs, self.vs
+
+    def advance(self) -> None:
+        """Count the step a fused op just logged into slot ``count % capacity``."""
+        self.count += 1
+
+    def push(self, x: torch.Tensor, v: torch.Tensor) -> None:
+        """Log step ``count``: copy ``x`` and ``v`` (any float dtype) into the ring, evicting the oldest entry."""
+        xs, vs = self.prepare(x)
         slot = self.count % self.capacity
-        self.xs[slot].copy_(x)
-        self.vs[slot].copy_(v)
+        xs[slot].copy_(x)
+        vs[slot].copy_(v)
         self.count += 1

@@ -22,7 +22,7 @@ import torch
 
 from .history import History
 from .history import history_dtype
-from .reference import estimate_from_history
+from . import ops
 from .sampler import check_latents
 from .sampler import check_velocity
 from .schedule import Schedule
@@ -297,10 +297,15 @@ class MeanCacheController:
             self.stats.model_calls += 1
             result = out
         else:
-            v_hat = estimate_from_history(x, branch.history, plan.order, step, self.sigmas)
-            branch.history.push(x, v_hat)
+            xs, vs = branch.history.prepare(x)
+            k = min(plan.order, len(branch.history))
+            sig = self.sigmas
+            v_out = ops.estimate(
+                x, xs, vs, step, k, sig[step - k], sig[step], sig[step + 1], self.output_sign, branch.out_dtype
+            )
+            branch.history.advance()
             self.stats.skipped_calls += 1
-            result = branch.rebuild((v_hat * self.output_sign).to(branch.out_dtype))
+            result = branch.rebuild(v_out)
         self.stats.steps = step + 1
         self.stats.history_bytes = sum(b.history.nbytes for b in self._branches.values())
         return result

@@ -1,91 +1,154 @@
 """Pure-torch MeanCache step math: the reference every faster backend is held to, and the CPU path.
 
-All math runs in the history dtype (float32, or float64 for float64 latents); results are cast to the latent dtype
-once, at the end. Inference only: nothing here is differentiable on purpose.
+The three fused steps (skipped step, computed step, model-level estimate) work on a history ring ``xs``/``vs`` of
+shape ``(C, *latent_shape)`` in float32 (float64 for float64 latents), addressed by slot. Math runs in the ring's
+dtype; results are cast to the output dtype once, at the end. Inference only: nothing here is differentiable.
+
+Scalars come precomputed from the host (:func:`step_scalars`): ``inv_d = 1 / (sigma_now - sigma_start)`` (0 when
+that difference is 0, which turns the estimate into plain reuse instead of NaN) and ``dt = sigma_next - sigma_now``.
+With them the estimator of algorithm.md §2.2 reads ``avg = (x - x0) * inv_d``, ``jvp = (v0 - avg) * inv_d``,
+``v_hat = v_last - jvp * dt``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .history import History
+__all__ = [
+    "step_scalars",
+    "average_velocity",
+    "skip_step_ref",
+    "compute_step_ref",
+    "estimate_ref",
+    "euler_step",
+]
 
-__all__ = ["average_velocity", "euler_step", "estimate_from_history"]
+
+def step_scalars(sigma_start: float, sigma_now: float, sigma_next: float) -> tuple[float, float]:
+    """``(inv_d, dt)`` in double precision for a step from ``sigma_now`` to ``sigma_next`` with window start
+    ``sigma_start``. ``inv_d`` is 0 for a zero-length window (repeated sigmas).
+
+    Example:
+        >>> step_scalars(1.0, 0.5, 0.25)
+        (-2.0, -0.25)
+    """
+    d = sigma_now - sigma_start
+    return (0.0 if d == 0.0 else 1.0 / d), sigma_next - sigma_now
 
 
 def average_velocity(
-    x: torch.Tensor,
-    x_start: torch.Tensor,
-    v_start: torch.Tensor,
-    v_last: torch.Tensor,
-    sigma_start: float,
-    sigma_now: float,
-    sigma_next: float,
+    x: torch.Tensor, x_start: torch.Tensor, v_start: torch.Tensor, v_last: torch.Tensor, inv_d: float, dt: float
 ) -> torch.Tensor:
-    """MeanCache's estimate of the average velocity over ``[sigma_now, sigma_next]`` (algorithm.md §2.2).
-
-    With ``D = sigma_now - sigma_start`` (< 0):
-    ``avg = (x - x_start) / D``, ``jvp = (v_start - avg) / D``, ``v_hat = v_last - jvp * (sigma_next - sigma_now)``.
-    When ``D == 0`` (repeated sigmas) the JVP term is dropped and ``v_last`` is reused, instead of producing NaN.
+    """MeanCache's average-velocity estimate ``v_last - (v_start - (x - x_start) * inv_d) * inv_d * dt``.
 
     Args:
         x: current latent x_i, any float dtype, shape S.
-        x_start, v_start: latent and velocity logged at the window start j0, shape S, compute dtype.
-        v_last: newest logged velocity v_{i-1}, shape S, compute dtype.
-        sigma_start, sigma_now, sigma_next: sigma at j0, i and i + 1 (Python floats).
+        x_start, v_start: latent and velocity logged at the window start, shape S.
+        v_last: newest logged velocity, shape S.
+        inv_d, dt: from :func:`step_scalars`.
 
     Returns:
-        v_hat of shape S in the dtype of ``x_start``.
+        v_hat, shape S, in the dtype of ``x_start``.
 
     Example:
         >>> import torch
         >>> z = torch.zeros(2)
-        >>> average_velocity(z, z, z, torch.ones(2), 1.0, 0.5, 0.25)
+        >>> average_velocity(z, z, z, torch.ones(2), *step_scalars(1.0, 0.5, 0.25))
         tensor([1., 1.])
     """
-    d = sigma_now - sigma_start
-    if d == 0.0:
-        return v_last.clone()
-    avg = (x.to(x_start.dtype) - x_start) / d
-    jvp = (v_start - avg) / d
-    return v_last - jvp * (sigma_next - sigma_now)
+    avg = (x.to(x_start.dtype) - x_start) * inv_d
+    jvp = (v_start - avg) * inv_d
+    return v_last - jvp * dt
 
 
-def estimate_from_history(
-    x: torch.Tensor, history: History, order: int, step: int, sigmas: list[float]
+def skip_step_ref(
+    x: torch.Tensor,
+    xs: torch.Tensor,
+    vs: torch.Tensor,
+    slot_start: int,
+    slot_last: int,
+    slot_write: int,
+    inv_d: float,
+    dt: float,
 ) -> torch.Tensor:
-    """v_hat at skipped ``step`` from a window of ``order`` logged steps, truncated to what the history holds.
-
-    The window start is ``j0 = step - min(order, history entries)``: the official rule, whose history holds every
-    step, truncates at the start of the trajectory the same way.
+    """A skipped step: estimate v_hat, log ``(x, v_hat)`` in ``slot_write``, return ``x + dt * v_hat``.
 
     Args:
-        x: latent at the start of ``step``, shape S.
-        history: the trajectory's ring; ``history.count`` must equal ``step``.
-        order: window K >= 1.
-        step: index i of the skipped step.
-        sigmas: the full sigma grid (``num_steps + 1`` floats).
+        x: latent x_i, shape S, float16/bfloat16/float32/float64.
+        xs, vs: history ring, shape ``(C, *S)``, float32 (float64 for float64 latents); updated in place.
+        slot_start, slot_last, slot_write: ring slots of the window start, the newest entry and this step.
+        inv_d, dt: from :func:`step_scalars`.
 
     Returns:
-        v_hat, shape S, history dtype.
+        x_{i+1}, shape S, dtype of ``x``.
 
     Example:
         >>> import torch
-        >>> h = History(2); h.push(torch.zeros(3), torch.ones(3))
-        >>> estimate_from_history(torch.full((3,), -0.5), h, 2, 1, [1.0, 0.5, 0.0])
-        tensor([1., 1., 1.])
+        >>> xs, vs = torch.zeros(2, 3), torch.ones(2, 3)
+        >>> skip_step_ref(torch.zeros(3), xs, vs, 0, 0, 1, *step_scalars(1.0, 0.5, 0.25))
+        tensor([-0.1250, -0.1250, -0.1250])
     """
-    if order < 1:
-        raise ValueError(f"order={order}: a skipped step needs a window K >= 1")
-    if history.count != step:
-        raise ValueError(f"history holds {history.count} steps but step={step}; the trajectory is out of sync")
-    if history.count == 0:
-        raise ValueError("step 0 cannot be skipped: the history is empty")
-    k = min(order, len(history))
-    j0 = step - k
-    return average_velocity(
-        x, history.x(j0), history.v(j0), history.v(step - 1), sigmas[j0], sigmas[step], sigmas[step + 1]
-    )
+    v_hat = average_velocity(x, xs[slot_start], vs[slot_start], vs[slot_last], inv_d, dt)
+    x32 = x.to(xs.dtype)
+    # v_hat is a fresh tensor, so writing over the window's slots (a full ring) cannot corrupt the inputs
+    xs[slot_write].copy_(x32)
+    vs[slot_write].copy_(v_hat)
+    return (x32 + dt * v_hat).to(x.dtype)
+
+
+def compute_step_ref(
+    x: torch.Tensor, v: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor, slot_write: int, dt: float
+) -> torch.Tensor:
+    """A computed step: log ``(x, v)`` in ``slot_write`` and return the Euler step ``x + dt * v``.
+
+    Args:
+        x: latent x_i, shape S, any supported float dtype.
+        v: the model's velocity at x_i, shape S, any float dtype.
+        xs, vs: history ring ``(C, *S)``; updated in place.
+        slot_write: ring slot of this step.
+        dt: ``sigma_next - sigma_now``.
+
+    Returns:
+        x_{i+1}, shape S, dtype of ``x``.
+
+    Example:
+        >>> import torch
+        >>> xs, vs = torch.zeros(1, 2), torch.zeros(1, 2)
+        >>> compute_step_ref(torch.ones(2), torch.ones(2), xs, vs, 0, -0.5), vs
+        (tensor([0.5000, 0.5000]), tensor([[1., 1.]]))
+    """
+    x32 = x.to(xs.dtype)
+    v32 = v.to(vs.dtype)
+    xs[slot_write].copy_(x32)
+    vs[slot_write].copy_(v32)
+    return (x32 + dt * v32).to(x.dtype)
+
+
+def estimate_ref(
+    x: torch.Tensor,
+    xs: torch.Tensor,
+    vs: torch.Tensor,
+    slot_start: int,
+    slot_last: int,
+    slot_write: int,
+    inv_d: float,
+    dt: float,
+    out_scale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Model-level estimate (the caller takes its own Euler step): log ``(x, v_hat)``, return
+    ``v_hat * out_scale`` in ``out_dtype``.
+
+    Example:
+        >>> import torch
+        >>> xs, vs = torch.zeros(2, 3), torch.ones(2, 3)
+        >>> estimate_ref(torch.zeros(3), xs, vs, 0, 0, 1, 0.0, -0.5, -1.0, torch.float16)
+        tensor([-1., -1., -1.], dtype=torch.float16)
+    """
+    v_hat = average_velocity(x, xs[slot_start], vs[slot_start], vs[slot_last], inv_d, dt)
+    xs[slot_write].copy_(x.to(xs.dtype))
+    vs[slot_write].copy_(v_hat)
+    return (v_hat * out_scale).to(out_dtype)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma_now: float, sigma_next: float) -> torch.Tensor:

@@ -7,10 +7,8 @@ from typing import Sequence
 
 import torch
 
+from . import ops
 from .history import History
-from .history import history_dtype
-from .reference import estimate_from_history
-from .reference import euler_step
 from .schedule import Schedule
 from .sigmas import as_sigma_list
 
@@ -58,7 +56,8 @@ def sample(
     ``v = velocity_fn(x_i, sigma_i)``; on the others ``v`` is MeanCache's average-velocity estimate from the last
     ``K`` logged steps (algorithm.md §2.2), and the model is not called. ``velocity_fn`` is therefore called exactly
     ``schedule.budget`` times. The estimate and the Euler update are computed in float32 (float64 for float64
-    latents) and the latent is stored back in its own dtype after each step. The history is a ring of at most
+    latents) and the latent is stored back in its own dtype after each step; each step is one fused op
+    (:mod:`meancache.ops`), run by the fastest available backend. The history is a ring of at most
     ``schedule.window <= 6`` entries, so memory does not grow with the number of steps.
 
     Args:
@@ -94,7 +93,6 @@ def sample(
         raise ValueError(f"velocity_fn={velocity_fn!r}: must be callable as velocity_fn(x, sigma)")
     check_latents(latents)
     sig = as_sigma_list(sigmas, schedule.num_steps)
-    dtype = history_dtype(latents.dtype)
     if history is None:
         history = History(schedule.window)
     elif not isinstance(history, History):
@@ -107,12 +105,14 @@ def sample(
     history.clear()
     x = latents
     for i, plan in enumerate(schedule.expand()):
+        xs, vs = history.prepare(x)
         if plan.computed:
             v = velocity_fn(x, sig[i])
             check_velocity(v, x, f"velocity_fn at step {i}")
-            v = v.to(dtype)
+            x = ops.compute_step(x, v, xs, vs, i, sig[i], sig[i + 1])
         else:
-            v = estimate_from_history(x, history, plan.order, i, sig)
-        history.push(x, v)
-        x = euler_step(x, v, sig[i], sig[i + 1])
+            # the window is truncated to what has been logged, as the official full-history loop does
+            k = min(plan.order, len(history))
+            x = ops.skip_step(x, xs, vs, i, k, sig[i - k], sig[i], sig[i + 1])
+        history.advance()
     return x
