@@ -2,18 +2,21 @@
 #
 # PYTHON  interpreter used to create the virtual environment (default python3)
 # VENV    where the virtual environment lives (default .venv)
+#
+# Build switches (MEANCACHE_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST, MAX_JOBS, ...) are read from the environment by
+# setup.py; see the comment block at its top.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meancache-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean wheel check-wheel cmake-build emulate-kernels
 
 setup: $(STAMP)
 
 # Reinstall whenever the pinned requirements or the packaging change.
-$(STAMP): requirements.txt pyproject.toml setup.py
+$(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade -r requirements.txt
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
@@ -25,5 +28,32 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m meancache.demo
 
+# Kernel benchmarks (pytest-benchmark). With a GPU: timed, JSON saved under bench/; without: every benchmark runs
+# once as a smoke test (CPU timings of GPU kernels mean nothing).
+bench: $(STAMP)
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m pytest bench -q --benchmark-json=bench/last-run.json; \
+	else \
+		$(PY) -m pytest bench -q --benchmark-disable; \
+	fi
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache meancache/_C*.so
+
+# CUDA wheel into dist/, for the default arch list unless TORCH_CUDA_ARCH_LIST is set (see setup.py).
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# The newest dist/meancache-*.whl, installed into a fresh venv with a plain torch: imports, op registration, and
+# SASS/PTX for every arch of the list (cuobjdump).
+check-wheel: $(STAMP)
+	PYTHON=$(PY) bash tools/check_wheel.sh
+
+# Developer build of the same csrc/ with CMake into build/cmake (compile_commands.json).
+cmake-build: $(STAMP)
+	PYTHON=$(PY) bash tools/build_cmake.sh
+
+# The CUDA kernels run on the CPU (every grid thread in turn) against a plain loop: indexing, vector path, tail and
+# aliased ring slots, without a GPU.
+emulate-kernels: $(STAMP)
+	PYTHON=$(PY) bash tools/emulate_kernels.sh

@@ -1,0 +1,117 @@
+"""Throughput of the fused MeanCache ops on real latent shapes, per provider.
+
+Providers: ``torch_ref`` (the eager reference: a chain of small kernels), ``torch_compile`` (the reference under
+torch.compile), ``triton`` and ``cuda`` (the fused single-launch kernels). Every provider is checked against the
+reference before it is timed. Reported per case in ``extra_info``: median ms, GB/s from the bytes the op must move,
+and that as a fraction of the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_GPU
+from conftest import time_ms
+
+from meancache import _backend
+from meancache.reference import compute_step_ref
+from meancache.reference import estimate_ref
+from meancache.reference import skip_step_ref
+from meancache.reference import step_scalars
+
+SHAPES = {
+    "flux-1024-packed": (1, 4096, 64),
+    "qwen-1664x928": (1, 6032, 64),
+    "zimage-1280x720": (1, 16, 160, 90),
+    "video-720p": (1, 16, 33, 90, 160),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PROVIDERS = ["torch_ref", "torch_compile", "triton", "cuda"]
+CAPACITY = 6
+SLOTS = (5, 2, 3)  # step 9 with K = 4: window start, newest entry, this step (all distinct, so calls repeat)
+SCALARS = step_scalars(0.74, 0.62, 0.60)
+
+
+def _reference(op):
+    if op == "skip_step":
+        return lambda x, v, xs, vs: skip_step_ref(x, xs, vs, *SLOTS, *SCALARS)
+    if op == "compute_step":
+        return lambda x, v, xs, vs: compute_step_ref(x, v, xs, vs, SLOTS[2], SCALARS[1])
+    return lambda x, v, xs, vs: estimate_ref(x, xs, vs, *SLOTS, *SCALARS, 1.0, x.dtype)
+
+
+def _provider(op, name):
+    """The callable ``f(x, v, xs, vs)`` of a provider, or a skip reason."""
+    if name == "torch_ref":
+        return _reference(op)
+    if name == "torch_compile":
+        return torch.compile(_reference(op), fullgraph=True)
+    if name == "triton":
+        kernels = _backend.triton_kernels()
+        if kernels is None:
+            pytest.skip(_backend.available_backends()["triton"])
+        if not HAS_GPU and _backend._interpreting() is False:
+            pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+        fns = {
+            "skip_step": lambda x, v, xs, vs: kernels.skip_step_triton(x, xs, vs, *SLOTS, *SCALARS),
+            "compute_step": lambda x, v, xs, vs: kernels.compute_step_triton(x, v, xs, vs, SLOTS[2], SCALARS[1]),
+            "estimate": lambda x, v, xs, vs: kernels.estimate_triton(x, xs, vs, *SLOTS, *SCALARS, 1.0, x.dtype),
+        }
+        return fns[op]
+    ext = _backend.cuda_ops()
+    if ext is None or not HAS_GPU:
+        pytest.skip(f"cuda: {_backend.available_backends()['cuda']}")
+    fns = {
+        "skip_step": lambda x, v, xs, vs: ext._skip_step_cuda(x, xs, vs, *SLOTS, *SCALARS),
+        "compute_step": lambda x, v, xs, vs: ext._compute_step_cuda(x, v, xs, vs, SLOTS[2], SCALARS[1]),
+        "estimate": lambda x, v, xs, vs: ext._estimate_cuda(x, xs, vs, *SLOTS, *SCALARS, 1.0, x.dtype),
+    }
+    return fns[op]
+
+
+def _bytes_moved(op, x):
+    """Bytes an ideal single pass reads and writes: latent in/out in its dtype, ring entries in float32."""
+    n, b = x.numel(), x.element_size()
+    if op == "skip_step":  # read x, x0, v0, v_last; write x', ring x, ring v
+        return n * (2 * b + 5 * 4)
+    if op == "compute_step":  # read x, v (same dtype here); write x', ring x, ring v
+        return n * (3 * b + 2 * 4)
+    return n * (2 * b + 5 * 4)  # estimate: read x, x0, v0, v_last; write v_hat, ring x, ring v
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("op", ["skip_step", "compute_step", "estimate"])
+def test_op(benchmark, op, shape, dtype, provider, copy_bandwidth, machine_info):
+    device = "cuda" if HAS_GPU else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    xs = torch.randn((CAPACITY, *shape), generator=g).to(device)
+    vs = torch.randn((CAPACITY, *shape), generator=g).to(device)
+    fn = _provider(op, provider)
+
+    # correctness first, on copies of the ring
+    want_xs, want_vs = xs.clone(), vs.clone()
+    want = _reference(op)(x, v, want_xs, want_vs)
+    got_xs, got_vs = xs.clone(), vs.clone()
+    got = fn(x, v, got_xs, got_vs)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_vs, want_vs, rtol=1e-5, atol=1e-5)
+
+    def run():
+        fn(x, v, xs, vs)
+        if HAS_GPU:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=10 if HAS_GPU else 1, iterations=1, warmup_rounds=2 if HAS_GPU else 0)
+    benchmark.extra_info.update(machine_info)
+    benchmark.extra_info["bytes"] = _bytes_moved(op, x)
+    if HAS_GPU:
+        ms = time_ms(lambda: fn(x, v, xs, vs))
+        gbps = _bytes_moved(op, x) / (ms * 1e-3) / 1e9
+        benchmark.extra_info.update(
+            median_ms=ms, gbps=gbps, copy_gbps=copy_bandwidth, fraction_of_copy=gbps / copy_bandwidth
+        )

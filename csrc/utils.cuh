@@ -1,0 +1,203 @@
+// Shared helpers for the meancache CUDA kernels: argument checks, 16-byte vector load/store, dtype dispatch and
+// launch geometry. Includes only the ATen/c10 headers it uses (not ATen/ATen.h or torch/extension.h): nvcc parses
+// each .cu once per target arch, so header weight multiplies into the build time.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+namespace meancache {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host-side argument checks. Every message names the op and the argument so a failure reads like the Python fake's.
+// ---------------------------------------------------------------------------------------------------------------
+
+#define MC_CHECK_CUDA(OP, T, NAME) TORCH_CHECK((T).is_cuda(), OP, ": ", NAME, " must be a CUDA tensor, got ", (T).device())
+
+#define MC_CHECK_CONTIGUOUS(OP, T, NAME) \
+  TORCH_CHECK((T).is_contiguous(), OP, ": ", NAME, " must be contiguous (got strides ", (T).strides(), ")")
+
+#define MC_CHECK_SAME_DEVICE(OP, T, NAME, REF, REF_NAME)                                                        \
+  TORCH_CHECK((T).device() == (REF).device(), OP, ": ", NAME, " must be on the same device as ", REF_NAME, " (", \
+              (T).device(), " vs ", (REF).device(), ")")
+
+#define MC_CHECK_FLOAT_DTYPE(OP, DTYPE, NAME)                                                                  \
+  TORCH_CHECK(::meancache::is_supported_dtype(DTYPE), OP, ": ", NAME, " must be float16, bfloat16 or float32, got ", \
+              DTYPE)
+
+#define MC_CHECK_SLOT(OP, SLOT, NAME, CAPACITY)                                                                 \
+  TORCH_CHECK((SLOT) >= 0 && (SLOT) < (CAPACITY), OP, ": ", NAME, "=", (SLOT), " is out of range for a ring of ", \
+              (CAPACITY), " slots (xs.size(0))")
+
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Checks shared by the three ops: x and the ring (xs, vs) live on one CUDA device, are dense, and the ring is a
+// float32 (C, *latent_shape) pair whose rows each hold x.numel() elements. Returns the ring capacity C.
+inline int64_t check_ring(const char* op, const at::Tensor& x, const at::Tensor& xs, const at::Tensor& vs) {
+  MC_CHECK_CUDA(op, x, "x");
+  MC_CHECK_CUDA(op, xs, "xs");
+  MC_CHECK_CUDA(op, vs, "vs");
+  MC_CHECK_SAME_DEVICE(op, xs, "xs", x, "x");
+  MC_CHECK_SAME_DEVICE(op, vs, "vs", x, "x");
+  MC_CHECK_CONTIGUOUS(op, x, "x");
+  MC_CHECK_CONTIGUOUS(op, xs, "xs");
+  MC_CHECK_CONTIGUOUS(op, vs, "vs");
+  MC_CHECK_FLOAT_DTYPE(op, x.scalar_type(), "x");
+  TORCH_CHECK(xs.scalar_type() == at::kFloat, op, ": xs must be float32, got ", xs.scalar_type());
+  TORCH_CHECK(vs.scalar_type() == at::kFloat, op, ": vs must be float32, got ", vs.scalar_type());
+  TORCH_CHECK(xs.sizes() == vs.sizes(), op, ": xs and vs must have the same shape, got ", xs.sizes(), " and ",
+              vs.sizes());
+  TORCH_CHECK(xs.dim() >= 1 && xs.size(0) >= 1, op, ": xs must have shape (C, *latent_shape) with C >= 1, got ",
+              xs.sizes());
+  const int64_t capacity = xs.size(0);
+  TORCH_CHECK(xs.numel() / capacity == x.numel(), op, ": each ring slot xs[i] must hold x.numel()=", x.numel(),
+              " elements, got ", xs.numel() / capacity, " (xs shape ", xs.sizes(), ")");
+  return capacity;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dtype dispatch. AT_DISPATCH names its type `scalar_t`, which clashes when two dispatches nest (x and v dtypes),
+// so this one takes the alias name as an argument.
+// ---------------------------------------------------------------------------------------------------------------
+
+#define MC_DISPATCH_FLOAT(DTYPE, OP, TYPE_NAME, ...)                                                     \
+  [&] {                                                                                                  \
+    switch (DTYPE) {                                                                                     \
+      case at::kFloat: {                                                                                 \
+        using TYPE_NAME = float;                                                                         \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      case at::kHalf: {                                                                                  \
+        using TYPE_NAME = c10::Half;                                                                     \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      case at::kBFloat16: {                                                                              \
+        using TYPE_NAME = c10::BFloat16;                                                                 \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      default:                                                                                           \
+        TORCH_CHECK(false, OP, ": unsupported dtype ", DTYPE, " (expected float16, bfloat16 or float32)"); \
+    }                                                                                                    \
+  }()
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vector access. The kernels are bandwidth-bound, so each thread moves 16 bytes per access of its narrowest
+// operand: 8 half/bf16 or 4 float elements. Wider operands in the same group use several 16-byte accesses.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kVecBytes = 16;
+
+// Elements per thread group: 16 bytes of the narrowest of the operand types.
+template <typename... Ts>
+constexpr int vec_width() {
+  constexpr size_t sizes[] = {sizeof(Ts)...};
+  size_t narrowest = sizes[0];
+  for (size_t s : sizes) narrowest = s < narrowest ? s : narrowest;
+  return static_cast<int>(kVecBytes / narrowest);
+}
+
+// Loads N consecutive elements. When N elements span whole 16-byte chunks, it issues 128-bit loads (the caller
+// guarantees 16-byte alignment); N == 1 is the scalar path, for unaligned pointers.
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, T (&r)[N]) {
+  if constexpr ((N * sizeof(T)) % kVecBytes == 0) {
+    constexpr int kChunks = N * sizeof(T) / kVecBytes;
+    constexpr int kPerChunk = kVecBytes / sizeof(T);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+      // memcpy between registers compiles to moves; it sidesteps aliasing rules for c10::Half / c10::BFloat16.
+      memcpy(&r[c * kPerChunk], &raw, kVecBytes);
+    }
+  } else {
+    static_assert(N == 1, "partial vectors are not used: a vector group is whole 16-byte chunks or one element");
+    r[0] = p[0];
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* p, const T (&r)[N]) {
+  if constexpr ((N * sizeof(T)) % kVecBytes == 0) {
+    constexpr int kChunks = N * sizeof(T) / kVecBytes;
+    constexpr int kPerChunk = kVecBytes / sizeof(T);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      uint4 raw;
+      memcpy(&raw, &r[c * kPerChunk], kVecBytes);
+      reinterpret_cast<uint4*>(p)[c] = raw;
+    }
+  } else {
+    static_assert(N == 1, "partial vectors are not used: a vector group is whole 16-byte chunks or one element");
+    p[0] = r[0];
+  }
+}
+
+inline bool is_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
+}
+
+// The vector path needs every pointer it touches 16-byte aligned. Ring rows sit at base + slot * n, so they are
+// checked individually: the allocator aligns the base but n * 4 bytes need not be a multiple of 16.
+template <typename... Ptrs>
+inline bool all_aligned(const Ptrs*... ptrs) {
+  return (is_aligned(ptrs) && ...);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The MeanCache estimator (algorithm.md §2.2 steps 4-7), shared by skip_step.cu and estimate.cu so the two cannot
+// drift. All operands are float32 (§3). inv_d = 1 / (σ_i - σ_j0), or 0 when the window has zero length, which
+// makes jvp 0 and v̂ = v_last: the reuse fallback of §3 instead of a NaN. No division here: the host did it once,
+// in double.
+// ---------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float estimate_velocity(float xi, float x0, float v0, float v_last, float inv_d,
+                                                   float dt) {
+  const float avg = (xi - x0) * inv_d;  // average velocity over the window j0 .. i-1
+  const float jvp = (v0 - avg) * inv_d;  // finite-difference "JVP" (no autograd, no model call)
+  return v_last - jvp * dt;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launch geometry: grid-stride loops over vector groups, the grid capped at a few waves of the device.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kThreads = 256;
+// 8 x 256 = 2048 threads per SM, at or above the resident limit of every target (1536 or 2048): the grid fills the
+// GPU and the grid-stride loop covers larger tensors.
+constexpr int kBlocksPerSm = 8;
+
+// SM count per device, cached: after the first call per device (normally an eager warm-up, before any CUDA graph
+// capture) the launch path makes no runtime API call besides the launch itself.
+inline int sm_count(c10::DeviceIndex device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// Blocks for `work_items` grid-stride items (vector groups). `work_items` must be > 0.
+inline unsigned int grid_size(int64_t work_items, c10::DeviceIndex device) {
+  const int64_t needed = (work_items + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
+  return static_cast<unsigned int>(needed < cap ? needed : cap);
+}
+
+}  // namespace meancache
