@@ -106,7 +106,7 @@ def test_op(benchmark, op, shape, dtype, provider, copy_bandwidth, machine_info)
         if HAS_GPU:
             torch.cuda.synchronize()
 
-    benchmark.pedantic(run, rounds=10 if HAS_GPU else 1, iterations=1, warmup_rounds=2 if HAS_GPU else 0)
+    benchmark.pedantic(run, rounds=10 if HAS_GPU else 3, iterations=1, warmup_rounds=2 if HAS_GPU else 1)
     benchmark.extra_info.update(machine_info)
     benchmark.extra_info["bytes"] = _bytes_moved(op, x)
     if HAS_GPU:

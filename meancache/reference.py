@@ -20,7 +20,6 @@ __all__ = [
     "skip_step_ref",
     "compute_step_ref",
     "estimate_ref",
-    "euler_step",
 ]
 
 
@@ -88,11 +87,7 @@ def skip_step_ref(
         >>> skip_step_ref(torch.zeros(3), xs, vs, 0, 0, 1, *step_scalars(1.0, 0.5, 0.25))
         tensor([-0.1250, -0.1250, -0.1250])
     """
-    v_hat = average_velocity(x, xs[slot_start], vs[slot_start], vs[slot_last], inv_d, dt)
-    x32 = x.to(xs.dtype)
-    # v_hat is a fresh tensor, so writing over the window's slots (a full ring) cannot corrupt the inputs
-    xs[slot_write].copy_(x32)
-    vs[slot_write].copy_(v_hat)
+    x32, v_hat = _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt)
     return (x32 + dt * v_hat).to(x.dtype)
 
 
@@ -145,18 +140,15 @@ def estimate_ref(
         >>> estimate_ref(torch.zeros(3), xs, vs, 0, 0, 1, 0.0, -0.5, -1.0, torch.float16)
         tensor([-1., -1., -1.], dtype=torch.float16)
     """
-    v_hat = average_velocity(x, xs[slot_start], vs[slot_start], vs[slot_last], inv_d, dt)
-    xs[slot_write].copy_(x.to(xs.dtype))
-    vs[slot_write].copy_(v_hat)
+    _, v_hat = _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt)
     return (v_hat * out_scale).to(out_dtype)
 
 
-def euler_step(x: torch.Tensor, v: torch.Tensor, sigma_now: float, sigma_next: float) -> torch.Tensor:
-    """``x + (sigma_next - sigma_now) * v`` in the dtype of ``v`` (fp32 for low-precision latents), cast to x's dtype.
-
-    Example:
-        >>> import torch
-        >>> euler_step(torch.ones(2, dtype=torch.bfloat16), torch.ones(2), 1.0, 0.75)
-        tensor([0.7500, 0.7500], dtype=torch.bfloat16)
-    """
-    return (x.to(v.dtype) + (sigma_next - sigma_now) * v).to(x.dtype)
+def _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt):
+    """``(x in the ring dtype, v_hat)`` after logging both into ``slot_write``."""
+    v_hat = average_velocity(x, xs[slot_start], vs[slot_start], vs[slot_last], inv_d, dt)
+    x32 = x.to(xs.dtype)
+    # v_hat is a fresh tensor, so writing over the window's slots (a full ring) cannot corrupt the inputs
+    xs[slot_write].copy_(x32)
+    vs[slot_write].copy_(v_hat)
+    return x32, v_hat

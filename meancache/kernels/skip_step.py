@@ -1,4 +1,8 @@
-"""Triton kernel for a skipped MeanCache step (algorithm.md §2.2): estimate, log, Euler step in one launch."""
+"""Triton kernel for a skipped MeanCache step (algorithm.md §2.2): estimate, log, Euler step in one launch.
+
+The same kernel serves the model-level estimate (:mod:`meancache.kernels.estimate`), which differs only in what it
+stores as the output.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,19 @@ import triton
 import triton.language as tl
 
 from ._common import BLOCK
-from ._common import cast_out
-from ._common import round_bf16_by_hand
 from ._common import NUM_WARPS
+from ._common import cast_out
 from ._common import grid
+from ._common import round_bf16_by_hand
 
-__all__ = ["skip_step_triton"]
+__all__ = ["skip_step_triton", "launch_estimator"]
 
 
 @triton.jit(do_not_specialize=["slot_start", "slot_last", "slot_write"])
-def _skip_step_kernel(x_ptr, xs_ptr, vs_ptr, out_ptr, n, slot_start, slot_last, slot_write, inv_d, dt,
-                      BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
-    # avg = (x - x0) * inv_d;  jvp = (v0 - avg) * inv_d;  v_hat = v_last - jvp * dt;  x' = x + dt * v_hat
+def _estimator_kernel(x_ptr, xs_ptr, vs_ptr, out_ptr, n, slot_start, slot_last, slot_write, inv_d, dt, out_scale,
+                      EULER: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
+    # avg = (x - x0) * inv_d;  jvp = (v0 - avg) * inv_d;  v_hat = v_last - jvp * dt
+    # EULER: out = x + dt * v_hat (skipped step); else out = v_hat * out_scale (model-level estimate)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     # ring offsets in int64: C * n can exceed 2**31 for video latents
@@ -35,7 +40,21 @@ def _skip_step_kernel(x_ptr, xs_ptr, vs_ptr, out_ptr, n, slot_start, slot_last, 
     # every input of this element is in registers before the write, so slot_write may alias slot_start/slot_last
     tl.store(xs_ptr + write + offs, x, mask=mask)
     tl.store(vs_ptr + write + offs, v_hat, mask=mask)
-    tl.store(out_ptr + offs, cast_out(x + dt * v_hat, out_ptr, RNE_BF16), mask=mask)
+    if EULER:
+        tl.store(out_ptr + offs, cast_out(x + dt * v_hat, out_ptr, RNE_BF16), mask=mask)
+    else:
+        tl.store(out_ptr + offs, cast_out(v_hat * out_scale, out_ptr, RNE_BF16), mask=mask)
+
+
+def launch_estimator(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt, out_scale, out_dtype, euler):
+    """Run the estimator kernel; ``euler`` selects the skipped-step output (x_{i+1}) or the estimate (v_hat)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    n = x.numel()
+    if n:
+        _estimator_kernel[grid(n)](x, xs, vs, out, n, slot_start, slot_last, slot_write, inv_d, dt, out_scale,
+                                   EULER=euler, BLOCK=BLOCK, RNE_BF16=round_bf16_by_hand(out), num_warps=NUM_WARPS)
+    return out
 
 
 def skip_step_triton(x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor, slot_start: int, slot_last: int,
@@ -51,10 +70,4 @@ def skip_step_triton(x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor, slot_s
         >>> skip_step_triton(torch.zeros(3, device=dev), xs, vs, 0, 0, 1, -2.0, -0.25).tolist()
         [-0.125, -0.125, -0.125]
     """
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    n = x.numel()
-    if n:
-        _skip_step_kernel[grid(n)](x, xs, vs, out, n, slot_start, slot_last, slot_write, inv_d, dt,
-                                   BLOCK=BLOCK, RNE_BF16=round_bf16_by_hand(out), num_warps=NUM_WARPS)
-    return out
+    return launch_estimator(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt, 1.0, x.dtype, euler=True)
