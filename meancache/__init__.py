@@ -16,6 +16,7 @@ from .api import disable
 from .api import reset
 from ._backend import available_backends
 from .history import History
+from .pipeline import summary
 from .sampler import sample
 from .schedule import MAX_ORDER
 from .schedule import Schedule
@@ -36,4 +37,5 @@ __all__ = [
     "preset_names",
     "reset",
     "sample",
+    "summary",
 ]

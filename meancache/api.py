@@ -14,6 +14,9 @@ from .module import MeanCacheController
 from .module import disable_module
 from .module import install
 from .module import is_accelerated
+from .pipeline import accelerate_pipeline
+from .pipeline import disable_pipeline
+from .pipeline import is_pipeline
 from .schedule import Schedule
 from .sigmas import as_sigma_list
 
@@ -33,7 +36,18 @@ def accelerate(
     output_sign: float = 1.0,
     branch_fn: Callable[[tuple, dict], Hashable] | None = None,
 ) -> torch.nn.Module:
-    """Make ``model`` skip the model evaluation on MeanCache's skipped steps, inside your own Euler loop.
+    """Make ``model`` skip the model evaluation on MeanCache's skipped steps.
+
+    **Diffusers pipelines** (``accelerate(pipe, budget=10)``): any pipeline whose scheduler is
+    ``FlowMatchEulerDiscreteScheduler``. Every ``pipe(...)`` call then runs the transformer only at the schedule's
+    compute steps (all guidance branches of a skipped step are skipped) and takes MeanCache's estimate on the other
+    steps, at the point where the pipeline hands the guided velocity to the scheduler. The schedule is ``schedule``
+    if given, else the published preset of the model family (Qwen-Image, Z-Image) at ``budget``, else
+    ``Schedule.default(budget, N)``; it is resampled (with a log line) to each call's ``num_inference_steps``.
+    Without ``budget`` and ``schedule`` the budget is about a third of the steps. Each call starts fresh;
+    :func:`meancache.summary` reports the last one. Only ``budget`` and ``schedule`` apply to pipelines.
+
+    **Modules**, inside your own Euler loop:
 
     ``model.forward`` is replaced on this instance (other instances and the class are untouched) and ``model`` is
     returned, with the same call signature. On compute steps the original forward runs and its output is returned
@@ -86,8 +100,24 @@ def accelerate(
         8
         >>> _ = meancache.disable(model)
     """
+    if is_pipeline(model):
+        extra = {
+            name: value
+            for name, value in dict(
+                sigmas=sigmas, sigma_fn=sigma_fn, latent_arg=latent_arg, branch_fn=branch_fn
+            ).items()
+            if value is not None
+        }
+        if extra:
+            raise ValueError(
+                f"{sorted(extra)} apply to accelerate(module) only: a pipeline's sigmas, latents and branches come "
+                "from its scheduler and its own calls"
+            )
+        return accelerate_pipeline(model, budget=budget, schedule=schedule)
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model is a {type(model).__name__}: accelerate() takes a torch.nn.Module")
+        raise ValueError(
+            f"model is a {type(model).__name__}: accelerate() takes a diffusers pipeline or a torch.nn.Module"
+        )
     if is_accelerated(model):
         raise RuntimeError(
             f"{type(model).__name__} is already accelerated by meancache; call meancache.disable(model) first"
@@ -126,8 +156,9 @@ def accelerate(
     return install(model, controller)
 
 
-def disable(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove MeanCache from ``model``: its original ``forward`` is restored, so calls are bit-identical again.
+def disable(model):
+    """Remove MeanCache from ``model`` (a module or a pipeline): the original ``forward`` (module) or class
+    (pipeline) is restored, so calls are bit-identical again.
 
     Calling it on a model that is not accelerated does nothing (safe in ``finally`` blocks). Returns ``model``.
 
@@ -137,6 +168,8 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
         >>> meancache.disable(m) is m, hasattr(m, "meancache")
         (True, False)
     """
+    if is_pipeline(model):
+        return disable_pipeline(model)
     return disable_module(model)
 
 

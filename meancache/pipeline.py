@@ -1,0 +1,325 @@
+"""``meancache.accelerate(pipe)``: MeanCache for diffusers flow-matching pipelines.
+
+Where it hooks (algorithm.md §7: cache the guided velocity where the pipeline hands it to the scheduler):
+
+* ``pipe.scheduler.step`` sees the post-CFG velocity of every step. On compute steps the scheduler's own Euler step
+  runs and ``(x_i, v_i)`` is logged into the history ring; on skipped steps the fused ``meancache::skip_step`` op
+  estimates the average velocity, logs it and takes the step, and the scheduler's step counter is advanced.
+* Calls of ``pipe.transformer`` (and ``pipe.transformer_2``) go through a thin stand-in during a pipeline call. On
+  skipped steps it returns the previous output of the same call slot without running the transformer, so every
+  guidance branch is skipped, whether the pipeline makes separate calls (Qwen-Image's true CFG) or one batched call.
+  The stale value only feeds guidance arithmetic whose result the scheduler hook then ignores.
+
+Nothing of meancache runs inside the transformer, so ``torch.compile(pipe.transformer, fullgraph=True)`` is
+unaffected. The pipeline object itself is switched to a per-instance subclass whose ``__call__`` sets the hooks up
+and tears them down (also when the call raises), so every call starts from a fresh state, other instances are
+untouched, and :func:`meancache.disable` restores the original class.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+
+from . import ops
+from .history import History
+from .sampler import check_velocity
+from .schedule import Schedule
+from .schedule import preset_names
+
+__all__ = ["PipelineSummary", "accelerate_pipeline", "disable_pipeline", "is_pipeline", "summary"]
+
+logger = logging.getLogger("meancache")
+
+STATE = "_meancache"
+TRANSFORMER_NAMES = ("transformer", "transformer_2")
+#: Pipeline class-name prefixes and the preset family whose published schedules they use.
+FAMILIES = {"QwenImage": "qwen-image", "ZImage": "z-image"}
+#: Budget used when neither ``budget`` nor ``schedule`` is given: about a third of the steps, like the middle
+#: published budget (17 of 50).
+DEFAULT_BUDGET_FRACTION = 0.34
+#: Step count the published presets were calibrated at.
+PRESET_STEPS = 50
+
+
+def is_pipeline(obj) -> bool:
+    """True for a diffusers ``DiffusionPipeline`` (checked by type name, so diffusers stays optional)."""
+    return any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__)
+
+
+@dataclass
+class PipelineSummary:
+    """What MeanCache did during the last call of an accelerated pipeline (:func:`meancache.summary`)."""
+
+    num_steps: int = 0
+    computed_steps: int = 0
+    skipped_steps: int = 0
+    transformer_calls: int = 0
+    transformer_calls_saved: int = 0
+    schedule: Schedule | None = None
+    wall_time_s: float = 0.0
+    history_bytes: int = 0
+    completed: bool = False
+
+    def __str__(self) -> str:
+        total = self.transformer_calls + self.transformer_calls_saved
+        lines = [
+            f"meancache: {self.computed_steps} computed + {self.skipped_steps} skipped of {self.num_steps} steps"
+            + ("" if self.completed else " (call did not complete)"),
+            f"  transformer calls: {self.transformer_calls} made, {self.transformer_calls_saved} saved of {total}",
+            f"  wall time: {self.wall_time_s:.3f} s, history: {self.history_bytes / 1e6:.2f} MB",
+        ]
+        if self.schedule is not None:
+            lines.append(f"  schedule: {self.schedule.pattern()[0]}  (K: {self.schedule.pattern()[1]})")
+        return "\n".join(lines)
+
+
+class _TransformerStandIn:
+    """Stands in for ``pipe.transformer`` during a call: forwards every attribute, decides every call."""
+
+    __slots__ = ("_mc_target", "_mc_state")
+
+    def __init__(self, target, state):
+        object.__setattr__(self, "_mc_target", target)
+        object.__setattr__(self, "_mc_state", state)
+
+    # isinstance(pipe.transformer, torch.nn.Module) and similar checks in the pipeline keep working
+    @property
+    def __class__(self):
+        return type(self._mc_target)
+
+    def __getattr__(self, name):
+        return getattr(self._mc_target, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._mc_target, name, value)
+
+    def __call__(self, *args, **kwargs):
+        return self._mc_state.transformer_call(self._mc_target, args, kwargs)
+
+
+@dataclass
+class _PipelineState:
+    """Per-pipeline MeanCache configuration and the state of the call in progress."""
+
+    schedule: Schedule | None
+    budget: int | None
+    family: str | None
+    history: History = field(default_factory=lambda: History(6))
+    plan: tuple | None = None
+    grid: list | None = None
+    start: int = 0
+    step: int = 0
+    calls_in_step: int = 0
+    outputs: dict = field(default_factory=dict)
+    last: PipelineSummary = field(default_factory=PipelineSummary)
+    original_class: type | None = None
+
+    # -- per call -------------------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.plan = None
+        self.grid = None
+        self.step = 0
+        self.calls_in_step = 0
+        self.outputs = {}
+        self.history.clear()
+        self.last = PipelineSummary()
+
+    def resolve(self, scheduler) -> None:
+        """Read the call's sigma grid once (one host read per call) and fit the schedule to its step count."""
+        start = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+        grid = [float(s) for s in scheduler.sigmas.detach().to("cpu", torch.float64).tolist()][start:]
+        n = len(grid) - 1
+        if n < 1:
+            raise ValueError(f"the scheduler's sigma grid has {len(grid)} value(s) from step {start}: nothing to do")
+        schedule = self.schedule_for(n)
+        if schedule.num_steps != n:
+            logger.info(
+                "meancache: schedule has %d steps but this call runs %d; resampling it (budget %d)",
+                schedule.num_steps,
+                n,
+                schedule.budget,
+            )
+            schedule = schedule.resample(n)
+        if self.history.capacity < schedule.window:
+            self.history = History(schedule.window)
+        self.grid, self.start, self.plan = grid, start, schedule.expand()
+        self.last.schedule, self.last.num_steps = schedule, n
+
+    def schedule_for(self, n: int) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        if n < 2:
+            raise ValueError(f"num_inference_steps={n}: MeanCache needs at least 2 steps")
+        budget = self.budget if self.budget is not None else max(2, math.ceil(DEFAULT_BUDGET_FRACTION * n))
+        if budget >= n:
+            logger.info("meancache: budget %d >= %d steps; every step is computed", budget, n)
+            return Schedule.full(n)
+        if self.family is not None and budget in preset_names().get(self.family, ()):
+            if n != PRESET_STEPS:
+                logger.info(
+                    "meancache: %s preset (budget %d, %d steps) resampled to this call's %d steps",
+                    self.family,
+                    budget,
+                    PRESET_STEPS,
+                    n,
+                )
+            return Schedule.preset(self.family, budget, num_steps=n)
+        return Schedule.default(budget, n)
+
+    def transformer_call(self, target, args, kwargs):
+        if self.plan is None or self.plan[self.step].computed:
+            out = target(*args, **kwargs)
+            self.outputs[self.calls_in_step] = out
+            self.calls_in_step += 1
+            self.last.transformer_calls += 1
+            return out
+        slot = self.calls_in_step
+        if slot not in self.outputs:
+            raise ValueError(
+                f"transformer call {slot + 1} at skipped step {self.step}, but compute steps made only "
+                f"{len(self.outputs)} call(s) per step: every step must make the same calls"
+            )
+        self.calls_in_step += 1
+        self.last.transformer_calls_saved += 1
+        return self.outputs[slot]
+
+    def scheduler_step(self, scheduler, original_step, model_output, timestep, sample, *args, **kwargs):
+        if kwargs.get("per_token_timesteps") is not None:
+            raise ValueError("per_token_timesteps is not supported by meancache: the schedule needs one sigma per step")
+        if scheduler.step_index is None:
+            scheduler._init_step_index(timestep)
+        if self.plan is None:
+            self.resolve(scheduler)
+        i = scheduler.step_index - self.start
+        if not 0 <= i < len(self.plan):
+            raise ValueError(f"scheduler step {scheduler.step_index} is outside this call's {len(self.plan)} steps")
+        if i != self.step:
+            raise ValueError(f"scheduler is at step {i} but meancache expected step {self.step}")
+        plan = self.plan[i]
+        if plan.computed:
+            check_velocity(model_output, sample, f"the pipeline's velocity at step {i}")
+            self.history.push(sample, model_output)
+            result = original_step(model_output, timestep, sample, *args, **kwargs)
+            self.last.computed_steps += 1
+        else:
+            xs, vs = self.history.prepare(sample)
+            k = min(plan.order, len(self.history))
+            g = self.grid
+            x_next = ops.skip_step(sample, xs, vs, i, k, g[i - k], g[i], g[i + 1])
+            self.history.advance()
+            scheduler._step_index += 1
+            # the scheduler returns its sample in the velocity's dtype; so do we
+            x_next = x_next.to(model_output.dtype)
+            if kwargs.get("return_dict", True):
+                from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+                    FlowMatchEulerDiscreteSchedulerOutput,
+                )
+
+                result = FlowMatchEulerDiscreteSchedulerOutput(prev_sample=x_next)
+            else:
+                result = (x_next,)
+            self.last.skipped_steps += 1
+        self.step += 1
+        self.calls_in_step = 0
+        self.last.history_bytes = self.history.nbytes
+        return result
+
+
+def _call(pipe, *args, **kwargs):
+    """The accelerated pipeline's ``__call__``: hooks in, the original call, hooks out."""
+    state: _PipelineState = pipe.__dict__[STATE]
+    scheduler = pipe.scheduler
+    _check_scheduler(scheduler)
+    state.begin()
+    original_step = scheduler.step
+    own_step = scheduler.__dict__.get("step")
+    swapped = {}
+    for name in TRANSFORMER_NAMES:
+        target = pipe.__dict__.get(name)
+        if target is not None:
+            swapped[name] = target
+            pipe.__dict__[name] = _TransformerStandIn(target, state)
+
+    def step(model_output, timestep, sample, *a, **kw):
+        return state.scheduler_step(scheduler, original_step, model_output, timestep, sample, *a, **kw)
+
+    scheduler.step = step
+    t0 = time.perf_counter()
+    try:
+        result = super(type(pipe), pipe).__call__(*args, **kwargs)
+        state.last.completed = True
+        return result
+    finally:
+        # restore even when the call raised, so nothing stale reaches the next call
+        if own_step is None:
+            scheduler.__dict__.pop("step", None)
+        else:
+            scheduler.__dict__["step"] = own_step
+        pipe.__dict__.update(swapped)
+        state.last.wall_time_s = time.perf_counter() - t0
+        state.plan = None
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _accelerated_class(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"MeanCache{cls.__name__}", (cls,), {"__call__": _call, "__module__": cls.__module__})
+    return _SUBCLASSES[cls]
+
+
+def _check_scheduler(scheduler) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(
+            f"pipe.scheduler is a {type(scheduler).__name__}: meancache supports pipelines whose scheduler is "
+            "FlowMatchEulerDiscreteScheduler (FLUX, Qwen-Image, Z-Image, SD3, Wan, HunyuanVideo, ...)"
+        )
+    if scheduler.config.get("stochastic_sampling", False):
+        raise ValueError(
+            "pipe.scheduler has stochastic_sampling=True: meancache supports the deterministic Euler step only"
+        )
+
+
+def accelerate_pipeline(pipe, *, budget: int | None = None, schedule: Schedule | None = None):
+    """Install MeanCache on a diffusers pipeline; see :func:`meancache.accelerate`."""
+    if STATE in pipe.__dict__:
+        raise RuntimeError(f"{type(pipe).__name__} is already accelerated by meancache; call meancache.disable first")
+    _check_scheduler(pipe.scheduler)
+    if not any(pipe.__dict__.get(name) is not None for name in TRANSFORMER_NAMES):
+        raise ValueError(f"{type(pipe).__name__} has no `transformer`: meancache accelerates transformer pipelines")
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
+    if schedule is not None and budget is not None and budget != schedule.budget:
+        raise ValueError(f"budget={budget} contradicts schedule.budget={schedule.budget}: pass one of them")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 2):
+        raise ValueError(f"budget={budget!r}: must be an int >= 2")
+    family = next((fam for prefix, fam in FAMILIES.items() if type(pipe).__name__.startswith(prefix)), None)
+    state = _PipelineState(schedule=schedule, budget=budget, family=family, original_class=type(pipe))
+    pipe.__dict__[STATE] = state
+    pipe.__class__ = _accelerated_class(type(pipe))
+    return pipe
+
+
+def disable_pipeline(pipe):
+    """Restore the pipeline's original class; a pipeline that is not accelerated is returned unchanged."""
+    state = pipe.__dict__.pop(STATE, None)
+    if state is not None:
+        pipe.__class__ = state.original_class
+    return pipe
+
+
+def summary(pipe) -> PipelineSummary:
+    """The :class:`PipelineSummary` of the last call of an accelerated pipeline (or module)."""
+    state = pipe.__dict__.get(STATE) if hasattr(pipe, "__dict__") else None
+    if state is None:
+        raise ValueError(f"{type(pipe).__name__} is not an accelerated pipeline")
+    return state.last
