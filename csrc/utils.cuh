@@ -1,6 +1,7 @@
-// Shared helpers for the meancache CUDA kernels: argument checks, 16-byte vector load/store, dtype dispatch and
-// launch geometry. Includes only the ATen/c10 headers it uses (not ATen/ATen.h or torch/extension.h): nvcc parses
-// each .cu once per target arch, so header weight multiplies into the build time.
+// Shared helpers for the meancache CUDA kernels: argument checks, 16-byte vector load/store, dtype dispatch, launch
+// geometry, and the element-wise kernel template with its launcher. Includes only the ATen/c10 headers it uses (not
+// ATen/ATen.h or torch/extension.h): nvcc parses each .cu once per target arch, so header weight multiplies into the
+// build time.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -155,20 +156,6 @@ inline bool all_aligned(const Ptrs*... ptrs) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The MeanCache estimator (algorithm.md §2.2 steps 4-7), shared by skip_step.cu and estimate.cu so the two cannot
-// drift. All operands are float32 (§3). inv_d = 1 / (σ_i - σ_j0), or 0 when the window has zero length, which
-// makes jvp 0 and v̂ = v_last: the reuse fallback of §3 instead of a NaN. No division here: the host did it once,
-// in double.
-// ---------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float estimate_velocity(float xi, float x0, float v0, float v_last, float inv_d,
-                                                   float dt) {
-  const float avg = (xi - x0) * inv_d;  // average velocity over the window j0 .. i-1
-  const float jvp = (v0 - avg) * inv_d;  // finite-difference "JVP" (no autograd, no model call)
-  return v_last - jvp * dt;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Launch geometry: grid-stride loops over vector groups, the grid capped at a few waves of the device.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -199,5 +186,51 @@ inline unsigned int grid_size(int64_t work_items, c10::DeviceIndex device) {
   const int64_t cap = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
   return static_cast<unsigned int>(needed < cap ? needed : cap);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Element-wise kernels. Each op is a kernel-argument struct with
+//   int64_t n;                                                the element count, > 0
+//   static constexpr int kVec;                                elements per vector group: vec_width of its operands
+//   bool aligned() const;                                     all_aligned of every pointer it reads or writes
+//   template <int N> __device__ void group(int64_t e) const;  elements e .. e+N-1, N == kVec or 1; all loads of
+//                                                             a group precede its stores (ring rows may alias)
+// and one kernel template runs it. launch_elementwise is its host side.
+// ---------------------------------------------------------------------------------------------------------------
+
+// VEC elements per grid-stride item (16-byte accesses); VEC == 1 is the scalar path for unaligned pointers. With
+// VEC > 1 the last n % VEC elements are done one each by the first threads of the grid.
+template <int VEC, typename Op>
+__global__ void elementwise_kernel(const Op op) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t n_groups = op.n / VEC;
+  for (int64_t g = tid; g < n_groups; g += stride) {
+    op.template group<VEC>(g * VEC);
+  }
+  if constexpr (VEC > 1) {
+    const int64_t tail = n_groups * VEC + tid;
+    if (tail < op.n) op.template group<1>(tail);
+  }
+}
+
+// Host C++ builds of this header (tools/emulate_kernels.cpp, g++) cannot parse <<<>>>; that emulation mirrors
+// launch_elementwise instead.
+#if defined(__CUDACC__)
+
+// Launches `op` on the current stream; the caller holds a CUDAGuard for `device`. Vector path iff op.aligned().
+template <typename Op>
+void launch_elementwise(const Op& op, c10::DeviceIndex device) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (op.aligned()) {
+    // At least one block even when n < kVec: the tail still needs threads.
+    const int64_t items = op.n / Op::kVec > 0 ? op.n / Op::kVec : 1;
+    elementwise_kernel<Op::kVec, Op><<<grid_size(items, device), kThreads, 0, stream>>>(op);
+  } else {
+    elementwise_kernel<1, Op><<<grid_size(op.n, device), kThreads, 0, stream>>>(op);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#endif  // defined(__CUDACC__)
 
 }  // namespace meancache

@@ -18,13 +18,19 @@ TORCH_DIR=$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/meancache-emulate.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 
-# The kernels live in each .cu's anonymous namespace; the host launchers after it use <<<>>> and are left out.
+# The shared kernel code (elementwise_kernel in utils.cuh, EstimatorOp in estimator.cuh) is included by the .cpp
+# through -I csrc. Each op's own device code (its op struct or output functor) lives in its .cu's anonymous
+# namespace, extracted here; the host launchers after it need tensors and a device, and are left out.
 "$PYTHON" - "$TMP/kernels_extracted.inc" <<'PY'
 import pathlib
 import sys
 
+names = ("skip_step", "compute_step", "estimate")
+found = sorted(p.stem for p in pathlib.Path("csrc").glob("*.cu"))
+if found != sorted(names):
+    sys.exit(f"emulate_kernels.sh: csrc/*.cu is {found}, the emulation covers {sorted(names)}: update both scripts")
 parts = []
-for name in ("skip_step", "compute_step", "estimate"):
+for name in names:
     text = pathlib.Path(f"csrc/{name}.cu").read_text()
     start = text.index("namespace {\n")
     end = text.index("}  // namespace\n", start) + len("}  // namespace\n")
