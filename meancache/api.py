@@ -35,6 +35,8 @@ def accelerate(
     timestep_arg: str = "timestep",
     output_sign: float = 1.0,
     branch_fn: Callable[[tuple, dict], Hashable] | None = None,
+    mode: str = "schedule",
+    tolerance: float | None = None,
 ) -> torch.nn.Module:
     """Make ``model`` skip the model evaluation on MeanCache's skipped steps.
 
@@ -45,7 +47,10 @@ def accelerate(
     if given, else the published preset of the model family (Qwen-Image, Z-Image) at ``budget``, else
     ``Schedule.default(budget, N)``; it is resampled (with a log line) to each call's ``num_inference_steps``.
     Without ``budget`` and ``schedule`` the budget is about a third of the steps. Each call starts fresh;
-    :func:`meancache.summary` reports the last one. Only ``budget`` and ``schedule`` apply to pipelines.
+    :func:`meancache.summary` reports the last one. Only ``budget``, ``schedule``, ``mode`` and ``tolerance``
+    apply to pipelines. ``mode="online"`` needs no schedule: the compute steps are decided during each call from
+    the measured stability of the trajectory, within ``budget`` (:mod:`meancache.online` states the rule;
+    ``tolerance`` tunes it).
 
     **Modules**, inside your own Euler loop:
 
@@ -113,10 +118,15 @@ def accelerate(
                 f"{sorted(extra)} apply to accelerate(module) only: a pipeline's sigmas, latents and branches come "
                 "from its scheduler and its own calls"
             )
-        return accelerate_pipeline(model, budget=budget, schedule=schedule)
+        return accelerate_pipeline(model, budget=budget, schedule=schedule, mode=mode, tolerance=tolerance)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(
             f"model is a {type(model).__name__}: accelerate() takes a diffusers pipeline or a torch.nn.Module"
+        )
+    if mode != "schedule" or tolerance is not None:
+        raise ValueError(
+            f"mode={mode!r}, tolerance={tolerance!r}: the online mode is available for diffusers pipelines and "
+            "meancache.sample(..., schedule=OnlinePlan(...)); a bare module takes a static schedule"
         )
     if is_accelerated(model):
         raise RuntimeError(

@@ -28,6 +28,8 @@ import torch
 
 from . import ops
 from .history import History
+from .online import DEFAULT_TOLERANCE
+from .online import OnlinePlan
 from .sampler import check_velocity
 from .schedule import Schedule
 from .schedule import preset_names
@@ -110,6 +112,7 @@ class _PipelineState:
     schedule: Schedule | None
     budget: int | None
     family: str | None
+    tolerance: float | None = None
     history: History = field(default_factory=lambda: History(6))
     plan: tuple | None = None
     grid: list | None = None
@@ -137,6 +140,14 @@ class _PipelineState:
         n = len(grid) - 1
         if n < 1:
             raise ValueError(f"the scheduler's sigma grid has {len(grid)} value(s) from step {start}: nothing to do")
+        if self.tolerance is not None:
+            budget = self.budget if self.budget is not None else max(2, math.ceil(DEFAULT_BUDGET_FRACTION * n))
+            plan = OnlinePlan(budget, n, self.tolerance)
+            if self.history.capacity < plan.window:
+                self.history = History(plan.window)
+            self.grid, self.start, self.plan = grid, start, plan
+            self.last.num_steps = n
+            return
         schedule = self.schedule_for(n)
         if schedule.num_steps != n:
             logger.info(
@@ -207,6 +218,10 @@ class _PipelineState:
             self.history.push(sample, model_output)
             result = original_step(model_output, timestep, sample, *args, **kwargs)
             self.last.computed_steps += 1
+            if isinstance(self.plan, OnlinePlan):
+                self.plan.observe(i, model_output)
+                if self.plan.known == len(self.plan) - 1:
+                    self.last.schedule = self.plan.schedule()
         else:
             xs, vs = self.history.prepare(sample)
             k = min(plan.order, len(self.history))
@@ -289,7 +304,10 @@ def _check_scheduler(scheduler) -> None:
         )
 
 
-def accelerate_pipeline(pipe, *, budget: int | None = None, schedule: Schedule | None = None):
+def accelerate_pipeline(
+    pipe, *, budget: int | None = None, schedule: Schedule | None = None, mode: str = "schedule",
+    tolerance: float | None = None,
+):
     """Install MeanCache on a diffusers pipeline; see :func:`meancache.accelerate`."""
     if STATE in pipe.__dict__:
         raise RuntimeError(f"{type(pipe).__name__} is already accelerated by meancache; call meancache.disable first")
@@ -302,8 +320,19 @@ def accelerate_pipeline(pipe, *, budget: int | None = None, schedule: Schedule |
         raise ValueError(f"budget={budget} contradicts schedule.budget={schedule.budget}: pass one of them")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 2):
         raise ValueError(f"budget={budget!r}: must be an int >= 2")
+    if mode not in ("schedule", "online"):
+        raise ValueError(f"mode={mode!r}: must be 'schedule' (static schedule) or 'online' (decided during the run)")
+    if mode == "online" and schedule is not None:
+        raise ValueError("mode='online' decides the compute steps itself: pass budget=, not schedule=")
+    if mode == "online":
+        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        OnlinePlan(budget or 2, 2, tolerance)  # validates tolerance and budget before anything is installed
+    elif tolerance is not None:
+        raise ValueError("tolerance= applies to mode='online' only")
     family = next((fam for prefix, fam in FAMILIES.items() if type(pipe).__name__.startswith(prefix)), None)
-    state = _PipelineState(schedule=schedule, budget=budget, family=family, original_class=type(pipe))
+    state = _PipelineState(
+        schedule=schedule, budget=budget, family=family, tolerance=tolerance, original_class=type(pipe)
+    )
     pipe.__dict__[STATE] = state
     pipe.__class__ = _accelerated_class(type(pipe))
     return pipe

@@ -9,6 +9,7 @@ import torch
 
 from . import ops
 from .history import History
+from .online import OnlinePlan
 from .schedule import Schedule
 from .sigmas import as_sigma_list
 
@@ -67,7 +68,8 @@ def sample(
         latents: initial latent x_0 at ``sigmas[0]``; any shape and batch size; float16, bfloat16, float32 or
             float64; CPU or CUDA.
         sigmas: ``schedule.num_steps + 1`` decreasing floats (1-D tensor or sequence), normally ending at 0.
-        schedule: a :class:`~meancache.Schedule`.
+        schedule: a :class:`~meancache.Schedule`, or an :class:`~meancache.online.OnlinePlan` that decides the
+            compute steps during the run (calibration-free mode).
         history: optional :class:`~meancache.History` to log into (it is cleared first). Pass one to inspect the
             ring after the run or to reuse its storage across runs; its capacity must be at least
             ``schedule.window``.
@@ -87,7 +89,7 @@ def sample(
         >>> x.shape
         torch.Size([2, 8])
     """
-    if not isinstance(schedule, Schedule):
+    if not isinstance(schedule, (Schedule, OnlinePlan)):
         raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
     if not callable(velocity_fn):
         raise ValueError(f"velocity_fn={velocity_fn!r}: must be callable as velocity_fn(x, sigma)")
@@ -103,13 +105,18 @@ def sample(
             "largest window K the schedule uses"
         )
     history.clear()
+    online = isinstance(schedule, OnlinePlan)
+    steps = schedule if online else schedule.expand()
     x = latents
-    for i, plan in enumerate(schedule.expand()):
+    for i in range(schedule.num_steps):
+        plan = steps[i]
         xs, vs = history.prepare(x)
         if plan.computed:
             v = velocity_fn(x, sig[i])
             check_velocity(v, x, f"velocity_fn at step {i}")
             x = ops.compute_step(x, v, xs, vs, i, sig[i], sig[i + 1])
+            if online:
+                schedule.observe(i, v)
         else:
             # the window is truncated to what has been logged, as the official full-history loop does
             k = min(plan.order, len(history))

@@ -1,0 +1,145 @@
+"""Calibration-free MeanCache: decide during the run which steps to compute, within a budget.
+
+Rule (our own, documented here; the paper's schedules are offline):
+
+1. Steps 0 and 1 are computed (the second gives the first measure of how fast the velocity changes), and so is
+   the last step. With a budget of 2 only the first and last steps are computed.
+2. After each computed step ``c`` (previous computed step ``p``), the *instability*
+   ``s = ||v_c - v_p|| / (||v_c|| * (c - p))`` is measured: the relative change of the guided velocity per step.
+   With a process group initialised (data or context parallel), ``s`` is all-reduced with MAX, so every rank
+   takes the same decision.
+3. The next segment length is ``L = floor(tolerance / s)`` clamped to ``1 .. max_segment`` (a stable
+   trajectory takes long segments, a changing one short ones), but never shorter than what the remaining budget
+   needs to reach the last step: with ``R`` evaluations left after ``c`` and ``M`` steps to go,
+   ``L >= ceil(M / R)``. The next computed step is ``c + L`` (the last step at the latest).
+4. Skipped steps use window ``K = 2`` (a damped first-order extrapolation, algorithm.md §2.3).
+
+So the run never makes more than ``budget`` model evaluations, and uses fewer when the trajectory is unstable
+only where the budget allows. One host read of ``s`` per computed step (a sync, unavoidable for a data-dependent
+decision).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedule import Schedule
+from .schedule import StepPlan
+
+__all__ = ["OnlinePlan", "DEFAULT_TOLERANCE"]
+
+#: Relative velocity change tolerated over one skipped segment (rule 3). Chosen on the analytic Gaussian-mixture
+#: flow (shift-3 grid, 50 steps): it spends about the whole budget and beat Schedule.default at budgets 17 and 25.
+DEFAULT_TOLERANCE = 0.02
+ONLINE_ORDER = 2
+MAX_SEGMENT = 8
+
+
+def _reduce_max(value: float, device: torch.device) -> float:
+    """All-reduce a float with MAX over the default process group, when one is initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    backend = dist.get_backend()
+    dev = device if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class OnlinePlan:
+    """A step plan that grows during the run (rule in the module docstring).
+
+    Indexing ``plan[i]`` gives the :class:`StepPlan` of step ``i``; steps up to the next computed step are known
+    after each :meth:`observe`. ``schedule()`` gives the realised :class:`Schedule` once the run is over.
+
+    Args:
+        budget: the most model evaluations the run may make (>= 2).
+        num_steps: steps N of the run.
+        tolerance: relative velocity change tolerated per skipped segment.
+
+    Example:
+        >>> import torch
+        >>> plan = OnlinePlan(budget=4, num_steps=10)
+        >>> plan[0].computed, plan[1].computed
+        (True, True)
+        >>> plan.observe(0, torch.ones(3)); plan.observe(1, torch.ones(3) * 1.01)
+        >>> [plan[i].computed for i in range(2, 10)].count(True) <= 2
+        True
+    """
+
+    def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE):
+        if not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 2 <= budget:
+            raise ValueError(f"budget={budget!r}: must be an int >= 2")
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+            raise ValueError(f"tolerance={tolerance!r}: must be a finite number > 0")
+        self.budget = min(budget, num_steps)
+        self.num_steps = num_steps
+        self.tolerance = float(tolerance)
+        self.computed = [0]
+        if self.budget >= 3 and num_steps > 2:
+            self.computed.append(1)
+        elif num_steps > 1:
+            self.computed.append(num_steps - 1)
+        self.known = self.computed[-1]  # plans for steps 0..known are decided
+        self._last_v: torch.Tensor | None = None
+        self._last_step: int | None = None
+        self.instability: list[tuple[int, float]] = []
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    @property
+    def window(self) -> int:
+        """History entries a run needs (the window K of skipped steps)."""
+        return ONLINE_ORDER
+
+    def __getitem__(self, i: int) -> StepPlan:
+        if not 0 <= i < self.num_steps:
+            raise IndexError(f"step {i} is outside 0..{self.num_steps - 1}")
+        if i > self.known:
+            raise ValueError(f"step {i} is not planned yet (planned up to step {self.known}); observe() first")
+        if i in self.computed:
+            return StepPlan(True, 0)
+        return StepPlan(False, ONLINE_ORDER)
+
+    def observe(self, step: int, v: torch.Tensor) -> None:
+        """Record the guided velocity of computed ``step`` and plan the next segment when it is the latest one."""
+        v = v.detach()
+        if self._last_v is not None and step > self._last_step:
+            diff = torch.linalg.vector_norm((v - self._last_v).float())
+            norm = torch.linalg.vector_norm(v.float())
+            s = float((diff / (norm * (step - self._last_step) + 1e-12)).item())
+            s = _reduce_max(s, v.device)
+            self.instability.append((step, s))
+            if step == self.known and step < self.num_steps - 1:
+                self._plan_after(step, s)
+        self._last_v = v.clone()
+        self._last_step = step
+
+    def _plan_after(self, c: int, s: float) -> None:
+        remaining_steps = self.num_steps - 1 - c
+        left = self.budget - len(self.computed)  # evaluations still allowed, the last step's included
+        if left <= 0:
+            raise RuntimeError("online plan exhausted its budget before the last step")  # guarded by rule 3
+        need = math.ceil(remaining_steps / left)
+        prefer = MAX_SEGMENT if s <= 0 else max(1, min(MAX_SEGMENT, int(self.tolerance / s)))
+        length = min(remaining_steps, max(prefer, need))
+        nxt = c + length
+        if left == 1:
+            nxt = self.num_steps - 1
+        self.computed.append(nxt)
+        self.known = nxt
+
+    def schedule(self) -> Schedule:
+        """The schedule this run followed (complete once the last step is planned)."""
+        steps = list(self.computed)
+        if steps[-1] != self.num_steps - 1:
+            raise ValueError(f"the run is not planned to its last step yet (planned up to {self.known})")
+        orders = [0 if b - a == 1 else ONLINE_ORDER for a, b in zip(steps, steps[1:])]
+        return Schedule(steps, orders, self.num_steps)
