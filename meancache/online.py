@@ -67,8 +67,10 @@ class OnlinePlan:
         >>> plan[0].computed, plan[1].computed
         (True, True)
         >>> plan.observe(0, torch.ones(3)); plan.observe(1, torch.ones(3) * 1.01)
-        >>> [plan[i].computed for i in range(2, 10)].count(True) <= 2
-        True
+        >>> plan.known  # the next computed step: 4 steps later, as the remaining budget requires
+        5
+        >>> plan[3]
+        StepPlan(computed=False, order=2)
     """
 
     def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE):
