@@ -15,6 +15,9 @@ from .api import accelerate
 from .api import disable
 from .api import reset
 from ._backend import available_backends
+from .calibrate import Recording
+from .calibrate import calibrate
+from .calibrate import record
 from .history import History
 from .pipeline import summary
 from .sampler import sample
@@ -28,13 +31,16 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_ORDER",
     "History",
+    "Recording",
     "Schedule",
     "StepPlan",
     "__version__",
     "accelerate",
     "available_backends",
+    "calibrate",
     "disable",
     "preset_names",
+    "record",
     "reset",
     "sample",
     "summary",
