@@ -1,0 +1,166 @@
+"""``meancache`` command line: calibrate schedules and plot them.
+
+    meancache calibrate --recording rec.pt --budget 10 17 25 --out schedules/
+    meancache calibrate --flow gaussian-mixture --steps 50 --shift 3 --budget 10 --out schedules/
+
+Writes one schedule JSON per budget (``schedule-B<budget>.json``, readable with ``Schedule.load``) and one PNG
+plot per budget (``schedule-B<budget>.png``): the per-step velocity change of the recorded trajectories
+(instantaneous and average), the chosen compute steps with K per segment, and the predicted deviation of each
+chosen segment. Pipelines are recorded from Python (``meancache.record(pipe, prompts, ...)``, then
+``Recording.save``), since loading one needs its weights and text encoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+from .calibrate import DEFAULT_GAMMA
+from .calibrate import Recording
+from .calibrate import calibrate
+from .calibrate import record
+from .calibrate import segment_costs
+from .schedule import DEFAULT_MAX_SEGMENT
+from .schedule import Schedule
+
+__all__ = ["main", "plot_schedule", "velocity_change"]
+
+
+def velocity_change(rec: Recording, window: int = 4) -> tuple[list[float], list[float]]:
+    """Per-step relative change of the instantaneous and of the window-average velocity, averaged over inputs.
+
+    Instantaneous: ``||v_{i+1} - v_i|| / ||v_i||``. Average: the same ratio for the average velocity over the last
+    ``window`` steps, ``u_i = (x_{i+1} - x_{i+1-w}) / (sigma_{i+1} - sigma_{i+1-w})`` with ``w = min(window, i+1)``
+    (on an Euler trajectory the one-step average is the instantaneous velocity itself, so a window is needed to
+    tell them apart). Zero-length windows count as no change.
+
+    Example:
+        >>> import torch
+        >>> rec = Recording([1.0, 0.5, 0.0], torch.zeros(1, 3, 2), torch.ones(1, 2, 2))
+        >>> velocity_change(rec)
+        ([0.0], [0.0])
+    """
+    v = rec.velocities.double()
+    x = rec.latents.double()
+    dims = tuple(range(2, v.dim()))
+    inst = ((v[:, 1:] - v[:, :-1]).norm(dim=dims) / v[:, :-1].norm(dim=dims).clamp_min(1e-12)).mean(0)
+    averages = []
+    for i in range(rec.num_steps):
+        j = max(0, i + 1 - window)
+        span = rec.sigmas[i + 1] - rec.sigmas[j]
+        averages.append((x[:, i + 1] - x[:, j]) / (span if span != 0 else 1.0))
+    u = torch.stack(averages, 1)
+    avg = ((u[:, 1:] - u[:, :-1]).norm(dim=dims) / u[:, :-1].norm(dim=dims).clamp_min(1e-12)).mean(0)
+    return inst.tolist(), avg.tolist()
+
+
+def plot_schedule(rec: Recording, schedule: Schedule, cost, path: str | pathlib.Path) -> None:
+    """Write a PNG: velocity change per step, compute steps and K, predicted deviation per chosen segment.
+
+    Args:
+        rec: the recording the schedule was calibrated on.
+        schedule: the chosen schedule (same number of steps as ``rec``).
+        cost: the ``(N, N)`` segment cost table of :func:`meancache.calibrate.segment_costs`.
+        path: output file.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from meancache.calibrate import segment_costs
+        >>> rec = record(lambda x, s: torch.sin(3 * x) - 1, torch.randn(2, 4), torch.linspace(1, 0, 9).tolist(),
+        ...              progress=False)
+        >>> sched = calibrate(rec, budget=4, max_len=4)
+        >>> out = os.path.join(tempfile.mkdtemp(), "s.png")
+        >>> plot_schedule(rec, sched, segment_costs(rec, max_len=4)[0], out); os.path.getsize(out) > 1000
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inst, avg = velocity_change(rec)
+    n = rec.num_steps
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    top.plot(range(1, n), inst, label="instantaneous velocity change", marker=".")
+    top.plot(range(1, len(avg) + 1), avg, label="average velocity change (4-step window)", marker=".")
+    top.set_ylabel("relative change per step")
+    top.set_yscale("log")
+    top.legend(loc="upper right")
+    top.set_title(f"MeanCache schedule: budget {schedule.budget} of {n} steps")
+    steps = schedule.compute_steps
+    for c in steps:
+        top.axvline(c, color="0.85", lw=0.8, zorder=0)
+    mids, devs = [], []
+    for a, b, k in zip(steps, steps[1:], schedule.orders):
+        mids.append((a + b) / 2)
+        devs.append(float(cost[a][b]) if b - a > 1 else 0.0)
+        if b - a > 1:
+            bottom.annotate(f"K={k}", ((a + b) / 2, 0), textcoords="offset points", xytext=(0, 4), ha="center",
+                            fontsize=7)
+    bottom.bar(mids, devs, width=[b - a for a, b in zip(steps, steps[1:])], alpha=0.4, edgecolor="k",
+               label="predicted deviation of the segment")
+    bottom.scatter(steps, [0] * len(steps), marker="|", s=200, color="C3", label="compute steps", zorder=3)
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("segment cost")
+    bottom.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _flow_recording(args) -> Recording:
+    from .flows import GaussianMixtureFlow
+    from .flows import shifted_sigmas
+
+    flow = GaussianMixtureFlow(dim=args.dim, components=args.components, seed=args.seed)
+    noise = torch.randn(args.inputs, args.dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    return record(flow, noise, shifted_sigmas(args.steps, args.shift).tolist(), progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``meancache`` console script."""
+    parser = argparse.ArgumentParser(prog="meancache", description="MeanCache schedule tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate", help="search schedules (PSSP) from a recording or an analytic flow")
+    src = cal.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recording", type=pathlib.Path, help="file written by Recording.save")
+    src.add_argument("--flow", choices=["gaussian-mixture"], help="record an analytic flow instead")
+    cal.add_argument("--budget", type=int, nargs="+", required=True, help="model evaluations, one or more")
+    cal.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
+    cal.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="peak-suppression exponent")
+    cal.add_argument("--max-len", type=int, default=DEFAULT_MAX_SEGMENT, help="longest segment in steps")
+    cal.add_argument("--steps", type=int, default=50, help="--flow: sampler steps")
+    cal.add_argument("--shift", type=float, default=3.0, help="--flow: time shift of the sigma grid")
+    cal.add_argument("--dim", type=int, default=64, help="--flow: latent size")
+    cal.add_argument("--components", type=int, default=16, help="--flow: mixture components")
+    cal.add_argument("--inputs", type=int, default=16, help="--flow: calibration inputs")
+    cal.add_argument("--seed", type=int, default=0, help="--flow: seed of the flow and the noise")
+    cal.add_argument("--no-plot", action="store_true", help="write the JSON schedules only")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        rec = Recording.load(args.recording) if args.recording is not None else _flow_recording(args)
+        schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"meancache calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    cost = None if args.no_plot else segment_costs(rec, max_len=args.max_len)[0]
+    for schedule in schedules:
+        stem = args.out / f"schedule-B{schedule.budget}"
+        schedule.save(stem.with_suffix(".json"))
+        if cost is not None:
+            plot_schedule(rec, schedule, cost, stem.with_suffix(".png"))
+        print(json.dumps({"budget": schedule.budget, "json": str(stem.with_suffix(".json")),
+                          "plot": None if cost is None else str(stem.with_suffix(".png")),
+                          "pattern": schedule.pattern()[0]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
