@@ -50,7 +50,7 @@ def _provider(op, name):
         kernels = _backend.triton_kernels()
         if kernels is None:
             pytest.skip(_backend.available_backends()["triton"])
-        if not HAS_GPU and _backend._interpreting() is False:
+        if not HAS_GPU and not _backend._interpreting():
             pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
         fns = {
             "skip_step": lambda x, v, xs, vs: kernels.skip_step_triton(x, xs, vs, *SLOTS, *SCALARS),

@@ -67,13 +67,6 @@ class GaussianMixtureFlow:
 
     __call__ = velocity
 
-    def sample_data(self, n: int, seed: int = 1) -> torch.Tensor:
-        """``n`` exact samples of the target mixture, float64, shape ``(n, dim)``."""
-        g = torch.Generator().manual_seed(seed)
-        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=g)
-        noise = torch.randn(n, self.dim, generator=g, dtype=torch.float64)
-        return self.means[k] + self.scales[k].unsqueeze(-1) * noise
-
 
 def shifted_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     """The FLUX/SD3-style grid: ``linspace(1, 1/N, N)`` under the time shift ``s*t / (1 + (s-1)*t)``, then 0.
