@@ -1,160 +1,258 @@
-"""``make demo``: MeanCache on an analytic curved flow, against the full sampler and plain fewer-step Euler.
+"""``make demo``: MeanCache on the embedded digits model, side by side with diffusers' own caches.
 
-The "model" is the exact velocity of the rectified flow to a Gaussian mixture (:class:`GaussianMixtureFlow`),
-made costly enough (many components) that its evaluation dominates a step, as a transformer's does. Every row
-starts from the same noise and is measured in the same run. Run ``python -m meancache.demo --help`` for options.
+One fixed batch of digits (sample j asks for digit ``j % 10`` and starts from noise seed j) goes through every
+method in the same run, on the same inputs:
+
+* the full 50-step sampler (the reference of PSNR and SSIM);
+* at each budget B (10, 17, 25 evaluations): MeanCache with the calibrated ``digits`` preset (a live calibration on
+  separate seeds when the step count or budget has no preset), plain reuse (the same compute steps, K = 1), B
+  uniform Euler steps, and diffusers' ``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig`` and ``MagCacheConfig``
+  tuned to about B full evaluations (:mod:`meancache.peer_caches`).
+
+It prints one table (full evaluations, wall time, speedup, PSNR and SSIM against the full run, class accuracy by an
+independent classifier) and writes ``demo.png``: one row per method, the same seeds in every column. Run
+``python -m meancache.demo --help`` for options.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from dataclasses import field
+from pathlib import Path
 
 import torch
 
-from .flows import GaussianMixtureFlow
-from .flows import shifted_sigmas
-from .sampler import sample
+from .api import accelerate
+from .api import disable
+from .image_metrics import mean_psnr
+from .image_metrics import psnr
+from .image_metrics import ssim
+from .peer_caches import count_evaluations
 from .schedule import Schedule
+from .schedule import preset_names
 
-__all__ = ["DemoRow", "run_demo", "format_table", "main"]
+__all__ = ["DemoRow", "format_table", "main", "run_demo", "save_grid"]
+
+DEFAULT_BUDGETS = (10, 17, 25)
 
 
 @dataclass
 class DemoRow:
-    """One line of the demo table."""
+    """One method of the demo: its measurements and its images ``(B, 8, 8)`` float32 in [0, 1]."""
 
     method: str
+    budget: int | None
     evaluations: int
     seconds: float
-    speedup: float
-    rel_error: float
+    speedup: float = 1.0
+    psnr: float = math.inf
+    ssim: float = 1.0
+    accuracy: float = 0.0
+    note: str = ""
+    images: torch.Tensor = field(default=None, repr=False)
 
 
-def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    """Best wall time of ``repeats`` runs (the least disturbed by other work on the machine)."""
-    best, out = float("inf"), None
+def _run(pipe, labels, noise, steps: int, guidance: float, repeats: int) -> tuple[torch.Tensor, float, int]:
+    """Best-of-``repeats`` wall time of one batch; returns the images, the seconds and the evaluations of a run."""
+    best, images, evals = math.inf, None, 0
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        with count_evaluations(pipe.transformer) as calls:
+            t0 = time.perf_counter()
+            images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance, latents=noise, output_type="pt")
+            best = min(best, time.perf_counter() - t0)
+        evals = calls[0]
+    return images.images.float(), best, evals
 
 
-def _counting(flow: GaussianMixtureFlow):
-    calls = [0]
+def _schedules(pipe, budgets, steps: int, guidance: float) -> tuple[dict, str]:
+    """Calibrated schedules per budget: the shipped ``digits`` preset, or a live calibration on other seeds."""
+    from .digits.calibration import PRESET_NAME
+    from .digits.calibration import PRESET_STEPS
+    from .digits.calibration import calibrate_digits
 
-    def velocity(x, sigma):
-        calls[0] += 1
-        return flow(x, sigma)
-
-    return velocity, calls
+    shipped = preset_names().get(PRESET_NAME, [])
+    if steps == PRESET_STEPS and all(b in shipped for b in budgets):
+        return {b: Schedule.preset(PRESET_NAME, b, num_steps=steps) for b in budgets}, "shipped digits preset"
+    live = [b for b in budgets if b < steps]
+    found = calibrate_digits(pipe, live, num_steps=steps, guidance_scale=guidance) if live else []
+    out = dict(zip(live, found))
+    out.update({b: Schedule.full(steps) for b in budgets if b >= steps})
+    return out, "calibrated now on seeds 10000+"
 
 
 def run_demo(
     *,
-    batch: int = 512,
-    dim: int = 1024,
-    components: int = 2048,
+    samples_per_class: int = 10,
     num_steps: int = 50,
-    shift: float = 3.0,
-    budgets: tuple[int, ...] = (25, 17, 10),
-    presets: tuple[str, ...] = ("qwen-image", "z-image"),
+    budgets=DEFAULT_BUDGETS,
+    guidance: float | None = None,
     repeats: int = 1,
-    seed: int = 0,
+    peers: bool = True,
+    log=print,
 ) -> list[DemoRow]:
-    """Sample the same noise with the full schedule, MeanCache schedules and uniform Euler; return the rows.
+    """Measure every method on one batch of ``10 * samples_per_class`` digits; returns the rows in table order.
 
     Args:
-        batch, dim: latent shape ``(batch, dim)``, float32.
-        components: mixture components; the velocity's cost grows linearly with it.
-        num_steps: sampler steps N of the full run (presets are resampled when N != 50).
-        shift: time shift of the sigma grid (FLUX/SD3 style).
-        budgets: model evaluations to compare at.
-        presets: published tables tried at each budget they exist for (``Schedule.default`` otherwise).
-        repeats: timing repeats per row (best is kept).
-        seed: seed of the flow and the noise.
+        samples_per_class: samples of each digit (the batch is ``10 * samples_per_class``; CFG doubles it).
+        num_steps: steps of the full run (50 in ``make demo``).
+        budgets: full evaluations to compare at; each must be in ``2..num_steps - 1``.
+        guidance: classifier-free guidance scale (default: the model's, 3.0).
+        repeats: each timed run is repeated this many times and the fastest kept.
+        peers: include diffusers' caches (needs diffusers >= 0.36).
+        log: progress messages (``print`` by default).
 
-    Returns:
-        Rows in display order; the first is the full run (speedup 1, error 0).
+    Example::
 
-    Example:
-        >>> rows = run_demo(batch=4, dim=8, components=4, num_steps=12, budgets=(6,), presets=())
-        >>> [r.evaluations for r in rows]
-        [12, 6, 6]
+        >>> rows = run_demo(samples_per_class=1, num_steps=8, budgets=[4], peers=False, log=lambda *a: None)
+        >>> [r.method for r in rows]
+        ['full', 'MeanCache', 'plain reuse', 'Euler']
+        >>> rows[1].evaluations
+        4
     """
-    flow = GaussianMixtureFlow(dim=dim, components=components, seed=seed)
-    sigmas = shifted_sigmas(num_steps, shift)
-    noise = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 1))
+    from .digits import load_pipeline
+    from .digits.classifier import DigitClassifier
+    from .digits.model import DEFAULT_GUIDANCE
+    from .digits.model import sample_noise
+
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
+        raise ValueError(f"samples_per_class={samples_per_class!r}: must be an int >= 1")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 3:
+        raise ValueError(f"num_steps={num_steps!r}: must be an int >= 3")
+    budgets = list(budgets)
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b < num_steps:
+            raise ValueError(f"budget {b!r}: every budget must be an int in 2..{num_steps - 1} (num_steps={num_steps})")
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    classifier = DigitClassifier()
+    n = 10 * samples_per_class
+    labels = [j % 10 for j in range(n)]
+    noise = sample_noise(range(n))
+    log(f"digits model: {n} samples, {num_steps} steps, guidance {guidance}; classifier holdout accuracy "
+        f"{classifier.holdout_accuracy:.3f}")
+
     rows: list[DemoRow] = []
 
-    def measure(method: str, schedule: Schedule, grid: torch.Tensor) -> None:
-        velocity, calls = _counting(flow)
-        out, seconds = _timed(lambda: sample(velocity, noise, grid, schedule), repeats)
-        err = ((out - reference).norm() / reference.norm()).item() if rows else 0.0
-        rows.append(DemoRow(method, calls[0] // repeats, seconds, base / seconds if rows else 1.0, err))
-        return out
+    def add(method, budget, images, seconds, evals, note=""):
+        rows.append(DemoRow(method, budget, evals, seconds, note=note, images=images))
+        log(f"  {method:<14} B={budget if budget else num_steps:<3} evaluations {evals:3d}  {seconds:6.2f} s  {note}")
 
-    base = 1.0
-    velocity, _ = _counting(flow)
-    sample(velocity, noise[:2], sigmas, Schedule.full(num_steps))  # warm-up: first-call allocations and threads
-    reference, base = _timed(lambda: sample(velocity, noise, sigmas, Schedule.full(num_steps)), repeats)
-    rows.append(DemoRow(f"full Euler, {num_steps} steps", num_steps, base, 1.0, 0.0))
-    from .schedule import preset_names
+    images, seconds, evals = _run(pipe, labels, noise, num_steps, guidance, repeats)
+    add("full", None, images, seconds, evals)
+    schedules, origin = _schedules(pipe, budgets, num_steps, guidance)
+    log(f"MeanCache schedules: {origin}")
+    for b in budgets:
+        sched = schedules[b]
+        for method, s in (("MeanCache", sched), ("plain reuse", sched.with_order(1) if b < num_steps else sched)):
+            accelerate(pipe, schedule=s)
+            try:
+                images, seconds, evals = _run(pipe, labels, noise, num_steps, guidance, repeats)
+            finally:
+                disable(pipe)
+            add(method, b, images, seconds, evals, s.pattern()[0] if method == "MeanCache" else "")
+        images, seconds, evals = _run(pipe, labels, noise, b, guidance, repeats)
+        add("Euler", b, images, seconds, evals, f"{b} uniform steps")
+        if peers:
+            from .peer_caches import PEERS
 
-    available = preset_names()
-    for budget in budgets:
-        if budget >= num_steps:
-            continue
-        for name in presets:
-            if budget in available.get(name, ()):
-                measure(f"MeanCache {name} B={budget}", Schedule.preset(name, budget, num_steps), sigmas)
-        measure(f"MeanCache default B={budget}", Schedule.default(budget, num_steps), sigmas)
-        # the honest bar: the same number of evaluations spent on fewer, longer Euler steps
-        measure(f"Euler, {budget} steps", Schedule.full(budget), shifted_sigmas(budget, shift))
+            for peer in PEERS:
+                config, note = peer.tune(pipe, labels, noise, num_steps, guidance, b)
+                pipe.transformer.enable_cache(config)
+                try:
+                    images, seconds, evals = _run(pipe, labels, noise, num_steps, guidance, repeats)
+                finally:
+                    pipe.transformer.disable_cache()
+                add(peer.name, b, images, seconds, evals, note)
+
+    full = rows[0]
+    for row in rows:
+        row.speedup = full.seconds / row.seconds
+        row.psnr = mean_psnr(psnr(row.images, full.images))
+        row.ssim = float(ssim(row.images, full.images).mean())
+        row.accuracy = classifier.accuracy(row.images, labels)
     return rows
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    """Render rows as a fixed-width text table.
+    """The demo table as GitHub markdown (one line per row).
 
-    Example:
-        >>> print(format_table([DemoRow("full", 50, 2.0, 1.0, 0.0)]).splitlines()[0].split())
-        ['method', 'evals', 'wall', 's', 'speedup', 'rel.', 'error']
+    >>> print(format_table([DemoRow("full", None, 50, 2.0, accuracy=0.99)]).splitlines()[2])
+    | full | - | 50 | 2.00 | 1.00x | inf | 1.000 | 0.990 |
     """
-    width = max(len(r.method) for r in rows)
-    lines = [f"{'method':<{width}}  evals  wall s  speedup  rel. error"]
-    lines.append("-" * len(lines[0]))
+    lines = [
+        "| method | budget | full evaluations | wall s | speedup | PSNR dB | SSIM | class accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"{r.method:<{width}}  {r.evaluations:>5}  {r.seconds:6.2f}  {r.speedup:6.2f}x  {r.rel_error:10.2e}")
+        lines.append(
+            f"| {r.method} | {r.budget if r.budget else '-'} | {r.evaluations} | {r.seconds:.2f} | {r.speedup:.2f}x "
+            f"| {r.psnr:.2f} | {r.ssim:.3f} | {r.accuracy:.3f} |"
+        )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m meancache.demo [--batch B --dim D --components K --steps N --repeats R]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--components", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=1)
+def save_grid(rows: list[DemoRow], path: str | Path, columns: int = 20) -> Path:
+    """Write a labelled grid: one row per method, the first ``columns`` samples (same seeds in every column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(columns, rows[0].images.shape[0])
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(0.42 * columns + 3.2, 0.5 * len(rows) + 0.3), squeeze=False, layout="constrained"
+    )
+    for ax, row in zip(axes[:, 0], rows):
+        strip = torch.cat(list(row.images[:columns]), dim=1)  # (8, 8 * columns)
+        ax.imshow(strip.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        budget = f"B={row.budget} " if row.budget else ""
+        ax.set_ylabel(
+            f"{row.method} {budget}\n{row.evaluations} ev, {row.psnr:.1f} dB",
+            rotation=0, ha="right", va="center", fontsize=7,
+        )
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> list[DemoRow]:
+    """Command line of ``make demo``."""
+    parser = argparse.ArgumentParser(prog="python -m meancache.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples-per-class", type=int, default=10, help="samples of each digit (default 10)")
+    parser.add_argument("--steps", type=int, default=50, help="steps of the full run (default 50)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS))
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.0)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per row, fastest kept (default 1)")
+    parser.add_argument("--no-peers", action="store_true", help="leave out diffusers' caches")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--out", default="demo.png", help="image grid to write (default demo.png)")
+    parser.add_argument("--columns", type=int, default=20, help="samples shown per row of the grid (default 20)")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    print(
-        f"MeanCache demo: rectified flow to a {args.components}-component Gaussian mixture, latents "
-        f"({args.batch}, {args.dim}) float32, {args.steps} steps, shifted grid (shift 3), "
-        f"{torch.get_num_threads()} CPU thread(s)\n"
-    )
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     rows = run_demo(
-        batch=args.batch, dim=args.dim, components=args.components, num_steps=args.steps, repeats=args.repeats
+        samples_per_class=args.samples_per_class,
+        num_steps=args.steps,
+        budgets=args.budgets,
+        guidance=args.guidance,
+        repeats=args.repeats,
+        peers=not args.no_peers,
     )
+    print()
     print(format_table(rows))
-    print(
-        "\nevals: velocity evaluations; speedup: wall time of the full run / this run; rel. error: "
-        "||x - x_full|| / ||x_full|| of the final samples."
-    )
+    path = save_grid(rows, args.out, columns=args.columns)
+    print(f"\nimage grid: {path.resolve()}  (demo took {time.perf_counter() - t0:.0f} s)")
+    return rows
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ logger = logging.getLogger("meancache")
 STATE = "_meancache"
 TRANSFORMER_NAMES = ("transformer", "transformer_2")
 #: Pipeline class-name prefixes and the preset family whose published schedules they use.
-FAMILIES = {"QwenImage": "qwen-image", "ZImage": "z-image"}
+FAMILIES = {"QwenImage": "qwen-image", "ZImage": "z-image", "Digits": "digits"}
 #: Budget used when neither ``budget`` nor ``schedule`` is given: about a third of the steps, like the middle
 #: published budget (17 of 50).
 DEFAULT_BUDGET_FRACTION = 0.34

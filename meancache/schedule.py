@@ -170,6 +170,20 @@ class Schedule:
             self._plan = tuple(plan)
         return self._plan
 
+    def with_order(self, order: int) -> "Schedule":
+        """The same compute steps with K = ``order`` on every multi-step segment (1-step segments keep K = 0).
+
+        ``with_order(1)`` is plain reuse of the last computed velocity, the baseline MeanCache improves on.
+
+        Example:
+            >>> Schedule([0, 3, 4, 6], [4, 0, 2], num_steps=7).with_order(1).orders
+            (1, 0, 1)
+        """
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
+            raise ValueError(f"order={order!r}: must be an int in 1..{MAX_ORDER}")
+        steps = self._compute_steps
+        return Schedule(steps, [order if b - a > 1 else 0 for a, b in zip(steps, steps[1:])], self._num_steps)
+
     def pattern(self) -> tuple[str, str]:
         """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and K per skipped step (``-`` if computed).
 

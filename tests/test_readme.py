@@ -25,5 +25,7 @@ def test_readme_example_runs(code, tmp_path, monkeypatch, capsys):
         assert printed.strip().splitlines()[0] == "10"
     if "s.pattern()" in code:
         assert printed.splitlines()[0] == "13 CCCC.C...C.....C......C......C......C......C...C.C"
+    if "load_pipeline" in code:
+        assert printed.strip().splitlines()[-1] == "10"
     if "model.meancache.stats" in code:
         assert "model_calls=10" in printed and "skipped_calls=40" in printed

@@ -60,10 +60,12 @@ mkdir "$TMP/unpacked"
 SO=$(find "$TMP/unpacked/meancache" -maxdepth 1 -name '_C*.so' | head -n 1)
 [[ -n $SO ]] || die "the wheel has no meancache/_C*.so (built with MEANCACHE_SKIP_CUDA_BUILD=1, or without CUDA?)"
 ls "$TMP"/unpacked/meancache/presets/*.json > /dev/null 2>&1 || die "the wheel has no meancache/presets/*.json"
+[[ -s $TMP/unpacked/meancache/digits/weights/digits.safetensors ]] \
+  || die "the wheel has no meancache/digits/weights/digits.safetensors (the embedded model)"
 METADATA=$(cat "$TMP"/unpacked/meancache-*.dist-info/METADATA)
 grep -Eq '^Requires-Dist: torch==[0-9]+\.[0-9]+\.\*$' <<< "$METADATA" \
   || die "the wheel's METADATA does not pin torch==X.Y.* (found: $(grep '^Requires-Dist: torch' <<< "$METADATA" || echo none))"
-say "wheel holds $(basename "$SO"), the presets and $(grep '^Requires-Dist: torch' <<< "$METADATA")"
+say "wheel holds $(basename "$SO"), the presets, the digits weights and $(grep '^Requires-Dist: torch' <<< "$METADATA")"
 
 # --- device code: SASS for every arch in every kernel object, PTX for the +PTX entries ---------------------------
 ELF_LIST=$("$CUOBJDUMP" --list-elf "$SO") || die "cuobjdump --list-elf failed on $(basename "$SO")"

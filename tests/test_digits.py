@@ -1,0 +1,191 @@
+"""The embedded digits model: packaged weights, pipeline, weight-file errors, training script, calibration."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+import meancache  # noqa: E402
+from meancache.digits import WEIGHTS_PATH  # noqa: E402
+from meancache.digits import build_pipeline  # noqa: E402
+from meancache.digits import load_pipeline  # noqa: E402
+from meancache.digits import save_weights  # noqa: E402
+from meancache.digits.calibration import PRESET_BUDGETS  # noqa: E402
+from meancache.digits.calibration import calibrate_digits  # noqa: E402
+from meancache.digits.classifier import DigitClassifier  # noqa: E402
+from meancache.digits.model import pack  # noqa: E402
+from meancache.digits.model import sample_noise  # noqa: E402
+from meancache.digits.train import load_data  # noqa: E402
+from meancache.digits.train import main as train_main  # noqa: E402
+from meancache.digits.train import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    p = load_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return DigitClassifier()
+
+
+def test_packaged_weights_are_small_and_load(pipe):
+    size = WEIGHTS_PATH.stat().st_size
+    assert 0.5e6 < size < 4e6, size
+    out = pipe(list(range(10)), num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt")
+    images = out.images
+    assert images.shape == (10, 8, 8) and images.dtype == torch.float32
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    latents = pipe([4, 4], num_inference_steps=3, latents=sample_noise([1, 2]), output_type="latent").images
+    assert latents.shape == (2, 16, 4) and torch.isfinite(latents).all()
+
+
+def test_fifty_step_samples_show_the_requested_digit(pipe, classifier):
+    labels = [j % 10 for j in range(100)]
+    images = pipe(labels, num_inference_steps=50, latents=sample_noise(range(100)), output_type="pt").images
+    accuracy = classifier.accuracy(images, labels)
+    print(f"class accuracy of 100 50-step samples (guidance 3): {accuracy:.3f}; "
+          f"classifier holdout accuracy on real digits {classifier.holdout_accuracy:.3f}")
+    assert classifier.holdout_accuracy >= 0.9
+    assert accuracy >= 0.9
+
+
+def test_same_seed_same_sample_in_any_batch(pipe):
+    a = pipe([3, 5], num_inference_steps=4, latents=sample_noise([7, 8]), output_type="latent").images
+    b = pipe([5], num_inference_steps=4, latents=sample_noise([8]), output_type="latent").images
+    torch.testing.assert_close(a[1], b[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(class_labels=[10]), "every label must be a digit 0-9"),
+        (dict(class_labels=[-1, 2]), "every label must be a digit 0-9"),
+        (dict(class_labels=[1.5]), "integer digits"),
+        (dict(class_labels=[]), "non-empty"),
+        (dict(class_labels=[1], num_inference_steps=0), "num_inference_steps=0"),
+        (dict(class_labels=[1], guidance_scale=0.5), "guidance_scale=0.5"),
+        (dict(class_labels=[1], output_type="pil"), "output_type='pil'"),
+        (dict(class_labels=[1, 2], latents=torch.zeros(1, 16, 4)), r"latents has shape \(1, 16, 4\)"),
+        (dict(class_labels=[1, 2], generator=[torch.Generator()]), "one generator per label"),
+    ],
+)
+def test_pipeline_rejects_bad_arguments(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    fresh = build_pipeline(seed=3)
+    path = tmp_path / "w.safetensors"
+    save_weights(fresh, path)
+    loaded = load_pipeline(path)
+    for name, p in fresh.transformer.state_dict().items():
+        torch.testing.assert_close(loaded.transformer.state_dict()[name], p.half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.class_embedding.table.weight, fresh.class_embedding.table.weight.half().float())
+
+
+def _rewrite(src, dst, edit=None, metadata=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit:
+        edit(tensors)
+    save_file(tensors, str(dst), metadata=metadata if metadata is not None else meta)
+
+
+def test_missing_and_corrupt_weight_files_name_the_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_pipeline(missing)
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(WEIGHTS_PATH.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="corrupt.safetensors: not a readable safetensors"):
+        load_pipeline(corrupt)
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        load_pipeline(garbage)
+
+    foreign = tmp_path / "foreign.safetensors"
+    _rewrite(WEIGHTS_PATH, foreign, metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="foreign.safetensors: metadata format='something-else'"):
+        load_pipeline(foreign)
+
+    def drop(t):
+        del t["class_embedding.table.weight"]
+
+    short = tmp_path / "short.safetensors"
+    _rewrite(WEIGHTS_PATH, short, drop)
+    with pytest.raises(ValueError, match=r"short.safetensors: tensors missing \['class_embedding.table.weight'\]"):
+        load_pipeline(short)
+
+    def reshape(t):
+        t["class_embedding.table.weight"] = t["class_embedding.table.weight"][:5]
+
+    wrong = tmp_path / "wrong.safetensors"
+    _rewrite(WEIGHTS_PATH, wrong, reshape)
+    with pytest.raises(ValueError, match="wrong.safetensors: tensor class_embedding.table.weight has shape"):
+        load_pipeline(wrong)
+
+    def poison(t):
+        t["class_embedding.table.weight"][0, 0] = float("nan")
+
+    nan = tmp_path / "nan.safetensors"
+    _rewrite(WEIGHTS_PATH, nan, poison)
+    with pytest.raises(ValueError, match="nan.safetensors: tensor class_embedding.table.weight holds non-finite"):
+        load_pipeline(nan)
+
+
+def test_training_script_runs_a_few_iterations(tmp_path, capsys):
+    x, y = load_data()
+    assert x.shape == (1797, 8, 8) and pack(x).shape == (1797, 16, 4) and y.shape == (1797,)
+    pipe, losses = train(steps=3, batch_size=16, log_every=1)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert "step 3/3" in capsys.readouterr().out
+    out = tmp_path / "trained.safetensors"
+    train_main(["--steps", "2", "--batch-size", "8", "--threads", "1", "--out", str(out)])
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert load_pipeline(out).transformer is not None
+    with pytest.raises(ValueError, match="steps=0"):
+        train(steps=0)
+
+
+def test_shipped_digits_preset_is_what_calibration_finds(pipe):
+    """The preset file is reproducible from the packaged weights and the documented calibration recipe."""
+    assert sorted(meancache.preset_names()["digits"]) == sorted(PRESET_BUDGETS)
+    found = calibrate_digits(pipe)
+    for s in found:
+        assert s == meancache.Schedule.preset("digits", s.budget), (s.pattern(), s.budget)
+
+
+def test_accelerate_picks_the_digits_preset(pipe):
+    meancache.accelerate(pipe, budget=10)
+    try:
+        out = pipe(list(range(10)), latents=sample_noise(range(10)), output_type="latent").images
+        summary = meancache.summary(pipe)
+    finally:
+        meancache.disable(pipe)
+    assert summary.schedule == meancache.Schedule.preset("digits", 10)
+    assert summary.transformer_calls == 10 and summary.skipped_steps == 40
+    assert torch.isfinite(out).all()
+
+
+def test_preset_file_is_well_formed():
+    from meancache.digits.calibration import PRESET_PATH
+
+    data = json.loads(PRESET_PATH.read_text())
+    assert data["name"] == "digits" and data["num_steps"] == 50
+    assert sorted(int(b) for b in data["schedules"]) == sorted(PRESET_BUDGETS)
