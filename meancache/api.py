@@ -14,6 +14,9 @@ from .module import MeanCacheController
 from .module import disable_module
 from .module import install
 from .module import is_accelerated
+from .online import DEFAULT_TOLERANCE
+from .online import OnlinePlan
+from .pipeline import DEFAULT_BUDGET_FRACTION
 from .pipeline import accelerate_pipeline
 from .pipeline import disable_pipeline
 from .pipeline import is_pipeline
@@ -59,6 +62,11 @@ def accelerate(
     as is. On skipped steps the model does not run; the call returns MeanCache's estimated average velocity over the
     step, in the same structure as the model's output (tensor, tuple, or diffusers output object).
 
+    ``mode="online"`` (with ``budget``, default about a third of the steps, and optionally ``tolerance``) decides
+    each trajectory's compute steps during the run, as for pipelines; with separate guidance calls every branch
+    is measured and the least stable one decides, so all branches follow one plan. ``model.meancache.schedule``
+    is then the schedule the last trajectory followed (None until it is planned to its last step).
+
     Each call's sigma comes from ``sigma_fn(*args, **kwargs)`` when given, else from the ``timestep_arg`` argument
     divided by ``timestep_scale`` (diffusers flow-matching transformers take ``timestep = 1000 * sigma``). Calls are
     mapped onto ``sigmas``: the current step's sigma again means another guidance branch of the same step, the next
@@ -80,6 +88,9 @@ def accelerate(
         timestep_arg: name of the forward parameter holding the timestep.
         output_sign: ``-1`` when the model predicts ``-dx/dsigma`` (Z-Image), else ``1``.
         branch_fn: ``branch_fn(args, kwargs) -> hashable`` naming the guidance branch of a call.
+        mode: ``"schedule"`` (default) or ``"online"``.
+        tolerance: online mode only: relative velocity change tolerated per skipped segment
+            (:data:`meancache.online.DEFAULT_TOLERANCE` by default).
 
     Returns:
         ``model`` itself, patched. ``model.meancache`` holds the state: ``reset()``, ``set_sigmas()``, ``stats``,
@@ -123,11 +134,8 @@ def accelerate(
         raise ValueError(
             f"model is a {type(model).__name__}: accelerate() takes a diffusers pipeline or a torch.nn.Module"
         )
-    if mode != "schedule" or tolerance is not None:
-        raise ValueError(
-            f"mode={mode!r}, tolerance={tolerance!r}: the online mode is available for diffusers pipelines and "
-            "meancache.sample(..., schedule=OnlinePlan(...)); a bare module takes a static schedule"
-        )
+    if mode not in ("schedule", "online"):
+        raise ValueError(f"mode={mode!r}: must be 'schedule' (static schedule) or 'online' (decided during the run)")
     if is_accelerated(model):
         raise RuntimeError(
             f"{type(model).__name__} is already accelerated by meancache; call meancache.disable(model) first"
@@ -137,10 +145,24 @@ def accelerate(
             "sigmas=None: accelerate(module) needs the sampler's sigma grid (num_steps + 1 values) to know each "
             "skipped step's size"
         )
-    if schedule is None:
+    num_steps = len(as_sigma_list(sigmas)) - 1
+    online = None
+    if mode == "online":
+        if schedule is not None:
+            raise ValueError("mode='online' decides the compute steps itself: pass budget=, not schedule=")
+        if budget is None:
+            budget = max(2, math.ceil(DEFAULT_BUDGET_FRACTION * num_steps))
+        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        OnlinePlan(budget, max(2, num_steps), tolerance)  # validates budget and tolerance before installing
+        online = (budget, float(tolerance))
+    elif tolerance is not None:
+        raise ValueError("tolerance= applies to mode='online' only")
+    if online is not None:
+        schedule = Schedule.full(max(2, num_steps))  # placeholder: the online plan replaces it per trajectory
+    elif schedule is None:
         if budget is None:
             raise ValueError("pass schedule=<meancache.Schedule> or budget=<int>")
-        schedule = Schedule.default(budget, len(as_sigma_list(sigmas)) - 1)
+        schedule = Schedule.default(budget, num_steps)
     elif not isinstance(schedule, Schedule):
         raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
     elif budget is not None and budget != schedule.budget:
@@ -162,6 +184,7 @@ def accelerate(
         timestep_arg=timestep_arg,
         output_sign=float(output_sign),
         branch_fn=branch_fn,
+        online=online,
     )
     return install(model, controller)
 

@@ -22,6 +22,7 @@ import torch
 
 from .history import History
 from .history import history_dtype
+from .online import OnlinePlan
 from . import ops
 from .sampler import check_latents
 from .sampler import check_velocity
@@ -108,8 +109,10 @@ class MeanCacheController:
         timestep_arg: str,
         output_sign: float,
         branch_fn: Callable[[tuple, dict], Hashable] | None,
+        online: tuple[int, float] | None = None,
     ):
         self.base_schedule = schedule
+        self.online = online
         self.sigma_fn = sigma_fn
         self.timestep_scale = timestep_scale
         self.output_sign = output_sign
@@ -140,6 +143,7 @@ class MeanCacheController:
         self.schedule = schedule
         self.stats = RunStats()
         self._plan = ()
+        self._pending: dict = {}
         self._branches: dict[Hashable, _Branch] = {}
         self._step = -1
         self._calls_in_step = 0
@@ -160,18 +164,19 @@ class MeanCacheController:
                     f"sigmas[{i}] == sigmas[{i + 1}] = {grid[i]}: accelerate() tells steps apart by sigma, so the "
                     "sigmas the model is called at must be distinct"
                 )
-        schedule = self.base_schedule
-        if schedule.num_steps != n:
-            logger.info(
-                "meancache: schedule has %d steps but the grid has %d; resampling the schedule (budget %d)",
-                schedule.num_steps,
-                n,
-                schedule.budget,
-            )
-            schedule = schedule.resample(n)
         self.sigmas = grid
-        self.schedule = schedule
-        self._plan = schedule.expand()
+        if self.online is None:
+            schedule = self.base_schedule
+            if schedule.num_steps != n:
+                logger.info(
+                    "meancache: schedule has %d steps but the grid has %d; resampling the schedule (budget %d)",
+                    schedule.num_steps,
+                    n,
+                    schedule.budget,
+                )
+                schedule = schedule.resample(n)
+            self.schedule = schedule
+            self._plan = schedule.expand()
         # half the distance to the nearest other sigma: the widest error a timestep may carry (bf16 rounding)
         self._tol = []
         for i in range(n):
@@ -183,6 +188,11 @@ class MeanCacheController:
         """Forget the current trajectory; the next call must be at ``sigmas[0]``. Storage is kept for reuse."""
         for branch in self._branches.values():
             branch.history.clear()
+        if self.online is not None:
+            # the online plan is decided afresh for every trajectory
+            self._plan = OnlinePlan(self.online[0], len(self.sigmas) - 1, self.online[1])
+            self.schedule = None
+        self._pending = {}
         self._branches_active = set()
         self._step = -1
         self._calls_in_step = 0
@@ -233,6 +243,12 @@ class MeanCacheController:
         if i >= 0 and i + 1 < n and self._near(sigma, i + 1):
             if self._branches_per_step is None:
                 self._branches_per_step = self._calls_in_step
+            if self._pending:
+                # every branch of step i has run: the online plan decides the steps after it from all of them
+                self._plan.observe(i, self._pending)
+                self._pending = {}
+                if self._plan.known == n - 1:
+                    self.schedule = self._plan.schedule()
             self._step = i + 1
             self._calls_in_step = 1
             return i + 1, 0
@@ -272,11 +288,12 @@ class MeanCacheController:
         plan = self._plan[step]
         branch = self._branches.get(key)
         if step == 0 and key not in self._branches_active:
+            window = self._plan.window if self.online is not None else self.schedule.window
             if branch is None:
-                branch = _Branch(History(self.schedule.window))
+                branch = _Branch(History(window))
                 self._branches[key] = branch
-            elif branch.history.capacity < self.schedule.window:
-                branch.history = History(self.schedule.window)
+            elif branch.history.capacity < window:
+                branch.history = History(window)
             branch.history.clear()
             self._branches_active.add(key)
             self.stats.branches = len(self._branches_active)
@@ -294,6 +311,8 @@ class MeanCacheController:
             check_velocity(v_out, x, f"model call at step {step}")
             branch.out_dtype = v_out.dtype
             branch.history.push(x, v_out.to(dtype) * self.output_sign)
+            if self.online is not None:
+                self._pending[key] = v_out
             self.stats.model_calls += 1
             result = out
         else:

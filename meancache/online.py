@@ -89,7 +89,7 @@ class OnlinePlan:
         elif num_steps > 1:
             self.computed.append(num_steps - 1)
         self.known = self.computed[-1]  # plans for steps 0..known are decided
-        self._last_v: torch.Tensor | None = None
+        self._last_v: dict | None = None
         self._last_step: int | None = None
         self.instability: list[tuple[int, float]] = []
 
@@ -110,18 +110,32 @@ class OnlinePlan:
             return StepPlan(True, 0)
         return StepPlan(False, ONLINE_ORDER)
 
-    def observe(self, step: int, v: torch.Tensor) -> None:
-        """Record the guided velocity of computed ``step`` and plan the next segment when it is the latest one."""
-        v = v.detach()
+    def observe(self, step: int, v) -> None:
+        """Record the velocity of computed ``step`` and plan the next segment when it is the latest one.
+
+        ``v`` is the guided velocity (a tensor), or, when the guidance branches are separate model calls, a mapping
+        ``{branch: velocity}``: each branch is compared with its own previous velocity and the largest instability
+        decides, so every branch follows one plan.
+        """
+        current = {0: v.detach()} if isinstance(v, torch.Tensor) else {k: t.detach() for k, t in v.items()}
+        if not current:
+            raise ValueError(f"observe(step={step}) got no velocity")
         if self._last_v is not None and step > self._last_step:
-            diff = torch.linalg.vector_norm((v - self._last_v).float())
-            norm = torch.linalg.vector_norm(v.float())
-            s = float((diff / (norm * (step - self._last_step) + 1e-12)).item())
-            s = _reduce_max(s, v.device)
+            if set(current) != set(self._last_v):
+                raise ValueError(
+                    f"observe(step={step}) got branches {sorted(map(repr, current))}, the previous computed step "
+                    f"{sorted(map(repr, self._last_v))}: every computed step must report the same branches"
+                )
+            s = 0.0
+            for key, vb in current.items():
+                diff = torch.linalg.vector_norm((vb - self._last_v[key]).float())
+                norm = torch.linalg.vector_norm(vb.float())
+                s = max(s, float((diff / (norm * (step - self._last_step) + 1e-12)).item()))
+            s = _reduce_max(s, next(iter(current.values())).device)
             self.instability.append((step, s))
             if step == self.known and step < self.num_steps - 1:
                 self._plan_after(step, s)
-        self._last_v = v.clone()
+        self._last_v = {k: t.clone() for k, t in current.items()}
         self._last_step = step
 
     def _plan_after(self, c: int, s: float) -> None:

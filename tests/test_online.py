@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,6 +80,98 @@ def test_pipeline_online_mode_stays_within_budget():
         meancache.accelerate(tiny_pipelines.build("flux")[0], budget=6, mode="fast")
     with pytest.raises(ValueError, match="pass budget=, not schedule="):
         meancache.accelerate(tiny_pipelines.build("flux")[0], schedule=meancache.Schedule.full(8), mode="online")
+
+
+class _Velocity(torch.nn.Module):
+    """A module returning a flow's velocity; ``timestep = 1000 * sigma``, as diffusers transformers take it."""
+
+    def __init__(self, flow, scale=1.0):
+        super().__init__()
+        self.flow, self.scale, self.calls = flow, scale, 0
+
+    def forward(self, x, timestep):
+        self.calls += 1
+        return self.scale * self.flow(x, float(timestep) / 1000)
+
+
+def _loop(model, x, branches=1, guidance=2.0):
+    for i in range(50):
+        vs = [model(x, timestep=1000 * SIGMAS[i]) for _ in range(branches)]
+        v = vs[0] if branches == 1 else vs[1] + guidance * (vs[0] - vs[1])
+        x = x + (SIGMAS[i + 1] - SIGMAS[i]) * v
+    return x
+
+
+def test_module_online_mode_matches_sample_with_an_online_plan():
+    flow = GaussianMixtureFlow(dim=16, components=6, seed=4)
+    x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = meancache.accelerate(_Velocity(flow), mode="online", budget=12, tolerance=0.01, sigmas=SIGMAS)
+    try:
+        out = _loop(model, x0)
+        realised = model.meancache.schedule
+        assert model.calls == realised.budget <= 12
+        plan = OnlinePlan(12, 50, 0.01)
+        expected = meancache.sample(flow, x0, SIGMAS, plan)
+        assert realised == plan.schedule()
+        assert rel_err(out, expected) < 1e-12
+        # a second trajectory is planned afresh (same input: same decisions, same calls again)
+        model.calls = 0
+        assert torch.equal(_loop(model, x0), out) and model.calls == realised.budget
+    finally:
+        meancache.disable(model)
+
+
+def test_module_online_mode_with_two_branches_follows_the_least_stable_one():
+    flow = GaussianMixtureFlow(dim=16, components=6, seed=6)
+    x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    class TwoBranch(_Velocity):
+        # branch 0 (conditional) is the flow; branch 1 (unconditional) is a smooth, nearly constant field
+        def forward(self, x, timestep):
+            self.calls += 1
+            if self.calls % 2:
+                return self.flow(x, float(timestep) / 1000)
+            return torch.ones_like(x) * (1 + 1e-4 * float(timestep) / 1000)
+
+    model = meancache.accelerate(TwoBranch(flow), mode="online", budget=30, tolerance=0.01, sigmas=SIGMAS)
+    try:
+        _loop(model, x0, branches=2)
+        both = model.meancache.schedule
+        assert model.calls == 2 * both.budget and both.budget <= 30
+    finally:
+        meancache.disable(model)
+    # the unstable branch alone asks for the same plan: the stable one does not lengthen its segments
+    alone = OnlinePlan(30, 50, 0.01)
+    meancache.sample(flow, x0, SIGMAS, alone)
+    assert both == alone.schedule()
+    # and the stable branch alone would plan the longest segments the budget allows
+    stable = meancache.accelerate(_Velocity(lambda x, s: torch.ones_like(x)), mode="online", budget=30, sigmas=SIGMAS)
+    try:
+        _loop(stable, x0)
+        assert stable.meancache.schedule.budget < both.budget
+    finally:
+        meancache.disable(stable)
+
+
+def test_module_online_mode_bad_arguments_leave_the_module_untouched():
+    model = _Velocity(GaussianMixtureFlow(dim=4, components=2))
+    cases = [
+        (dict(mode="online", schedule=meancache.Schedule.full(50)), "pass budget=, not schedule="),
+        (dict(mode="online", budget=1), "budget=1"),
+        (dict(mode="online", budget=5, tolerance=-1.0), "tolerance=-1.0"),
+        (dict(budget=5, tolerance=0.1), "tolerance= applies to mode='online' only"),
+        (dict(budget=5, mode="fast"), "mode='fast'"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            meancache.accelerate(model, sigmas=SIGMAS, **kwargs)
+        assert not hasattr(model, "meancache") and "forward" not in model.__dict__
+    # without budget the online mode takes about a third of the steps, like pipelines
+    meancache.accelerate(model, mode="online", sigmas=SIGMAS)
+    try:
+        assert model.meancache.online == (17, meancache.online.DEFAULT_TOLERANCE)
+    finally:
+        meancache.disable(model)
 
 
 def _free_port() -> int:
