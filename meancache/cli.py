@@ -2,11 +2,13 @@
 
     meancache calibrate --recording rec.pt --budget 10 17 25 --out schedules/
     meancache calibrate --flow gaussian-mixture --steps 50 --shift 3 --budget 10 --out schedules/
+    meancache calibrate --model digits --steps 30 --budget 8 12 --out schedules/
 
 Writes one schedule JSON per budget (``schedule-B<budget>.json``, readable with ``Schedule.load``) and one PNG
 plot per budget (``schedule-B<budget>.png``): the per-step velocity change of the recorded trajectories
 (instantaneous and average), the chosen compute steps with K per segment, and the predicted deviation of each
-chosen segment. Pipelines are recorded from Python (``meancache.record(pipe, prompts, ...)``, then
+chosen segment. ``--model digits`` records the embedded digits pipeline (its packaged weights, no download) on
+its calibration noise. Other pipelines are recorded from Python (``meancache.record(pipe, prompts, ...)``, then
 ``Recording.save``), since loading one needs its weights and text encoders.
 """
 
@@ -47,14 +49,15 @@ def velocity_change(rec: Recording, window: int = 4) -> tuple[list[float], list[
     v = rec.velocities.double()
     x = rec.latents.double()
     dims = tuple(range(2, v.dim()))
-    inst = ((v[:, 1:] - v[:, :-1]).norm(dim=dims) / v[:, :-1].norm(dim=dims).clamp_min(1e-12)).mean(0)
+    norm = torch.linalg.vector_norm  # over every latent dimension (Tensor.norm rejects more than two)
+    inst = (norm(v[:, 1:] - v[:, :-1], dim=dims) / norm(v[:, :-1], dim=dims).clamp_min(1e-12)).mean(0)
     averages = []
     for i in range(rec.num_steps):
         j = max(0, i + 1 - window)
         span = rec.sigmas[i + 1] - rec.sigmas[j]
         averages.append((x[:, i + 1] - x[:, j]) / (span if span != 0 else 1.0))
     u = torch.stack(averages, 1)
-    avg = ((u[:, 1:] - u[:, :-1]).norm(dim=dims) / u[:, :-1].norm(dim=dims).clamp_min(1e-12)).mean(0)
+    avg = (norm(u[:, 1:] - u[:, :-1], dim=dims) / norm(u[:, :-1], dim=dims).clamp_min(1e-12)).mean(0)
     return inst.tolist(), avg.tolist()
 
 
@@ -121,30 +124,54 @@ def _flow_recording(args) -> Recording:
     return record(flow, noise, shifted_sigmas(args.steps, args.shift).tolist(), progress=not args.quiet)
 
 
+def _digits_recording(args) -> Recording:
+    from .digits import load_pipeline
+    from .digits.calibration import calibration_inputs
+
+    if args.inputs < 1:
+        raise ValueError(f"--inputs {args.inputs}: must be >= 1")
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=args.steps, progress=not args.quiet)
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    return record(pipe, calibration_inputs(args.inputs), **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``meancache`` console script."""
     parser = argparse.ArgumentParser(prog="meancache", description="MeanCache schedule tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    cal = sub.add_parser("calibrate", help="search schedules (PSSP) from a recording or an analytic flow")
+    cal = sub.add_parser("calibrate", help="search schedules (PSSP) from a recording, an analytic flow or the digits model")
     src = cal.add_mutually_exclusive_group(required=True)
     src.add_argument("--recording", type=pathlib.Path, help="file written by Recording.save")
     src.add_argument("--flow", choices=["gaussian-mixture"], help="record an analytic flow instead")
+    src.add_argument("--model", choices=["digits"], help="record the embedded digits model (meancache.digits)")
     cal.add_argument("--budget", type=int, nargs="+", required=True, help="model evaluations, one or more")
     cal.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
     cal.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="peak-suppression exponent")
     cal.add_argument("--max-len", type=int, default=DEFAULT_MAX_SEGMENT, help="longest segment in steps")
-    cal.add_argument("--steps", type=int, default=50, help="--flow: sampler steps")
+    cal.add_argument("--steps", type=int, default=50, help="--flow, --model: sampler steps")
     cal.add_argument("--shift", type=float, default=3.0, help="--flow: time shift of the sigma grid")
     cal.add_argument("--dim", type=int, default=64, help="--flow: latent size")
     cal.add_argument("--components", type=int, default=16, help="--flow: mixture components")
-    cal.add_argument("--inputs", type=int, default=16, help="--flow: calibration inputs")
+    cal.add_argument("--inputs", type=int, default=None,
+                     help="--flow: calibration inputs (default 16); --model: batches of the ten digits (default 4)")
+    cal.add_argument("--guidance", type=float, default=None, help="--model: guidance scale (default: the model's)")
     cal.add_argument("--seed", type=int, default=0, help="--flow: seed of the flow and the noise")
     cal.add_argument("--no-plot", action="store_true", help="write the JSON schedules only")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     try:
-        rec = Recording.load(args.recording) if args.recording is not None else _flow_recording(args)
+        if args.recording is not None:
+            rec = Recording.load(args.recording)
+        elif args.model is not None:
+            args.inputs = 4 if args.inputs is None else args.inputs
+            rec = _digits_recording(args)
+        else:
+            args.inputs = 16 if args.inputs is None else args.inputs
+            rec = _flow_recording(args)
         schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len)
     except (ValueError, FileNotFoundError) as exc:
         print(f"meancache calibrate: error: {exc}", file=sys.stderr)

@@ -52,3 +52,28 @@ def test_console_script_is_installed(tmp_path):
     exe = shutil.which("meancache") or str(__import__("pathlib").Path(sys.executable).with_name("meancache"))
     done = subprocess.run([exe, "calibrate", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--budget" in done.stdout
+
+
+def test_calibrate_the_digits_model_plots_multi_dimensional_latents(tmp_path, capsys):
+    """Pipeline latents are (batch, tokens, channels): the plot's velocity change must reduce over all of them."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("sklearn")
+    torch.set_num_threads(1)
+    code = cli.main(["calibrate", "--model", "digits", "--steps", "12", "--inputs", "1", "--budget", "5",
+                     "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Schedule.load(line["json"]).budget == 5
+    assert (tmp_path / "schedule-B5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["calibrate", "--model", "digits", "--inputs", "0", "--budget", "5", "--out",
+                     str(tmp_path)]) == 2
+    assert "--inputs 0" in capsys.readouterr().err
+
+
+def test_velocity_change_of_three_dimensional_latents():
+    rec = Recording([1.0, 0.5, 0.0], torch.zeros(2, 3, 4, 2, 2), torch.stack([torch.ones(2, 4, 2, 2),
+                                                                             2 * torch.ones(2, 4, 2, 2)], 1))
+    inst, _ = cli.velocity_change(rec)
+    assert inst == [1.0]  # ||2 - 1|| / ||1|| over every latent dimension
