@@ -197,7 +197,16 @@ def format_table(rows: list[DemoRow]) -> str:
 
 
 def save_grid(rows: list[DemoRow], path: str | Path, columns: int = 20) -> Path:
-    """Write a labelled grid: one row per method, the first ``columns`` samples (same seeds in every column)."""
+    """Write a labelled PNG grid: one row per method, the first ``columns`` samples (same seeds in every column).
+
+    Each row's images are ``(B, 8, 8)`` in [0, 1]. Returns ``path`` as a ``Path``.
+
+    >>> import tempfile, os
+    >>> row = DemoRow("full", None, 50, 1.0, images=torch.rand(4, 8, 8))
+    >>> out = save_grid([row], os.path.join(tempfile.mkdtemp(), "g.png"))
+    >>> out.read_bytes()[1:4]
+    b'PNG'
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -74,7 +74,13 @@ def calibrate_digits(
 
 
 def preset_document(schedules: list[Schedule]) -> dict:
-    """The preset file's content for ``schedules`` (all of one step count), as ``meancache/presets/*.json``."""
+    """The preset file's content for ``schedules`` (all of one step count), as ``meancache/presets/*.json``.
+
+    >>> from meancache import Schedule
+    >>> doc = preset_document([Schedule.default(4, 10)])
+    >>> doc["name"], doc["num_steps"], list(doc["schedules"])
+    ('digits', 10, ['4'])
+    """
     return {
         "format": PRESET_FORMAT,
         "version": 1,

@@ -54,10 +54,20 @@ class DigitClassifier:
         self.holdout_accuracy = float(self.model.score(x_out, y_out))
 
     def predict(self, images) -> np.ndarray:
-        """Digits ``(B,)`` int for images ``(B, 8, 8)`` in [0, 1] (numpy or torch, any float dtype)."""
+        """Digits ``(B,)`` int for images ``(B, 8, 8)`` in [0, 1] (numpy or torch, any float dtype).
+
+        >>> DigitClassifier().predict(torch.zeros(2, 8, 8)).shape
+        (2,)
+        """
         return self.model.predict(_features(images))
 
     def accuracy(self, images, labels) -> float:
-        """Fraction of ``images`` ``(B, 8, 8)`` read as their ``labels`` ``(B,)``."""
+        """Fraction of ``images`` ``(B, 8, 8)`` read as their ``labels`` ``(B,)``.
+
+        >>> from meancache.digits.train import load_data
+        >>> x, y = load_data()
+        >>> DigitClassifier().accuracy((x[-100:] + 1) / 2, y[-100:]) > 0.9
+        True
+        """
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         return float((self.predict(images) == labels).mean())

@@ -106,7 +106,13 @@ def sample_noise(seeds) -> torch.Tensor:
 
 
 def position_ids(device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLUX's rotary position ids: image tokens ``(16, 3)`` as ``(0, row, col)``, the class token ``(1, 3)`` zero."""
+    """FLUX's rotary position ids: image tokens ``(16, 3)`` as ``(0, row, col)``, the class token ``(1, 3)`` zero,
+    float32.
+
+    >>> img, txt = position_ids()
+    >>> img[5].tolist(), tuple(txt.shape)
+    ([0.0, 1.0, 1.0], (1, 3))
+    """
     g = IMAGE_SIZE // PATCH
     idx = torch.arange(TOKENS, device=device)
     img = torch.stack([torch.zeros_like(idx), idx // g, idx % g], dim=1).float()
@@ -137,6 +143,13 @@ def velocity(transformer, class_embedding, latents: torch.Tensor, sigma: torch.T
     """The model's velocity ``(B, 16, 4)`` (noise minus data) at noise levels ``sigma`` ``(B,)`` for ``labels``.
 
     The transformer is called exactly as FluxPipeline calls it: the timestep is sigma (it scales by 1000 itself).
+    ``latents`` set the dtype; ``labels`` are int64 ``(B,)``, digits or :data:`NULL_CLASS`.
+
+    >>> pipe = build_pipeline()
+    >>> v = velocity(pipe.transformer, pipe.class_embedding, torch.zeros(2, 16, 4), torch.tensor([1.0, 0.5]),
+    ...              torch.tensor([3, NULL_CLASS]))
+    >>> tuple(v.shape), v.dtype
+    ((2, 16, 4), torch.float32)
     """
     tokens, pooled = class_embedding(labels)
     img_ids, txt_ids = position_ids(latents.device)
