@@ -189,3 +189,26 @@ def test_preset_file_is_well_formed():
     data = json.loads(PRESET_PATH.read_text())
     assert data["name"] == "digits" and data["num_steps"] == 50
     assert sorted(int(b) for b in data["schedules"]) == sorted(PRESET_BUDGETS)
+
+
+def test_per_sample_generators_draw_the_demo_noise(pipe):
+    seeds = [4, 9, 2]
+    a = pipe([1, 2, 3], num_inference_steps=3, generator=[torch.Generator().manual_seed(s) for s in seeds],
+             output_type="latent").images
+    b = pipe([1, 2, 3], num_inference_steps=3, latents=sample_noise(seeds), output_type="latent").images
+    assert torch.equal(a, b)
+
+
+def test_bfloat16_and_online_mode_run(pipe):
+    low = load_pipeline(dtype=torch.bfloat16)
+    low.set_progress_bar_config(disable=True)
+    images = low([0, 8], num_inference_steps=8, latents=sample_noise([0, 1]), output_type="pt").images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    meancache.accelerate(pipe, budget=8, mode="online")
+    try:
+        pipe([5, 6], num_inference_steps=24, latents=sample_noise([0, 1]), output_type="latent")
+        summary = meancache.summary(pipe)
+    finally:
+        meancache.disable(pipe)
+    assert summary.transformer_calls == summary.computed_steps <= 8
+    assert summary.computed_steps + summary.skipped_steps == 24
