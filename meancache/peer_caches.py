@@ -10,8 +10,9 @@ evaluation count is as close to B as its knobs allow; the table then reports its
   ``cache_interval`` are the pair whose evaluation count is nearest B, with ``max_order=1`` (diffusers' default)
   and float32 factors (the model runs in float32).
 * **MagCache** (``MagCacheConfig``): magnitude ratios are calibrated on one full run of the same batch (its own
-  ``calibrate=True`` mode), ``retention_ratio`` stays at diffusers' 0.2 unless that alone would spend the budget,
-  ``max_skip_steps`` is the smallest (at least diffusers' 3) that can reach B, and the threshold is bisected.
+  ``calibrate=True`` mode), ``retention_ratio`` is diffusers' 0.2 capped so the always-computed head holds at
+  most a third of the budget (at 50 steps: 3, 5 and 8 head steps for B = 10, 17, 25), ``max_skip_steps`` is the
+  smallest (at least diffusers' 3) that can reach B, and the threshold is bisected.
 """
 
 from __future__ import annotations
