@@ -15,9 +15,8 @@ from .module import disable_module
 from .module import install
 from .module import is_accelerated
 from .online import DEFAULT_TOLERANCE
-from .online import OnlinePlan
-from .pipeline import DEFAULT_BUDGET_FRACTION
 from .pipeline import accelerate_pipeline
+from .pipeline import default_budget
 from .pipeline import disable_pipeline
 from .pipeline import is_pipeline
 from .schedule import Schedule
@@ -150,15 +149,11 @@ def accelerate(
     if mode == "online":
         if schedule is not None:
             raise ValueError("mode='online' decides the compute steps itself: pass budget=, not schedule=")
-        if budget is None:
-            budget = max(2, math.ceil(DEFAULT_BUDGET_FRACTION * num_steps))
-        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
-        OnlinePlan(budget, max(2, num_steps), tolerance)  # validates budget and tolerance before installing
-        online = (budget, float(tolerance))
+        # budget and tolerance are checked by the controller's first OnlinePlan, before anything is installed
+        online = (default_budget(num_steps) if budget is None else budget,
+                  DEFAULT_TOLERANCE if tolerance is None else tolerance)
     elif tolerance is not None:
         raise ValueError("tolerance= applies to mode='online' only")
-    if online is not None:
-        schedule = Schedule.full(max(2, num_steps))  # placeholder: the online plan replaces it per trajectory
     elif schedule is None:
         if budget is None:
             raise ValueError("pass schedule=<meancache.Schedule> or budget=<int>")

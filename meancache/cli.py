@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``meancache`` console script."""
     parser = argparse.ArgumentParser(prog="meancache", description="MeanCache schedule tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    cal = sub.add_parser("calibrate", help="search schedules (PSSP) from a recording, an analytic flow or the digits model")
+    cal = sub.add_parser(
+        "calibrate", help="search schedules (PSSP) from a recording, an analytic flow or the digits model"
+    )
     src = cal.add_mutually_exclusive_group(required=True)
     src.add_argument("--recording", type=pathlib.Path, help="file written by Recording.save")
     src.add_argument("--flow", choices=["gaussian-mixture"], help="record an analytic flow instead")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,11 +26,10 @@ from . import ops
 from .sampler import check_latents
 from .sampler import check_velocity
 from .schedule import Schedule
+from .schedule import fit_steps
 from .sigmas import as_sigma_list
 
 __all__ = ["MeanCacheController", "install", "is_accelerated", "disable_module", "ATTRIBUTE"]
-
-logger = logging.getLogger("meancache")
 
 #: Name of the attribute an accelerated module carries (``module.meancache``).
 ATTRIBUTE = "meancache"
@@ -166,17 +164,8 @@ class MeanCacheController:
                 )
         self.sigmas = grid
         if self.online is None:
-            schedule = self.base_schedule
-            if schedule.num_steps != n:
-                logger.info(
-                    "meancache: schedule has %d steps but the grid has %d; resampling the schedule (budget %d)",
-                    schedule.num_steps,
-                    n,
-                    schedule.budget,
-                )
-                schedule = schedule.resample(n)
-            self.schedule = schedule
-            self._plan = schedule.expand()
+            self.schedule = fit_steps(self.base_schedule, n)
+            self._plan = self.schedule.expand()
         # half the distance to the nearest other sigma: the widest error a timestep may carry (bf16 rounding)
         self._tol = []
         for i in range(n):

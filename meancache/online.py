@@ -126,11 +126,13 @@ class OnlinePlan:
                     f"observe(step={step}) got branches {sorted(map(repr, current))}, the previous computed step "
                     f"{sorted(map(repr, self._last_v))}: every computed step must report the same branches"
                 )
-            s = 0.0
-            for key, vb in current.items():
-                diff = torch.linalg.vector_norm((vb - self._last_v[key]).float())
-                norm = torch.linalg.vector_norm(vb.float())
-                s = max(s, float((diff / (norm * (step - self._last_step) + 1e-12)).item()))
+            per_branch = [
+                torch.linalg.vector_norm((vb - self._last_v[key]).float())
+                / (torch.linalg.vector_norm(vb.float()) * (step - self._last_step) + 1e-12)
+                for key, vb in current.items()
+            ]
+            # one host read per computed step, however many branches
+            s = float(torch.stack(per_branch).max().item())
             s = _reduce_max(s, next(iter(current.values())).device)
             self.instability.append((step, s))
             if step == self.known and step < self.num_steps - 1:

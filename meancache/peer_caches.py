@@ -57,7 +57,7 @@ def count_evaluations(transformer):
 
 
 def _evaluations(pipe, config, labels, noise, steps: int, guidance: float) -> int:
-    """Full evaluations of one uncached-then-cached run with ``config``."""
+    """Full evaluations of one run of ``pipe`` with the diffusers cache ``config`` enabled (disabled afterwards)."""
     pipe.transformer.enable_cache(config)
     try:
         with count_evaluations(pipe.transformer) as calls:

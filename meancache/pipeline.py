@@ -32,6 +32,7 @@ from .online import DEFAULT_TOLERANCE
 from .online import OnlinePlan
 from .sampler import check_velocity
 from .schedule import Schedule
+from .schedule import fit_steps
 from .schedule import preset_names
 
 __all__ = ["PipelineSummary", "accelerate_pipeline", "disable_pipeline", "is_pipeline", "summary"]
@@ -45,6 +46,15 @@ FAMILIES = {"QwenImage": "qwen-image", "ZImage": "z-image", "Digits": "digits"}
 #: Budget used when neither ``budget`` nor ``schedule`` is given: about a third of the steps, like the middle
 #: published budget (17 of 50).
 DEFAULT_BUDGET_FRACTION = 0.34
+
+
+def default_budget(num_steps: int) -> int:
+    """The budget used when none is given: about a third of ``num_steps``, at least 2.
+
+    >>> default_budget(50), default_budget(3)
+    (17, 2)
+    """
+    return max(2, math.ceil(DEFAULT_BUDGET_FRACTION * num_steps))
 #: Step count the published presets were calibrated at.
 PRESET_STEPS = 50
 
@@ -141,22 +151,14 @@ class _PipelineState:
         if n < 1:
             raise ValueError(f"the scheduler's sigma grid has {len(grid)} value(s) from step {start}: nothing to do")
         if self.tolerance is not None:
-            budget = self.budget if self.budget is not None else max(2, math.ceil(DEFAULT_BUDGET_FRACTION * n))
+            budget = self.budget if self.budget is not None else default_budget(n)
             plan = OnlinePlan(budget, n, self.tolerance)
             if self.history.capacity < plan.window:
                 self.history = History(plan.window)
             self.grid, self.start, self.plan = grid, start, plan
             self.last.num_steps = n
             return
-        schedule = self.schedule_for(n)
-        if schedule.num_steps != n:
-            logger.info(
-                "meancache: schedule has %d steps but this call runs %d; resampling it (budget %d)",
-                schedule.num_steps,
-                n,
-                schedule.budget,
-            )
-            schedule = schedule.resample(n)
+        schedule = fit_steps(self.schedule_for(n), n)
         if self.history.capacity < schedule.window:
             self.history = History(schedule.window)
         self.grid, self.start, self.plan = grid, start, schedule.expand()
@@ -167,7 +169,7 @@ class _PipelineState:
             return self.schedule
         if n < 2:
             raise ValueError(f"num_inference_steps={n}: MeanCache needs at least 2 steps")
-        budget = self.budget if self.budget is not None else max(2, math.ceil(DEFAULT_BUDGET_FRACTION * n))
+        budget = self.budget if self.budget is not None else default_budget(n)
         if budget >= n:
             logger.info("meancache: budget %d >= %d steps; every step is computed", budget, n)
             return Schedule.full(n)

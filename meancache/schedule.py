@@ -404,6 +404,24 @@ class Schedule:
         return Schedule(steps, orders, num_steps)
 
 
+def fit_steps(schedule: Schedule, num_steps: int) -> Schedule:
+    """``schedule`` for a run of ``num_steps`` steps: itself, or resampled with a log line (logger ``meancache``,
+    INFO) when its step count differs.
+
+    >>> fit_steps(Schedule.default(5, 20), 30).num_steps
+    30
+    """
+    if schedule.num_steps == num_steps:
+        return schedule
+    logging.getLogger("meancache").info(
+        "meancache: schedule has %d steps but the run has %d; resampling the schedule (budget %d)",
+        schedule.num_steps,
+        num_steps,
+        schedule.budget,
+    )
+    return schedule.resample(num_steps)
+
+
 def _as_tuple(values, name: str) -> tuple:
     if isinstance(values, (str, bytes)):
         raise ValueError(f"{name}={values!r}: must be a sequence of ints")
