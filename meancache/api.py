@@ -15,6 +15,7 @@ from .module import disable_module
 from .module import install
 from .module import is_accelerated
 from .online import DEFAULT_TOLERANCE
+from .online import OnlinePlan
 from .pipeline import accelerate_pipeline
 from .pipeline import default_budget
 from .pipeline import disable_pipeline
@@ -149,15 +150,16 @@ def accelerate(
     if mode == "online":
         if schedule is not None:
             raise ValueError("mode='online' decides the compute steps itself: pass budget=, not schedule=")
-        # budget and tolerance are checked by the controller's first OnlinePlan, before anything is installed
         online = (default_budget(num_steps) if budget is None else budget,
                   DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        OnlinePlan(online[0], 2, online[1])  # validates budget and tolerance before anything is installed
     elif tolerance is not None:
         raise ValueError("tolerance= applies to mode='online' only")
     elif schedule is None:
         if budget is None:
             raise ValueError("pass schedule=<meancache.Schedule> or budget=<int>")
-        schedule = Schedule.default(budget, num_steps)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+            raise ValueError(f"budget={budget!r}: must be an int >= 2")
     elif not isinstance(schedule, Schedule):
         raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
     elif budget is not None and budget != schedule.budget:
@@ -180,6 +182,7 @@ def accelerate(
         output_sign=float(output_sign),
         branch_fn=branch_fn,
         online=online,
+        budget=budget,
     )
     return install(model, controller)
 

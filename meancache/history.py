@@ -108,6 +108,20 @@ class History:
         """Count the step a fused op just logged into slot ``count % capacity``."""
         self.count += 1
 
+    def shift(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` (shaped like one latent) to every logged latent: re-anchors the history when the sampler's
+        latent was changed from outside (a step-end callback), keeping the differences between logged latents.
+
+        Example:
+            >>> import torch
+            >>> h = History(2)
+            >>> h.push(torch.zeros(3), torch.ones(3)); h.shift(torch.full((3,), 0.5))
+            >>> h.x(0).tolist()
+            [0.5, 0.5, 0.5]
+        """
+        if self.xs is not None:
+            self.xs.add_(delta.to(self.xs.dtype))
+
     def push(self, x: torch.Tensor, v: torch.Tensor) -> None:
         """Log step ``count``: copy ``x`` and ``v`` (any float dtype) into the ring, evicting the oldest entry."""
         xs, vs = self.prepare(x)

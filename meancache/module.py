@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from . import ops
 from .sampler import check_latents
 from .sampler import check_velocity
 from .schedule import Schedule
+from .schedule import StepPlan
 from .schedule import fit_steps
 from .sigmas import as_sigma_list
 
@@ -84,6 +86,19 @@ def _split_output(out) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     )
 
 
+def _fit(schedule: Schedule | None, budget: int | None, n: int) -> tuple[Schedule, list[StepPlan]]:
+    """The schedule and per-step plan of an ``n``-step trajectory: ``schedule`` fitted to ``n`` steps, or the
+    default schedule at ``budget``; every step computed (with a log line) when there is nothing to skip."""
+    wanted = schedule.budget if schedule is not None else budget
+    if n < 2 or wanted >= n:
+        logging.getLogger("meancache").info(
+            "meancache: %d step(s) and a budget of %d: nothing to skip, every step is computed", n, wanted
+        )
+        return (Schedule.full(n) if n >= 2 else None), [StepPlan(True, 0)] * n
+    fitted = fit_steps(schedule, n) if schedule is not None else Schedule.default(budget, n)
+    return fitted, fitted.expand()
+
+
 class MeanCacheController:
     """Per-module MeanCache state, reachable as ``module.meancache`` after :func:`meancache.accelerate`.
 
@@ -108,8 +123,10 @@ class MeanCacheController:
         output_sign: float,
         branch_fn: Callable[[tuple, dict], Hashable] | None,
         online: tuple[int, float] | None = None,
+        budget: int | None = None,
     ):
         self.base_schedule = schedule
+        self.budget = budget
         self.online = online
         self.sigma_fn = sigma_fn
         self.timestep_scale = timestep_scale
@@ -164,8 +181,7 @@ class MeanCacheController:
                 )
         self.sigmas = grid
         if self.online is None:
-            self.schedule = fit_steps(self.base_schedule, n)
-            self._plan = self.schedule.expand()
+            self.schedule, self._plan = _fit(self.base_schedule, self.budget, n)
         # half the distance to the nearest other sigma: the widest error a timestep may carry (bf16 rounding)
         self._tol = []
         for i in range(n):
@@ -179,8 +195,12 @@ class MeanCacheController:
             branch.history.clear()
         if self.online is not None:
             # the online plan is decided afresh for every trajectory
-            self._plan = OnlinePlan(self.online[0], len(self.sigmas) - 1, self.online[1])
-            self.schedule = None
+            n, budget = len(self.sigmas) - 1, self.online[0]
+            if n >= 2 and budget < n:
+                self._plan = OnlinePlan(budget, n, self.online[1])
+                self.schedule = None
+            else:
+                self.schedule, self._plan = _fit(None, budget, n)
         self._pending = {}
         self._branches_active = set()
         self._step = -1
@@ -277,7 +297,10 @@ class MeanCacheController:
         plan = self._plan[step]
         branch = self._branches.get(key)
         if step == 0 and key not in self._branches_active:
-            window = self._plan.window if self.online is not None else self.schedule.window
+            if isinstance(self._plan, OnlinePlan):
+                window = self._plan.window
+            else:
+                window = self.schedule.window if self.schedule is not None else 1
             if branch is None:
                 branch = _Branch(History(window))
                 self._branches[key] = branch
@@ -319,6 +342,42 @@ class MeanCacheController:
         return result
 
 
+class _AcceleratedForward:
+    """The ``forward`` an accelerated module carries: routes each call through its controller.
+
+    It holds the module itself, not a bound method of it, so ``copy.deepcopy(module)`` gives a copy whose forward
+    runs the *copy's* weights through the copy's own controller (the memo maps the module to its copy).
+    Pickling (``pickle``, ``torch.save(module)``) is refused with a way out: a controller holds user callables and
+    live trajectory state, which have no stable pickled form.
+    """
+
+    def __init__(self, module: torch.nn.Module, controller: "MeanCacheController", own_forward):
+        self.module = module
+        self.controller = controller
+        self.own_forward = own_forward
+        functools.update_wrapper(self, own_forward if own_forward is not None else type(module).forward)
+
+    def original(self) -> Callable:
+        if self.own_forward is not None:
+            return self.own_forward
+        return type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *args, **kwargs):
+        return self.controller(self.original(), args, kwargs)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        module = copy.deepcopy(self.module, memo)
+        return _AcceleratedForward(module, copy.deepcopy(self.controller, memo), copy.deepcopy(self.own_forward, memo))
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"an accelerated {type(self.module).__name__} cannot be pickled: call meancache.disable(model) first, "
+            "save it (or its state_dict), and accelerate it again after loading"
+        )
+
+
 def install(module: torch.nn.Module, controller: MeanCacheController) -> torch.nn.Module:
     """Route ``module``'s calls through ``controller`` by replacing ``forward`` on this instance only."""
     existing = module.__dict__.get(ATTRIBUTE)
@@ -329,14 +388,8 @@ def install(module: torch.nn.Module, controller: MeanCacheController) -> torch.n
     if ATTRIBUTE in module.__dict__ or hasattr(type(module), ATTRIBUTE):
         raise RuntimeError(f"{type(module).__name__} already has an attribute {ATTRIBUTE!r}; meancache needs it")
     own_forward = module.__dict__.get("forward")
-    original = module.forward
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return controller(original, args, kwargs)
-
     controller._own_forward = own_forward
-    module.forward = forward
+    module.forward = _AcceleratedForward(module, controller, own_forward)
     module.__dict__[ATTRIBUTE] = controller
     return module
 

@@ -133,6 +133,11 @@ class OnlinePlan:
             ]
             # one host read per computed step, however many branches
             s = float(torch.stack(per_branch).max().item())
+            if not math.isfinite(s):
+                # a non-finite velocity (NaN/Inf, as the model gave it) counts as the least stable trajectory: the
+                # next step is computed, as the uncached run would, and the NaN propagates exactly as it does there.
+                # inf, not NaN, enters the all-reduce, whose MAX is undefined for NaN.
+                s = math.inf
             s = _reduce_max(s, next(iter(current.values())).device)
             self.instability.append((step, s))
             if step == self.known and step < self.num_steps - 1:
@@ -146,7 +151,7 @@ class OnlinePlan:
         if left <= 0:
             raise RuntimeError("online plan exhausted its budget before the last step")  # guarded by rule 3
         need = math.ceil(remaining_steps / left)
-        prefer = MAX_SEGMENT if s <= 0 else max(1, min(MAX_SEGMENT, int(self.tolerance / s)))
+        prefer = MAX_SEGMENT if s <= 0 else max(1, min(MAX_SEGMENT, int(self.tolerance / s)))  # tol/inf = 0
         length = min(remaining_steps, max(prefer, need))
         nxt = c + length
         if left == 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from dataclasses import field
@@ -28,10 +29,12 @@ import torch
 
 from . import ops
 from .history import History
+from .module import _split_output
 from .online import DEFAULT_TOLERANCE
 from .online import OnlinePlan
 from .sampler import check_velocity
 from .schedule import Schedule
+from .schedule import StepPlan
 from .schedule import fit_steps
 from .schedule import preset_names
 
@@ -76,6 +79,7 @@ class PipelineSummary:
     schedule: Schedule | None = None
     wall_time_s: float = 0.0
     history_bytes: int = 0
+    latent_edits: int = 0
     completed: bool = False
 
     def __str__(self) -> str:
@@ -132,6 +136,16 @@ class _PipelineState:
     outputs: dict = field(default_factory=dict)
     last: PipelineSummary = field(default_factory=PipelineSummary)
     original_class: type | None = None
+    # one call at a time per pipeline: a second concurrent call would share this state and the hooks
+    busy: threading.Lock = field(default_factory=threading.Lock)
+    produced: torch.Tensor | None = None
+    produced_version: int = -1
+
+    def config(self) -> dict:
+        """The keyword arguments of :func:`accelerate_pipeline` that recreate this configuration."""
+        if self.tolerance is not None:
+            return dict(budget=self.budget, mode="online", tolerance=self.tolerance)
+        return dict(budget=self.budget, schedule=self.schedule)
 
     # -- per call -------------------------------------------------------------------------------------------------
     def begin(self) -> None:
@@ -142,36 +156,56 @@ class _PipelineState:
         self.outputs = {}
         self.history.clear()
         self.last = PipelineSummary()
+        self.produced = None
+        self.produced_version = -1
 
     def resolve(self, scheduler) -> None:
         """Read the call's sigma grid once (one host read per call) and fit the schedule to its step count."""
         start = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
-        grid = [float(s) for s in scheduler.sigmas.detach().to("cpu", torch.float64).tolist()][start:]
+        sigmas = scheduler.sigmas
+        if not isinstance(sigmas, torch.Tensor) or sigmas.device.type not in ("cpu", "cuda"):
+            where = sigmas.device if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
+            raise ValueError(
+                f"pipe.scheduler.sigmas is on {where}: meancache reads the sigma grid from a CPU or CUDA tensor"
+            )
+        grid = [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()][start:]
         n = len(grid) - 1
         if n < 1:
             raise ValueError(f"the scheduler's sigma grid has {len(grid)} value(s) from step {start}: nothing to do")
+        self.grid, self.start = grid, start
+        self.last.num_steps = n
         if self.tolerance is not None:
             budget = self.budget if self.budget is not None else default_budget(n)
-            plan = OnlinePlan(budget, n, self.tolerance)
-            if self.history.capacity < plan.window:
-                self.history = History(plan.window)
-            self.grid, self.start, self.plan = grid, start, plan
-            self.last.num_steps = n
+            if n >= 2 and budget < n:
+                plan = OnlinePlan(budget, n, self.tolerance)
+                if self.history.capacity < plan.window:
+                    self.history = History(plan.window)
+                self.plan = plan
+                return
+            schedule = None
+        else:
+            schedule = self.schedule_for(n)
+        if schedule is None or schedule.budget == n:
+            logger.info("meancache: %d step(s) and a budget of %s: nothing to skip, every step is computed", n,
+                        self.budget if schedule is None else schedule.budget)
+            self.plan = [StepPlan(True, 0)] * n
+            self.last.schedule = Schedule.full(n) if n >= 2 else None
             return
-        schedule = fit_steps(self.schedule_for(n), n)
         if self.history.capacity < schedule.window:
             self.history = History(schedule.window)
-        self.grid, self.start, self.plan = grid, start, schedule.expand()
-        self.last.schedule, self.last.num_steps = schedule, n
+        self.plan = schedule.expand()
+        self.last.schedule = schedule
 
-    def schedule_for(self, n: int) -> Schedule:
-        if self.schedule is not None:
-            return self.schedule
+    def schedule_for(self, n: int) -> Schedule | None:
+        """The schedule of a call with ``n`` steps; None when there is nothing to skip (fewer than 2 steps)."""
         if n < 2:
-            raise ValueError(f"num_inference_steps={n}: MeanCache needs at least 2 steps")
+            return None
+        if self.schedule is not None:
+            if self.schedule.budget >= n:
+                return Schedule.full(n)
+            return fit_steps(self.schedule, n)
         budget = self.budget if self.budget is not None else default_budget(n)
         if budget >= n:
-            logger.info("meancache: budget %d >= %d steps; every step is computed", budget, n)
             return Schedule.full(n)
         if self.family is not None and budget in preset_names().get(self.family, ()):
             if n != PRESET_STEPS:
@@ -193,14 +227,14 @@ class _PipelineState:
             self.last.transformer_calls += 1
             return out
         slot = self.calls_in_step
-        if slot not in self.outputs:
-            raise ValueError(
-                f"transformer call {slot + 1} at skipped step {self.step}, but compute steps made only "
-                f"{len(self.outputs)} call(s) per step: every step must make the same calls"
-            )
         self.calls_in_step += 1
         self.last.transformer_calls_saved += 1
-        return self.outputs[slot]
+        if slot in self.outputs:
+            return self.outputs[slot]
+        # A call no compute step has made yet (SD3's skip-layer guidance starts after a few steps, a callback can
+        # add a branch): it is skipped too. Its value only feeds guidance arithmetic whose result the scheduler
+        # hook ignores on this step, so a zero velocity shaped like the call's latent stands in for it.
+        return _placeholder_output(self.outputs[0], args, kwargs)
 
     def scheduler_step(self, scheduler, original_step, model_output, timestep, sample, *args, **kwargs):
         if kwargs.get("per_token_timesteps") is not None:
@@ -214,6 +248,7 @@ class _PipelineState:
             raise ValueError(f"scheduler step {scheduler.step_index} is outside this call's {len(self.plan)} steps")
         if i != self.step:
             raise ValueError(f"scheduler is at step {i} but meancache expected step {self.step}")
+        self._follow_edits(sample, i)
         plan = self.plan[i]
         if plan.computed:
             check_velocity(model_output, sample, f"the pipeline's velocity at step {i}")
@@ -245,50 +280,157 @@ class _PipelineState:
         self.step += 1
         self.calls_in_step = 0
         self.last.history_bytes = self.history.nbytes
+        produced = result[0] if isinstance(result, tuple) else result.prev_sample
+        self.produced, self.produced_version = produced, produced._version
         return result
 
+    def _follow_edits(self, sample: torch.Tensor, i: int) -> None:
+        """Re-anchor the history when the latent reaching step ``i`` is not the one step ``i - 1`` produced.
 
-def _call(pipe, *args, **kwargs):
-    """The accelerated pipeline's ``__call__``: hooks in, the original call, hooks out."""
-    state: _PipelineState = pipe.__dict__[STATE]
-    scheduler = pipe.scheduler
-    _check_scheduler(scheduler)
-    state.begin()
-    original_step = scheduler.step
-    own_step = scheduler.__dict__.get("step")
-    swapped = {}
-    for name in TRANSFORMER_NAMES:
-        target = pipe.__dict__.get(name)
-        if target is not None:
-            swapped[name] = target
-            pipe.__dict__[name] = _TransformerStandIn(target, state)
+        A ``callback_on_step_end`` may clamp, rescale or blend the latents between steps. The estimator reads the
+        trajectory from latent differences ``x_i - x_j`` (algorithm.md §2.2), so an edit would enter it as a
+        velocity. Shifting every logged latent by the edit ``d = x_i' - x_i`` keeps those differences what the
+        sampler's own steps made them, while the run carries on from the edited latent. The check is metadata
+        only (same tensor, same in-place version counter); only a different tensor object is compared by value.
+        """
+        produced, self.produced = self.produced, None
+        if produced is None or len(self.history) == 0:
+            return
+        if sample is produced and sample._version == self.produced_version:
+            return
+        if sample is not produced and sample.shape == produced.shape and sample.device == produced.device:
+            # a copy or a cast of the produced latent (a host read, only when the pipeline swapped the tensor)
+            if torch.equal(sample, produced.to(sample.dtype)):
+                return
+        if sample.shape != produced.shape:
+            raise ValueError(
+                f"the latent reaching step {i} has shape {tuple(sample.shape)}, step {i - 1} produced "
+                f"{tuple(produced.shape)}: a callback may edit the latents' values, not their shape"
+            )
+        if sample is produced:
+            # edited in place: the values before the edit are gone, but the ring holds x_{i-1} and v_{i-1}
+            prev = self.history.count - 1
+            before = self.history.x(prev) + (self.grid[i] - self.grid[i - 1]) * self.history.v(prev)
+        else:
+            before = produced
+        self.history.shift(sample.to(self.history.xs.dtype) - before.to(self.history.xs.dtype))
+        self.last.latent_edits += 1
+        if self.last.latent_edits == 1:
+            logger.info("meancache: the latents were changed between steps %d and %d (a step-end callback?); "
+                        "the history is re-anchored at the changed latent", i - 1, i)
 
+
+def _placeholder_output(template, args: tuple, kwargs: dict):
+    """A stand-in output for a transformer call that no compute step has made: ``template``'s structure with a
+    zero velocity shaped like the call's latent (``hidden_states`` or the first argument), or ``template`` itself
+    when the latent is not one tensor."""
+    latent = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(latent, torch.Tensor):
+        return template
+    _, rebuild = _split_output(template)
+    return rebuild(torch.zeros_like(latent))
+
+
+#: Guards the check-and-install of hooks, so two calls on pipelines that share one scheduler cannot both patch it.
+_HOOKS_LOCK = threading.Lock()
+
+
+def _step_hook(state: _PipelineState, scheduler, original_step):
     def step(model_output, timestep, sample, *a, **kw):
         return state.scheduler_step(scheduler, original_step, model_output, timestep, sample, *a, **kw)
 
-    scheduler.step = step
-    t0 = time.perf_counter()
-    try:
-        result = super(type(pipe), pipe).__call__(*args, **kwargs)
-        state.last.completed = True
-        return result
-    finally:
-        # restore even when the call raised, so nothing stale reaches the next call
+    step._meancache_original = original_step
+    return step
+
+
+def _install_hooks(pipe, state: _PipelineState) -> tuple:
+    """Put the scheduler hook and the transformer stand-ins in place; returns what :func:`_remove_hooks` restores."""
+    scheduler = pipe.scheduler
+    with _HOOKS_LOCK:
+        own_step = scheduler.__dict__.get("step")
+        if hasattr(own_step, "_meancache_original"):
+            raise RuntimeError(
+                f"{type(pipe).__name__}.scheduler is in use by another accelerated call right now (pipelines that "
+                "share one scheduler object cannot run at the same time): give each pipeline its own scheduler"
+            )
+        swapped = {}
+        for name in TRANSFORMER_NAMES:
+            target = pipe.__dict__.get(name)
+            if type(target) is _TransformerStandIn:  # never treat a stand-in as the original
+                target = target._mc_target
+            if target is not None:
+                swapped[name] = target
+                pipe.__dict__[name] = _TransformerStandIn(target, state)
+        scheduler.step = _step_hook(state, scheduler, scheduler.step)
+    return scheduler, own_step, swapped
+
+
+def _remove_hooks(pipe, saved: tuple) -> None:
+    scheduler, own_step, swapped = saved
+    with _HOOKS_LOCK:
         if own_step is None:
             scheduler.__dict__.pop("step", None)
         else:
             scheduler.__dict__["step"] = own_step
         pipe.__dict__.update(swapped)
-        state.last.wall_time_s = time.perf_counter() - t0
-        state.plan = None
+
+
+def _call(pipe, *args, **kwargs):
+    """The accelerated pipeline's ``__call__``: hooks in, the original call, hooks out."""
+    state: _PipelineState = pipe.__dict__[STATE]
+    # refused before any work: a second call would share the hooks and the history of the running one
+    if not state.busy.acquire(blocking=False):
+        raise RuntimeError(
+            f"this {type(pipe).__name__} is already running a call (in another thread, or a callback calling the "
+            "pipeline again): an accelerated pipeline runs one call at a time; use one pipeline per thread"
+        )
+    try:
+        _check_scheduler(pipe.scheduler)
+        state.begin()
+        saved = _install_hooks(pipe, state)
+        t0 = time.perf_counter()
+        try:
+            result = super(type(pipe), pipe).__call__(*args, **kwargs)
+            state.last.completed = True
+            return result
+        finally:
+            # restore even when the call raised, so nothing stale reaches the next call
+            _remove_hooks(pipe, saved)
+            state.last.wall_time_s = time.perf_counter() - t0
+            state.plan = None
+            state.produced = None
+    finally:
+        state.busy.release()
+
+
+def _reduce_ex(pipe, protocol):
+    """Pickle and deep-copy an accelerated pipeline as its original class, accelerated again when loaded."""
+    state: _PipelineState = pipe.__dict__[STATE]
+    if state.busy.locked():
+        raise RuntimeError(f"this {type(pipe).__name__} is running a call: copy or pickle it between calls")
+    plain = {k: v for k, v in pipe.__dict__.items() if k != STATE}
+    return _rebuild, (state.original_class, plain, state.config())
+
+
+def _rebuild(cls, attributes: dict, config: dict):
+    pipe = cls.__new__(cls)
+    pipe.__dict__.update(attributes)
+    return accelerate_pipeline(pipe, **config)
 
 
 _SUBCLASSES: dict[type, type] = {}
 
 
 def _accelerated_class(cls: type) -> type:
+    # The subclass carries the original's names: diffusers writes ``type(pipe).__name__`` into model_index.json
+    # (save_pretrained), and from_pretrained must find the original class there.
     if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"MeanCache{cls.__name__}", (cls,), {"__call__": _call, "__module__": cls.__module__})
+        _SUBCLASSES[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"__call__": _call, "__reduce_ex__": _reduce_ex, "__module__": cls.__module__,
+             "__qualname__": cls.__qualname__},
+        )
     return _SUBCLASSES[cls]
 
 
@@ -342,9 +484,16 @@ def accelerate_pipeline(
 
 def disable_pipeline(pipe):
     """Restore the pipeline's original class; a pipeline that is not accelerated is returned unchanged."""
-    state = pipe.__dict__.pop(STATE, None)
-    if state is not None:
+    state = pipe.__dict__.get(STATE)
+    if state is None:
+        return pipe
+    if not state.busy.acquire(blocking=False):
+        raise RuntimeError(f"this {type(pipe).__name__} is running a call: disable it after the call returns")
+    try:
+        del pipe.__dict__[STATE]
         pipe.__class__ = state.original_class
+    finally:
+        state.busy.release()
     return pipe
 
 

@@ -31,6 +31,13 @@ def as_sigma_list(sigmas: Sequence[float] | torch.Tensor, num_steps: int | None 
     if isinstance(sigmas, torch.Tensor):
         if sigmas.dim() != 1:
             raise ValueError(f"sigmas has shape {tuple(sigmas.shape)}: must be 1-D")
+        if sigmas.device.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"sigmas is on the {sigmas.device} device: the grid is read to the host, so it must be a CPU or "
+                "CUDA tensor (or a sequence of floats)"
+            )
+        if not (sigmas.dtype.is_floating_point or sigmas.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"sigmas dtype={sigmas.dtype}: must be a real floating-point (or integer) tensor")
         values = [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()]
     else:
         try:
