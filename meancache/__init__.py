@@ -14,12 +14,14 @@ from __future__ import annotations
 from .api import accelerate
 from .api import disable
 from .api import reset
+from .api import summary
+from .config import MeanCacheConfig
+from .engine import Stats
 from ._backend import available_backends
 from .calibrate import Recording
 from .calibrate import calibrate
 from .calibrate import record
 from .history import History
-from .pipeline import summary
 from .sampler import sample
 from .schedule import MAX_ORDER
 from .schedule import Schedule
@@ -31,8 +33,10 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_ORDER",
     "History",
+    "MeanCacheConfig",
     "Recording",
     "Schedule",
+    "Stats",
     "StepPlan",
     "__version__",
     "accelerate",

@@ -93,8 +93,19 @@ class OnlinePlan:
         self._last_step: int | None = None
         self.instability: list[tuple[int, float]] = []
 
+    #: An online plan has no schedule before the run (the :mod:`meancache.plans` interface).
+    static_schedule = None
+
     def __len__(self) -> int:
         return self.num_steps
+
+    def fresh(self) -> "OnlinePlan":
+        """An undecided plan with the same settings, for another trajectory."""
+        return OnlinePlan(self.budget, self.num_steps, self.tolerance)
+
+    def decided(self) -> bool:
+        """Whether the plan reaches the last step, so :meth:`schedule` is complete."""
+        return self.known == self.num_steps - 1
 
     @property
     def window(self) -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from .calibrate import Recording
+from .hooks import check_scheduler
+from .hooks import hooked_step
+from .hooks import sigma_grid
 from .pipeline import STATE
-from .pipeline import _check_scheduler
 
 __all__ = ["record_pipeline"]
 
@@ -47,7 +49,7 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Re
         raise ValueError(
             f"{type(pipe).__name__} is accelerated by meancache: record the uncached pipeline (meancache.disable)"
         )
-    _check_scheduler(pipe.scheduler)
+    check_scheduler(pipe.scheduler)
     if not isinstance(inputs, (list, tuple)) or not inputs or not all(isinstance(i, dict) for i in inputs):
         raise ValueError(
             f"inputs={type(inputs).__name__}: must be a non-empty list of dicts of call arguments, one per input"
@@ -62,29 +64,24 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Re
         iterator = tqdm(inputs, desc="meancache: recording", unit="input")
     for n, extra in enumerate(iterator):
         xs, vs, final = [], [], []
-        original = scheduler.step
-        own = scheduler.__dict__.get("step")
 
-        def step(model_output, timestep, sample, *args, **kwargs):
-            xs.append(sample.detach().to("cpu", torch.float32))
-            vs.append(model_output.detach().to("cpu", torch.float32))
-            out = original(model_output, timestep, sample, *args, **kwargs)
-            prev = out[0] if isinstance(out, tuple) else out.prev_sample
-            final[:] = [prev.detach().to("cpu", torch.float32)]
-            return out
+        def make_hook(original):
+            def step(model_output, timestep, sample, *args, **kwargs):
+                xs.append(sample.detach().to("cpu", torch.float32))
+                vs.append(model_output.detach().to("cpu", torch.float32))
+                out = original(model_output, timestep, sample, *args, **kwargs)
+                prev = out[0] if isinstance(out, tuple) else out.prev_sample
+                final[:] = [prev.detach().to("cpu", torch.float32)]
+                return out
 
-        scheduler.step = step
-        try:
+            return step
+
+        with hooked_step(scheduler, make_hook):
             pipe(**{**call_kwargs, **extra})
-        finally:
-            if own is None:
-                scheduler.__dict__.pop("step", None)
-            else:
-                scheduler.__dict__["step"] = own
         if not xs:
             raise ValueError(f"input {n}: the pipeline never called scheduler.step")
         start = scheduler.step_index - len(xs) if scheduler.step_index is not None else 0
-        grid = [float(s) for s in scheduler.sigmas.detach().to("cpu", torch.float64).tolist()][start:]
+        grid = sigma_grid(scheduler, start)
         grid = grid[: len(xs) + 1]
         if runs and (grid != grids[0] or xs[0].shape != runs[0][0][0].shape):
             raise ValueError(

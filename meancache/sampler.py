@@ -7,41 +7,16 @@ from typing import Sequence
 
 import torch
 
-from . import ops
+from .engine import Trajectory
 from .history import History
 from .online import OnlinePlan
+from .plans import StaticPlan
+from .validation import check_latents
+from .validation import check_velocity
 from .schedule import Schedule
 from .sigmas import as_sigma_list
 
-__all__ = ["sample", "check_latents", "check_velocity"]
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_latents(latents, name: str = "latents") -> None:
-    """Raise ValueError unless ``latents`` is a tensor of a supported float dtype (fp16, bf16, fp32, fp64)."""
-    if not isinstance(latents, torch.Tensor):
-        raise ValueError(f"{name} is a {type(latents).__name__}: must be a torch.Tensor")
-    if latents.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"{name} dtype={latents.dtype}: must be one of float16, bfloat16, float32, float64"
-        )
-
-
-def check_velocity(v, x: torch.Tensor, where: str) -> None:
-    """Raise ValueError unless the model's velocity ``v`` is a float tensor shaped and placed like ``x``."""
-    if not isinstance(v, torch.Tensor):
-        raise ValueError(f"{where} returned a {type(v).__name__}: the velocity must be a torch.Tensor")
-    if v.shape != x.shape:
-        raise ValueError(
-            f"{where} returned velocity of shape {tuple(v.shape)} for latents of shape {tuple(x.shape)}: "
-            "they must match"
-        )
-    if v.device != x.device:
-        raise ValueError(f"{where} returned velocity on {v.device} for latents on {x.device}: they must match")
-    if not v.dtype.is_floating_point:
-        raise ValueError(f"{where} returned velocity of dtype {v.dtype}: must be floating point")
-
+__all__ = ["sample", "check_latents", "check_velocity"]  # the checks live in meancache.validation
 
 def sample(
     velocity_fn: Callable[[torch.Tensor, float], torch.Tensor],
@@ -95,31 +70,17 @@ def sample(
         raise ValueError(f"velocity_fn={velocity_fn!r}: must be callable as velocity_fn(x, sigma)")
     check_latents(latents)
     sig = as_sigma_list(sigmas, schedule.num_steps)
-    if history is None:
-        history = History(schedule.window)
-    elif not isinstance(history, History):
+    if history is not None and not isinstance(history, History):
         raise ValueError(f"history is a {type(history).__name__}: must be a meancache.History")
-    elif history.capacity < schedule.window:
-        raise ValueError(
-            f"history.capacity={history.capacity} < schedule.window={schedule.window}: the ring must hold the "
-            "largest window K the schedule uses"
-        )
-    history.clear()
-    online = isinstance(schedule, OnlinePlan)
-    steps = schedule if online else schedule.expand()
+    plan = schedule if isinstance(schedule, OnlinePlan) else StaticPlan(schedule)
+    traj = Trajectory(plan, sig, history=history)
     x = latents
-    for i in range(schedule.num_steps):
-        plan = steps[i]
-        xs, vs = history.prepare(x)
-        if plan.computed:
+    for i in range(plan.num_steps):
+        if traj.computed(i):
             v = velocity_fn(x, sig[i])
             check_velocity(v, x, f"velocity_fn at step {i}")
-            x = ops.compute_step(x, v, xs, vs, i, sig[i], sig[i + 1])
-            if online:
-                schedule.observe(i, v)
+            x = traj.compute(i, x, v)
         else:
-            # the window is truncated to what has been logged, as the official full-history loop does
-            k = min(plan.order, len(history))
-            x = ops.skip_step(x, xs, vs, i, k, sig[i - k], sig[i], sig[i + 1])
-        history.advance()
+            x = traj.skip(i, x)
+        traj.end_step(i)
     return x

@@ -11,6 +11,7 @@ from fields import SmoothField
 from fields import rel_err
 
 import meancache
+from meancache.plans import default_budget
 from meancache import Schedule
 from meancache.flows import GaussianMixtureFlow
 from meancache.flows import shifted_sigmas
@@ -88,7 +89,7 @@ def test_single_branch_matches_sample_and_official_loop(name, budget):
     out = euler_loop(model, x0)
     assert model.calls == budget
     assert model.meancache.stats.model_calls == budget
-    assert model.meancache.stats.skipped_calls == N - budget
+    assert model.meancache.stats.calls_saved == N - budget
     assert rel_err(out, expected) <= 1e-12
     assert rel_err(out, official) <= 1e-12
 
@@ -170,7 +171,7 @@ def test_exception_in_model_leaves_no_stale_state():
         euler_loop(model, x0, guidance=GUIDANCE)
     model.cond_field = original_cond
     assert model.meancache._step == -1
-    assert all(b.history.count == 0 for b in model.meancache._branches.values())
+    assert not model.meancache._traj.branches  # a fresh trajectory: no branch, no logged step
     assert rel_err(euler_loop(model, x0, guidance=GUIDANCE), clean) <= 1e-12
 
 
@@ -275,7 +276,7 @@ def test_low_precision_model_output_dtype_is_kept():
         v = model(x, _t(SIGMAS[i], x))
         assert v.dtype == torch.bfloat16
         x = (x.float() + (SIGMAS[i + 1] - SIGMAS[i]) * v.float()).to(torch.bfloat16)
-    ring = model.meancache._branches[0].history
+    ring = model.meancache._traj.branches[0].history
     assert ring.xs.dtype == torch.float32 and len(ring) <= 6
     expected = meancache.sample(model.cond_field, _noise(10).to(torch.bfloat16), SIGMAS, schedule)
     assert rel_err(x, expected) <= 2e-2
@@ -317,8 +318,8 @@ def test_bad_arguments_rejected_before_patching():
     model = FlowModel()
     with pytest.raises(ValueError, match="sigmas=None"):
         meancache.accelerate(model, budget=10)
-    with pytest.raises(ValueError, match="pass schedule=.* or budget="):
-        meancache.accelerate(model, sigmas=SIGMAS)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['budgte'\]"):
+        meancache.accelerate(model, budgte=10, sigmas=SIGMAS)
     with pytest.raises(ValueError, match="budget=12 contradicts schedule.budget=10"):
         meancache.accelerate(model, Schedule.preset("qwen-image", 10), budget=12, sigmas=SIGMAS)
     with pytest.raises(ValueError, match="output_sign=2"):
@@ -357,3 +358,32 @@ def test_bad_calls_rejected():
     model(x, _t(SIGMAS[1], x), cond=False)
     with pytest.raises(ValueError, match="call 3 at step 1 .* step 0 made 2 call"):
         model(x, _t(SIGMAS[1], x))
+
+
+def test_without_budget_or_schedule_a_module_gets_the_default_budget_like_a_pipeline():
+    # the bare-module path used to raise here while pipelines fell back to about a third of the steps
+    model = meancache.accelerate(FlowModel(), sigmas=SIGMAS)
+    assert model.meancache.schedule == Schedule.default(default_budget(N), N)
+    assert default_budget(N) == 17
+
+
+def test_a_module_of_a_preset_family_gets_the_published_preset():
+    class QwenImageTransformer2DModel(FlowModel):
+        pass
+
+    model = meancache.accelerate(QwenImageTransformer2DModel(), budget=10, sigmas=SIGMAS)
+    assert model.meancache.schedule == Schedule.preset("qwen-image", 10)
+
+
+def test_summary_works_on_a_module_and_on_a_pipeline_alike():
+    model = meancache.accelerate(FlowModel(), budget=10, sigmas=SIGMAS)
+    x = _noise()
+    for i in range(N):
+        v = model(x, _t(SIGMAS[i], x))
+        x = x + (SIGMAS[i + 1] - SIGMAS[i]) * v
+    s = meancache.summary(model)
+    assert isinstance(s, meancache.Stats) and s is model.meancache.stats
+    assert (s.model_calls, s.calls_saved, s.computed_steps, s.skipped_steps) == (10, 40, 10, 40)
+    with pytest.warns(DeprecationWarning, match="skipped_calls is deprecated"):
+        assert s.skipped_calls == 40
+

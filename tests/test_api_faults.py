@@ -170,7 +170,7 @@ def test_one_or_two_steps_compute_every_step(how, steps, caplog):
     assert torch.equal(out, expected)
     assert "every step is computed" in caplog.text
     s = meancache.summary(pipe)
-    assert (s.computed_steps, s.skipped_steps, s.transformer_calls) == (steps, 0, steps)
+    assert (s.computed_steps, s.skipped_steps, s.model_calls) == (steps, 0, steps)
 
 
 def test_module_with_a_one_step_grid_computes_it(caplog):
@@ -207,7 +207,7 @@ def test_sd3_skip_layer_guidance_skips_every_call_of_a_skipped_step():
     meancache.accelerate(pipe, schedule=schedule)
     out = _latents(pipe, tiny_pipelines.fresh_kwargs(kw), info)
     s = meancache.summary(pipe)
-    assert s.transformer_calls == schedule.budget and s.transformer_calls_saved == N + 1 - schedule.budget
+    assert s.model_calls == schedule.budget and s.calls_saved == N + 1 - schedule.budget
     assert rel_err(out, expected) <= 1e-5
 
 
@@ -240,7 +240,7 @@ def test_latents_edited_by_a_callback_keep_the_usual_error(edit):
     usual = rel_err(_edit_run(None, True)[0], _edit_run(None, False)[0])
     cached, summary = _edit_run(edit, True)
     uncached, _ = _edit_run(edit, False)
-    assert summary.latent_edits > 0 and summary.transformer_calls == 8
+    assert summary.latent_edits > 0 and summary.model_calls == 8
     # Measured: usual 0.0105; with the edit 0.022-0.026 (before the re-anchoring: halve 0.113, blend 0.308). The
     # edited trajectories differ from the unedited one, so allow 3x the usual error, far below the unhandled case.
     assert rel_err(cached, uncached) <= 3 * usual

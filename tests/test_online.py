@@ -74,7 +74,7 @@ def test_pipeline_online_mode_stays_within_budget():
     s = meancache.summary(pipe)
     assert torch.isfinite(out).all()
     assert s.computed_steps <= 6 and s.computed_steps + s.skipped_steps == 20
-    assert s.transformer_calls == s.computed_steps * info["calls_per_step"]
+    assert s.model_calls == s.computed_steps * info["calls_per_step"]
     assert s.schedule is not None and s.schedule.budget == s.computed_steps
     with pytest.raises(ValueError, match="mode='fast'"):
         meancache.accelerate(tiny_pipelines.build("flux")[0], budget=6, mode="fast")
@@ -169,7 +169,8 @@ def test_module_online_mode_bad_arguments_leave_the_module_untouched():
     # without budget the online mode takes about a third of the steps, like pipelines
     meancache.accelerate(model, mode="online", sigmas=SIGMAS)
     try:
-        assert model.meancache.online == (17, meancache.online.DEFAULT_TOLERANCE)
+        plan = model.meancache._traj.plan
+        assert (plan.budget, plan.tolerance) == (17, meancache.online.DEFAULT_TOLERANCE)
     finally:
         meancache.disable(model)
 

@@ -83,8 +83,8 @@ def test_matches_independent_loop_and_counts_calls(name):
     assert rel_err(out, expected) <= 1e-5
     s = meancache.summary(pipe)
     assert (s.computed_steps, s.skipped_steps, s.num_steps) == (SCHEDULE.budget, N - SCHEDULE.budget, N)
-    assert s.transformer_calls == counts["calls"]
-    assert s.transformer_calls_saved == (N - SCHEDULE.budget) * info["calls_per_step"]
+    assert s.model_calls == counts["calls"]
+    assert s.calls_saved == (N - SCHEDULE.budget) * info["calls_per_step"]
     assert s.schedule == SCHEDULE and s.completed and s.wall_time_s > 0
     # and the cache really changed the result compared with the uncached pipeline
     plain, kw2, _ = tiny_pipelines.build(name)
@@ -235,5 +235,5 @@ def test_bad_pipelines_and_arguments_are_rejected():
     with pytest.raises(ValueError, match="budget=5 contradicts schedule.budget=4"):
         meancache.accelerate(pipe, budget=5, schedule=SCHEDULE)
     assert "_meancache" not in pipe.__dict__
-    with pytest.raises(ValueError, match="is not an accelerated pipeline"):
+    with pytest.raises(ValueError, match="is not accelerated by meancache"):
         meancache.summary(pipe)

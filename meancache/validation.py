@@ -1,0 +1,34 @@
+"""Checks of what callers hand MeanCache: latents and the model's velocities (metadata only, no device sync)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SUPPORTED_DTYPES", "check_latents", "check_velocity"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_latents(latents, name: str = "latents") -> None:
+    """Raise ValueError unless ``latents`` is a tensor of a supported float dtype (fp16, bf16, fp32, fp64)."""
+    if not isinstance(latents, torch.Tensor):
+        raise ValueError(f"{name} is a {type(latents).__name__}: must be a torch.Tensor")
+    if latents.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{name} dtype={latents.dtype}: must be one of float16, bfloat16, float32, float64"
+        )
+
+
+def check_velocity(v, x: torch.Tensor, where: str) -> None:
+    """Raise ValueError unless the model's velocity ``v`` is a float tensor shaped and placed like ``x``."""
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{where} returned a {type(v).__name__}: the velocity must be a torch.Tensor")
+    if v.shape != x.shape:
+        raise ValueError(
+            f"{where} returned velocity of shape {tuple(v.shape)} for latents of shape {tuple(x.shape)}: "
+            "they must match"
+        )
+    if v.device != x.device:
+        raise ValueError(f"{where} returned velocity on {v.device} for latents on {x.device}: they must match")
+    if not v.dtype.is_floating_point:
+        raise ValueError(f"{where} returned velocity of dtype {v.dtype}: must be floating point")
