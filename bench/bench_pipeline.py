@@ -1,24 +1,20 @@
 """End-to-end latency of a diffusers pipeline with and without meancache, at budgets 10, 17 and 25 of 50 steps.
 
 On a GPU machine without pretrained weights, and on the CPU, the pipelines are the tiny ones of
-tests/tiny_pipelines.py: their transformer is so small that fixed per-step costs (scheduler, guidance arithmetic,
+meancache/examples/tiny_pipelines.py: their transformer is so small that fixed per-step costs (scheduler, guidance arithmetic,
 Python) are a large share of a step, so the measured speedup stays well below the ideal 50/B that a real
 transformer approaches. Each case records the measured speedup next to the ideal in ``extra_info``.
 """
 
 from __future__ import annotations
 
-import pathlib
-import sys
 import time
 
 import pytest
 import torch
 
 import meancache
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-import tiny_pipelines  # noqa: E402
+from meancache.examples import tiny_pipelines
 
 STEPS = 50
 BUDGETS = [None, 25, 17, 10]  # None: the pipeline without meancache

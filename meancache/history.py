@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import MAX_ORDER
+from ._limits import MAX_ORDER
 
 __all__ = ["History", "history_dtype"]
 

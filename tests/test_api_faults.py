@@ -14,7 +14,7 @@ import pickle
 import threading
 
 import pytest
-import tiny_pipelines
+from meancache.examples import tiny_pipelines
 import torch
 from fields import rel_err
 from test_pipeline import OfficialRuleScheduler

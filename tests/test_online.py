@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-import tiny_pipelines
+from meancache.examples import tiny_pipelines
 import torch
 from fields import rel_err
 

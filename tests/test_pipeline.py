@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import restatement
-import tiny_pipelines
+from meancache.examples import tiny_pipelines
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
