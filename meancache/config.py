@@ -28,6 +28,9 @@ class MeanCacheConfig:
             ``Schedule.default``. Neither given: about a third of the steps.
         mode: ``"schedule"`` (a static schedule) or ``"online"`` (compute steps decided during the run).
         tolerance: online mode only: relative velocity change tolerated per skipped segment.
+        group: online mode only: the ``torch.distributed`` process group whose ranks compute one trajectory
+            together and must take identical decisions. Default: the transformer's context-parallel group when
+            diffusers' ``enable_parallelism`` is on, else none (data-parallel requests stay independent).
         sigmas: modules only, required there: the sampler's grid, ``N + 1`` decreasing floats.
         timestep_scale: modules: ``sigma = timestep / timestep_scale`` (diffusers transformers take ``1000 sigma``).
         sigma_fn: modules: ``sigma_fn(*args, **kwargs) -> float``, overriding the timestep rule.
@@ -53,6 +56,7 @@ class MeanCacheConfig:
     budget: int | None = None
     mode: str = "schedule"
     tolerance: float | None = None
+    group: object = None
     sigmas: object = None
     timestep_scale: float = 1000.0
     sigma_fn: Callable[..., float] | None = None
@@ -91,6 +95,8 @@ class MeanCacheConfig:
                 OnlinePlan(2, 2, self.tolerance)  # the plan's own check names the value and the rule
         elif self.tolerance is not None:
             raise ValueError("tolerance= applies to mode='online' only")
+        elif self.group is not None:
+            raise ValueError("group= applies to mode='online' only: a static schedule needs no communication")
         if for_pipeline:
             extra = sorted(name for name in MODULE_ONLY if getattr(self, name) is not None)
             if extra:

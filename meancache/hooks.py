@@ -10,7 +10,7 @@ import contextlib
 import threading
 from typing import Callable
 
-__all__ = ["is_pipeline", "check_scheduler", "hooked_step", "sigma_grid"]
+__all__ = ["is_pipeline", "check_scheduler", "hooked_step", "sigma_grid", "context_parallel_group"]
 
 #: Guards the check-and-install of scheduler hooks: two calls on pipelines that share one scheduler object must
 #: not both patch it.
@@ -64,6 +64,23 @@ def sigma_grid(scheduler, start: int = 0) -> list[float]:
         where = sigmas.device if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
         raise ValueError(f"pipe.scheduler.sigmas is on {where}: meancache reads the grid from a CPU or CUDA tensor")
     return [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()][start:]
+
+
+def context_parallel_group(model):
+    """The process group of ``model``'s context parallelism (diffusers' ``enable_parallelism``), or None.
+
+    The ranks of that group compute one trajectory together, so an online plan must decide the same on all of
+    them. Read from diffusers' private ``_parallel_config`` (0.42): None whenever it is absent or shaped otherwise.
+
+    Example:
+        >>> import torch
+        >>> context_parallel_group(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    config = getattr(model, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    mesh = getattr(cp, "_flattened_mesh", None)
+    return mesh.get_group() if mesh is not None else None
 
 
 @contextlib.contextmanager

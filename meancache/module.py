@@ -23,6 +23,7 @@ from .config import MeanCacheConfig
 from .engine import Stats
 from .engine import Trajectory
 from .history import history_dtype
+from .hooks import context_parallel_group
 from .outputs import split_output
 from .plans import family_of
 from .plans import plan_for
@@ -60,6 +61,7 @@ class MeanCacheController:
     def __init__(self, module: torch.nn.Module, config: MeanCacheConfig):
         self.config = config
         self.family = family_of(module)
+        self._cp_group = context_parallel_group(module)
         self._signature = inspect.signature(module.forward)
         params = list(self._signature.parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -112,8 +114,9 @@ class MeanCacheController:
                     "sigmas the model is called at must be distinct"
                 )
         cfg = self.config
+        group = cfg.group if cfg.group is not None else self._cp_group
         plan = plan_for(n, schedule=cfg.schedule, budget=cfg.budget, mode=cfg.mode, tolerance=cfg.tolerance,
-                        family=self.family)
+                        family=self.family, group=group)
         self.sigmas = grid
         self._plan = plan
         # half the distance to the nearest other sigma: the widest error a timestep may carry (bf16 rounding)

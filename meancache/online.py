@@ -6,8 +6,9 @@ Rule (our own, documented here; the paper's schedules are offline):
    the last step. With a budget of 2 only the first and last steps are computed.
 2. After each computed step ``c`` (previous computed step ``p``), the *instability*
    ``s = ||v_c - v_p|| / (||v_c|| * (c - p))`` is measured: the relative change of the guided velocity per step.
-   With a process group initialised (data or context parallel), ``s`` is all-reduced with MAX, so every rank
-   takes the same decision.
+   With a ``group`` (a process group whose ranks compute one trajectory together), ``s`` is all-reduced with MAX
+   over it, so those ranks take the same decision. Independent requests (data-parallel serving) pass no group and
+   stay independent; an accelerated pipeline passes its transformer's context-parallel group itself.
 3. The next segment length is ``L = floor(tolerance / s)`` clamped to ``1 .. max_segment`` (a stable
    trajectory takes long segments, a changing one short ones), but never shorter than what the remaining budget
    needs to reach the last step: with ``R`` evaluations left after ``c`` and ``M`` steps to go,
@@ -37,16 +38,15 @@ ONLINE_ORDER = 2
 MAX_SEGMENT = 8
 
 
-def _reduce_max(value: float, device: torch.device) -> float:
-    """All-reduce a float with MAX over the default process group, when one is initialised."""
+def _reduce_max(value: float, device: torch.device, group) -> float:
+    """All-reduce a float with MAX over ``group`` (a ``torch.distributed`` process group); None: no reduction."""
+    if group is None:
+        return value
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    backend = dist.get_backend()
-    dev = device if backend == "nccl" else torch.device("cpu")
+    dev = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     t = torch.tensor([value], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
 
 
@@ -60,6 +60,8 @@ class OnlinePlan:
         budget: the most model evaluations the run may make (>= 2).
         num_steps: steps N of the run.
         tolerance: relative velocity change tolerated per skipped segment.
+        group: ``torch.distributed`` process group whose ranks must take identical decisions (they compute one
+            trajectory together, e.g. context parallelism), or None.
 
     Example:
         >>> import torch
@@ -73,7 +75,7 @@ class OnlinePlan:
         StepPlan(computed=False, order=2)
     """
 
-    def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE):
+    def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE, group=None):
         if not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
         if isinstance(budget, bool) or not isinstance(budget, int) or not 2 <= budget:
@@ -83,6 +85,7 @@ class OnlinePlan:
         self.budget = min(budget, num_steps)
         self.num_steps = num_steps
         self.tolerance = float(tolerance)
+        self.group = group
         self.computed = [0]
         if self.budget >= 3 and num_steps > 2:
             self.computed.append(1)
@@ -101,7 +104,7 @@ class OnlinePlan:
 
     def fresh(self) -> "OnlinePlan":
         """An undecided plan with the same settings, for another trajectory."""
-        return OnlinePlan(self.budget, self.num_steps, self.tolerance)
+        return OnlinePlan(self.budget, self.num_steps, self.tolerance, self.group)
 
     def decided(self) -> bool:
         """Whether the plan reaches the last step, so :meth:`schedule` is complete."""
@@ -149,7 +152,7 @@ class OnlinePlan:
                 # next step is computed, as the uncached run would, and the NaN propagates exactly as it does there.
                 # inf, not NaN, enters the all-reduce, whose MAX is undefined for NaN.
                 s = math.inf
-            s = _reduce_max(s, next(iter(current.values())).device)
+            s = _reduce_max(s, next(iter(current.values())).device, self.group)
             self.instability.append((step, s))
             if step == self.known and step < self.num_steps - 1:
                 self._plan_after(step, s)

@@ -28,6 +28,7 @@ from .config import MeanCacheConfig
 from .engine import Stats
 from .engine import Trajectory
 from .hooks import check_scheduler
+from .hooks import context_parallel_group
 from .hooks import hooked_step
 from .hooks import is_pipeline
 from .hooks import sigma_grid
@@ -83,6 +84,7 @@ class _PipelineState:
         self.busy = threading.Lock()
         self.traj: Trajectory | None = None
         self.last = Stats()
+        self.cp_group = None
         self.begin()
 
     def begin(self) -> None:
@@ -105,7 +107,7 @@ class _PipelineState:
             raise ValueError(f"the scheduler's sigma grid has {len(grid)} value(s) from step {start}: nothing to do")
         cfg = self.config
         plan = plan_for(n, schedule=cfg.schedule, budget=cfg.budget, mode=cfg.mode, tolerance=cfg.tolerance,
-                        family=self.family)
+                        family=self.family, group=cfg.group if cfg.group is not None else self.cp_group)
         self.traj = Trajectory(plan, grid) if self.traj is None else self.traj.renew(plan, grid)
         # the transformer calls of step 0 ran before the grid was known
         self.traj.stats.model_calls = self.last.model_calls
@@ -231,6 +233,7 @@ def _call(pipe, *args, **kwargs):
         scheduler = pipe.scheduler
         check_scheduler(scheduler)
         state.begin()
+        state.cp_group = context_parallel_group(pipe.__dict__.get("transformer"))
 
         def make_hook(original_step):
             def step(model_output, timestep, sample, *a, **kw):

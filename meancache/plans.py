@@ -112,6 +112,7 @@ def plan_for(
     mode: str = "schedule",
     tolerance: float | None = None,
     family: str | None = None,
+    group=None,
 ):
     """The plan of one trajectory of ``num_steps`` steps (the rule in the module docstring).
 
@@ -122,6 +123,7 @@ def plan_for(
         mode: ``"schedule"`` or ``"online"``.
         tolerance: online mode's tolerance (default :data:`~meancache.online.DEFAULT_TOLERANCE`).
         family: preset family (:func:`family_of`), for presets at the budget.
+        group: online mode: the process group whose ranks share one trajectory (see :class:`OnlinePlan`).
 
     Returns:
         A :class:`StaticPlan` or an :class:`~meancache.online.OnlinePlan`.
@@ -138,7 +140,7 @@ def plan_for(
                     num_steps, wanted)
         return StaticPlan(Schedule.full(num_steps) if num_steps >= 2 else None, num_steps)
     if mode == "online":
-        return OnlinePlan(wanted, num_steps, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        return OnlinePlan(wanted, num_steps, DEFAULT_TOLERANCE if tolerance is None else tolerance, group)
     if schedule is not None:
         return StaticPlan(fit_steps(schedule, num_steps))
     if family is not None and wanted in preset_names().get(family, ()):

@@ -181,8 +181,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ranks_take_identical_decisions():
-    # two gloo ranks on this machine, each sampling different noise: the plan must be the same on both
+def test_ranks_of_one_group_take_identical_decisions():
+    # two gloo ranks on this machine, each sampling different noise: with the group the plan is the same on both
     script = textwrap.dedent(
         """
         import json, os, torch, torch.distributed as dist, meancache
@@ -192,9 +192,12 @@ def test_ranks_take_identical_decisions():
         rank = dist.get_rank()
         flow = GaussianMixtureFlow(dim=16, components=6, seed=0)
         x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(100 + rank)) * (1 + 3 * rank)
-        plan = OnlinePlan(12, 40, 0.02)
+        plan = OnlinePlan(12, 40, 0.02, group=dist.group.WORLD)  # the ranks share one trajectory
         meancache.sample(flow, x0, shifted_sigmas(40).tolist(), plan)
-        print(json.dumps({"rank": rank, "steps": plan.schedule().compute_steps, "measures": plan.instability}))
+        alone = OnlinePlan(12, 40, 0.02)  # no group: an independent request, no collective call
+        meancache.sample(flow, x0, shifted_sigmas(40).tolist(), alone)
+        print(json.dumps({"rank": rank, "steps": plan.schedule().compute_steps, "measures": plan.instability,
+                          "alone": alone.instability}))
         dist.destroy_process_group()
         """
     )
@@ -212,8 +215,10 @@ def test_ranks_take_identical_decisions():
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert results[0]["steps"] == results[1]["steps"]
     assert len(results[0]["steps"]) <= 12
-    # the ranks measured different trajectories, so the agreement comes from the all-reduce
+    # the ranks measured different trajectories, so the agreement comes from the all-reduce over the group
     assert results[0]["measures"] == results[1]["measures"]
+    # without a group each rank decides alone (data-parallel requests must not couple)
+    assert results[0]["alone"] != results[1]["alone"]
 
     # without the process group, the same two inputs lead to different plans
     plans = []
