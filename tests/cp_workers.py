@@ -76,7 +76,7 @@ class ChildFailed(AssertionError):
 def _child(fn, rank: int, world_size: int, init_method: str, results, args) -> None:
     try:
         # one thread per rank: two ranks share the 2-core machine, and torch's 2-thread regions on these tiny
-        # tensors stall (tests/tiny_pipelines.py says more)
+        # tensors stall (meancache/examples/tiny_pipelines.py says more)
         torch.set_num_threads(1)
         import torch.distributed as dist
 
@@ -162,13 +162,13 @@ def fail_on_rank_1(rank: int, world_size: int) -> str:
 
 
 def make_case(name: str, seed: int = 0):
-    """A tiny ``flux`` or ``qwen-image`` pipeline from tests/tiny_pipelines.py, called with STEPS steps.
+    """A tiny ``flux`` or ``qwen-image`` pipeline from meancache.examples.tiny_pipelines, called with STEPS steps.
 
     Context parallelism splits every sequence into equal shares per rank, and diffusers asserts that the length is
     divisible by the number of ranks. The tiny Qwen-Image prompt embeddings have 7 and 5 tokens, so they are
     replaced by 8 and 6 tokens drawn from a generator seeded with ``seed``.
     """
-    import tiny_pipelines
+    from meancache.examples import tiny_pipelines
 
     pipe, kw, info = tiny_pipelines.build(name, seed=seed)
     kw["num_inference_steps"] = STEPS
