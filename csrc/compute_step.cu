@@ -56,9 +56,11 @@ at::Tensor compute_step_cuda(const at::Tensor& x, const at::Tensor& v, at::Tenso
   MC_CHECK_SAME_DEVICE(kOp, v, "v", x, "x");
   MC_CHECK_CONTIGUOUS(kOp, v, "v");
   MC_CHECK_FLOAT_DTYPE(kOp, v.scalar_type(), "v");
-  TORCH_CHECK(v.numel() == x.numel(), kOp, ": v must have as many elements as x (", x.numel(), "), got ", v.numel(),
-              " (v shape ", v.sizes(), ", x shape ", x.sizes(), ")");
+  TORCH_CHECK(v.sizes() == x.sizes(), kOp, ": v has shape ", v.sizes(), " but x has shape ", x.sizes(),
+              ": they must match");
   MC_CHECK_SLOT(kOp, slot_write, "slot_write", capacity);
+  check_not_written(kOp, x, "x", xs, vs, slot_write);
+  check_not_written(kOp, v, "v", xs, vs, slot_write);
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());

@@ -72,14 +72,15 @@ struct EstimatorOp {
   }
 };
 
-// Host side, shared by the two launchers. The argument checks they have in common: the ring (check_ring) and its
-// three slots.
+// Host side, shared by the two launchers. The argument checks they have in common: the ring (check_ring), its
+// three slots, and x clear of the row being written.
 inline void check_estimator_args(const char* op, const at::Tensor& x, const at::Tensor& xs, const at::Tensor& vs,
                                  int64_t slot_start, int64_t slot_last, int64_t slot_write) {
   const int64_t capacity = check_ring(op, x, xs, vs);
   MC_CHECK_SLOT(op, slot_start, "slot_start", capacity);
   MC_CHECK_SLOT(op, slot_last, "slot_last", capacity);
   MC_CHECK_SLOT(op, slot_write, "slot_write", capacity);
+  check_not_written(op, x, "x", xs, vs, slot_write);
 }
 
 // Builds the op over x's n = x.numel() elements (> 0) and `out` (dtype Out::out_t, same numel); the ring rows are

@@ -43,8 +43,16 @@ inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Whether byte ranges [a, a + a_bytes) and [b, b + b_bytes) intersect; empty ranges intersect nothing.
+inline bool bytes_overlap(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
+  const auto a0 = reinterpret_cast<uintptr_t>(a);
+  const auto b0 = reinterpret_cast<uintptr_t>(b);
+  return a_bytes > 0 && b_bytes > 0 && a0 < b0 + static_cast<uintptr_t>(b_bytes) &&
+         b0 < a0 + static_cast<uintptr_t>(a_bytes);
+}
+
 // Checks shared by the three ops: x and the ring (xs, vs) live on one CUDA device, are dense, and the ring is a
-// float32 (C, *latent_shape) pair whose rows each hold x.numel() elements. Returns the ring capacity C.
+// float32 (C, *x.shape) pair of two non-overlapping tensors. Returns the ring capacity C.
 inline int64_t check_ring(const char* op, const at::Tensor& x, const at::Tensor& xs, const at::Tensor& vs) {
   MC_CHECK_CUDA(op, x, "x");
   MC_CHECK_CUDA(op, xs, "xs");
@@ -57,14 +65,32 @@ inline int64_t check_ring(const char* op, const at::Tensor& x, const at::Tensor&
   MC_CHECK_FLOAT_DTYPE(op, x.scalar_type(), "x");
   TORCH_CHECK(xs.scalar_type() == at::kFloat, op, ": xs must be float32, got ", xs.scalar_type());
   TORCH_CHECK(vs.scalar_type() == at::kFloat, op, ": vs must be float32, got ", vs.scalar_type());
-  TORCH_CHECK(xs.sizes() == vs.sizes(), op, ": xs and vs must have the same shape, got ", xs.sizes(), " and ",
-              vs.sizes());
-  TORCH_CHECK(xs.dim() >= 1 && xs.size(0) >= 1, op, ": xs must have shape (C, *latent_shape) with C >= 1, got ",
-              xs.sizes());
-  const int64_t capacity = xs.size(0);
-  TORCH_CHECK(xs.numel() / capacity == x.numel(), op, ": each ring slot xs[i] must hold x.numel()=", x.numel(),
-              " elements, got ", xs.numel() / capacity, " (xs shape ", xs.sizes(), ")");
-  return capacity;
+  // The kernels address row `slot` of both halves as base + slot * x.numel(), so both must be exactly
+  // (C, *x.shape): a shorter vs would be written past its end.
+  TORCH_CHECK(xs.dim() == x.dim() + 1 && xs.sizes().slice(1) == x.sizes(), op, ": xs has shape ", xs.sizes(),
+              " but x has shape ", x.sizes(), ": the ring must be (C, *x.shape)");
+  TORCH_CHECK(xs.sizes() == vs.sizes(), op, ": xs has shape ", xs.sizes(), " but vs has shape ", vs.sizes(),
+              ": xs and vs must have the same shape (C, *x.shape)");
+  TORCH_CHECK(xs.size(0) >= 1, op, ": xs has shape ", xs.sizes(), ": the ring capacity C = xs.size(0) must be >= 1");
+  TORCH_CHECK(!bytes_overlap(xs.const_data_ptr(), xs.nbytes(), vs.const_data_ptr(), vs.nbytes()), op,
+              ": xs and vs share memory: the two halves of the ring must not overlap");
+  return xs.size(0);
+}
+
+// The launch reads `input` (contiguous) while it writes rows xs[slot_write] and vs[slot_write]: an input sharing
+// bytes with a written row would be overwritten mid-launch, in an order that depends on the thread schedule.
+inline void check_not_written(const char* op, const at::Tensor& input, const char* name, const at::Tensor& xs,
+                              const at::Tensor& vs, int64_t slot_write) {
+  const int64_t row_elems = xs.numel() / xs.size(0);
+  const int64_t row_bytes = row_elems * static_cast<int64_t>(sizeof(float));
+  const void* rows[] = {xs.const_data_ptr<float>() + slot_write * row_elems,
+                        vs.const_data_ptr<float>() + slot_write * row_elems};
+  const char* ring_names[] = {"xs", "vs"};
+  for (int r = 0; r < 2; ++r) {
+    TORCH_CHECK(!bytes_overlap(input.const_data_ptr(), input.nbytes(), rows[r], row_bytes), op, ": ", name,
+                " shares memory with ", ring_names[r], "[", slot_write, "], the ring row this call writes (slot_write=",
+                slot_write, "): an input must not overlap the row being written");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -10,10 +10,19 @@ The ring ``xs``/``vs`` has shape ``(C, *x.shape)``, C <= 6, and holds step ``j``
 step index and K are host scalars: validation reads only metadata, so no call synchronises the device, and a
 sampling loop can be captured in a CUDA graph or traced by ``torch.compile(fullgraph=True)`` (each op has a fake
 implementation). CPU tensors run the pure-torch reference; CUDA tensors run the backend chosen by
-:func:`meancache.available_backends` / ``MEANCACHE_BACKEND``. Inference only: no autograd formula is registered.
+:func:`meancache.available_backends` / ``MEANCACHE_BACKEND``.
+
+Every call is validated before any work, on every path (eager, fake tensors, the backend kernels): the ring's two
+halves share one ``(C, *x.shape)`` shape, dtype and device with x; ``0 <= step`` and ``1 <= k <= min(step, C)``;
+no input overlaps the ring slot the call writes. Bad input raises ValueError naming the argument, its value and the
+rule. While autograd records (grad mode on, an input requiring grad) the ops run as the reference's torch ops on
+any device, so they are differentiable in ``x``, ``v`` and the ring's logged entries; otherwise they run the fused
+backend.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -41,10 +50,38 @@ _LIB.define(
 )
 
 _LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+#
+# Every check reads metadata only (shapes, strides, dtypes, devices, storage identity): nothing synchronises the
+# device, so the same checks run eagerly, in the fake implementations under torch.compile, and inside a CUDA graph
+# capture. They all run before the first write, so a rejected call leaves the ring as it was.
+
+
+def _host_int(op: str, name: str, value):
+    """``value`` as an int64 host integer, or ValueError.
+
+    The dispatcher would take ``True`` as 1 and fail on ints beyond int64 with a message that names neither, so
+    the public wrappers check first. A SymInt (an int that torch.compile made dynamic) passes as it is.
+    """
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, (bool, torch.Tensor)):
+        # a bool is almost certainly a mistake; a tensor would need a device read (a sync) to become a slot
+        raise ValueError(f"{op}: {name}={value!r}: must be a Python int, not a {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{op}: {name}={value!r}: must be a Python int, not a {type(value).__name__}") from None
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{op}: {name}={value}: must fit in int64")
+    return value
 
 
 def _check_ring(op: str, x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor) -> None:
-    """Metadata-only checks (no device sync) of the latent against the ring."""
+    """The latent against the ring: dtypes, ``(C, *x.shape)`` shapes with one capacity C, devices, layout."""
     if x.dtype not in _LATENT_DTYPES:
         raise ValueError(f"{op}: x dtype={x.dtype}: must be float16, bfloat16, float32 or float64")
     want = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -60,12 +97,24 @@ def _check_ring(op: str, x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor) ->
             raise ValueError(f"{op}: {name} dtype={ring.dtype} but x dtype={x.dtype} needs a {want} ring")
         if not ring.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous")
+    # Slots come from one capacity; a vs shorter than xs would be indexed past its end (the kernels write there).
+    if xs.shape[0] != vs.shape[0]:
+        raise ValueError(
+            f"{op}: xs has shape {tuple(xs.shape)} but vs has shape {tuple(vs.shape)}: xs and vs must have the same "
+            f"capacity C (first dimension)"
+        )
     if not 1 <= xs.shape[0] <= MAX_ORDER:
         raise ValueError(f"{op}: ring capacity xs.shape[0]={xs.shape[0]}: must be in 1..{MAX_ORDER}")
 
 
+def _check_step(op: str, step: int) -> None:
+    if step < 0:
+        raise ValueError(f"{op}: step={step}: must be >= 0")
+
+
 def _check_window(op: str, xs: torch.Tensor, step: int, k: int) -> tuple[int, int, int]:
     """Slots (window start, newest entry, this step) after checking that the ring holds the window."""
+    _check_step(op, step)
     if not 1 <= k <= MAX_ORDER:
         raise ValueError(f"{op}: k={k}: the window K of a skipped step must be in 1..{MAX_ORDER}")
     capacity = xs.shape[0]
@@ -74,49 +123,6 @@ def _check_window(op: str, xs: torch.Tensor, step: int, k: int) -> tuple[int, in
     if k > step:
         raise ValueError(f"{op}: k={k} at step={step}: the history holds only {step} entries; truncate k first")
     return (step - k) % capacity, (step - 1) % capacity, step % capacity
-
-
-def _skip_step_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
-    _check_ring("skip_step", x, xs, vs)
-    slots = _check_window("skip_step", xs, step, k)
-    scalars = step_scalars(sigma_start, sigma_now, sigma_next)
-    backend = _backend.select_backend(x)
-    if backend == "cuda":
-        return _backend.cuda_ops()._skip_step_cuda(x.contiguous(), xs, vs, *slots, *scalars)
-    if backend == "triton":
-        return _backend.triton_kernels().skip_step_triton(x, xs, vs, *slots, *scalars)
-    return skip_step_ref(x, xs, vs, *slots, *scalars)
-
-
-def _compute_step_impl(x, v, xs, vs, step, sigma_now, sigma_next):
-    _check_ring("compute_step", x, xs, vs)
-    _check_velocity(x, v)
-    if step < 0:
-        raise ValueError(f"compute_step: step={step}: must be >= 0")
-    slot = step % xs.shape[0]
-    dt = sigma_next - sigma_now
-    backend = _backend.select_backend(x)
-    if backend == "cuda":
-        return _backend.cuda_ops()._compute_step_cuda(x.contiguous(), v.contiguous(), xs, vs, slot, dt)
-    if backend == "triton":
-        return _backend.triton_kernels().compute_step_triton(x, v, xs, vs, slot, dt)
-    return compute_step_ref(x, v, xs, vs, slot, dt)
-
-
-def _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
-    _check_ring("estimate", x, xs, vs)
-    slots = _check_window("estimate", xs, step, k)
-    if out_dtype not in _LATENT_DTYPES:
-        raise ValueError(f"estimate: out_dtype={out_dtype}: must be float16, bfloat16, float32 or float64")
-    scalars = step_scalars(sigma_start, sigma_now, sigma_next)
-    backend = _backend.select_backend(x)
-    if backend != "torch" and out_dtype == torch.float64:
-        backend = "torch"  # the kernels store float16/bfloat16/float32 only
-    if backend == "cuda":
-        return _backend.cuda_ops()._estimate_cuda(x.contiguous(), xs, vs, *slots, *scalars, out_scale, out_dtype)
-    if backend == "triton":
-        return _backend.triton_kernels().estimate_triton(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
-    return estimate_ref(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
 
 
 def _check_velocity(x: torch.Tensor, v: torch.Tensor) -> None:
@@ -128,30 +134,215 @@ def _check_velocity(x: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"compute_step: v dtype={v.dtype}: must be a float dtype")
 
 
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in _LATENT_DTYPES:
+        raise ValueError(f"estimate: out_dtype={out_dtype}: must be float16, bfloat16, float32 or float64")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` that ``t``'s elements can occupy, counted from the start of its storage."""
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    return lo * t.element_size(), (hi + 1) * t.element_size()
+
+
+def _has_real_memory(t: torch.Tensor) -> bool:
+    # fake and meta tensors have no memory (their storages report address 0), so only plain tensors are compared
+    # by address; tensor subclasses fall back to storage identity
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may touch the same bytes (conservative: compares the spans, not every element)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if torch._C._is_alias_of(a, b):  # one storage (also for fake tensors under torch.compile)
+        (a_lo, a_hi), (b_lo, b_hi) = _byte_span(a), _byte_span(b)
+        return a_lo < b_hi and b_lo < a_hi
+    if _has_real_memory(a) and _has_real_memory(b):
+        # two storage objects can still map the same memory (DLPack, from_blob)
+        a_base, b_base = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+        (a_lo, a_hi), (b_lo, b_hi) = _byte_span(a), _byte_span(b)
+        return a_base + a_lo < b_base + b_hi and b_base + b_lo < a_base + a_hi
+    return False
+
+
+def _check_no_alias(op: str, inputs, xs: torch.Tensor, vs: torch.Tensor, step: int, slot: int) -> None:
+    """The step writes ring rows ``xs[slot]`` and ``vs[slot]`` while it still reads its inputs: an input sharing
+    memory with a written row would be overwritten mid-step (element order decides what each kernel reads)."""
+    if _overlap(xs, vs):
+        raise ValueError(f"{op}: xs and vs share memory: the two halves of the ring must not overlap")
+    for name, t in inputs:
+        for ring_name, row in (("xs", xs[slot]), ("vs", vs[slot])):
+            if _overlap(t, row):
+                raise ValueError(
+                    f"{op}: {name} shares memory with {ring_name}[{slot}], the ring slot this call writes "
+                    f"(step={step}, slot step % C={slot}): an input must not overlap the slot being written; pass "
+                    f"{name}.clone()"
+                )
+
+
+def _validate_skip(op, x, xs, vs, step, k) -> tuple[int, int, int]:
+    """All checks of skip_step / estimate; returns their slots (start, last, write)."""
+    _check_ring(op, x, xs, vs)
+    slots = _check_window(op, xs, step, k)
+    _check_no_alias(op, (("x", x),), xs, vs, step, slots[2])
+    return slots
+
+
+def _validate_compute(x, v, xs, vs, step) -> int:
+    """All checks of compute_step; returns the slot it writes."""
+    _check_ring("compute_step", x, xs, vs)
+    _check_velocity(x, v)
+    _check_step("compute_step", step)
+    slot = step % xs.shape[0]
+    _check_no_alias("compute_step", (("x", x), ("v", v)), xs, vs, step, slot)
+    return slot
+
+
+# -- backend implementations (CPU and CUDA dispatch keys) ---------------------------------------------------------
+
+
+def _skip_step_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
+    slots = _validate_skip("skip_step", x, xs, vs, step, k)
+    scalars = step_scalars(sigma_start, sigma_now, sigma_next)
+    backend = _backend.select_backend(x)
+    if backend == "cuda":
+        return _backend.cuda_ops()._skip_step_cuda(x.contiguous(), xs, vs, *slots, *scalars)
+    if backend == "triton":
+        return _backend.triton_kernels().skip_step_triton(x, xs, vs, *slots, *scalars)
+    return skip_step_ref(x, xs, vs, *slots, *scalars)
+
+
+def _compute_step_impl(x, v, xs, vs, step, sigma_now, sigma_next):
+    slot = _validate_compute(x, v, xs, vs, step)
+    dt = sigma_next - sigma_now
+    backend = _backend.select_backend(x)
+    if backend == "cuda" and v.dtype not in _backend.KERNEL_DTYPES:
+        backend = "torch"  # the compiled kernel reads float16/bfloat16/float32 velocities only
+    if backend == "cuda":
+        return _backend.cuda_ops()._compute_step_cuda(x.contiguous(), v.contiguous(), xs, vs, slot, dt)
+    if backend == "triton":
+        return _backend.triton_kernels().compute_step_triton(x, v, xs, vs, slot, dt)
+    return compute_step_ref(x, v, xs, vs, slot, dt)
+
+
+def _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
+    slots = _validate_skip("estimate", x, xs, vs, step, k)
+    _check_out_dtype(out_dtype)
+    scalars = step_scalars(sigma_start, sigma_now, sigma_next)
+    backend = _backend.select_backend(x)
+    if backend != "torch" and out_dtype == torch.float64:
+        backend = "torch"  # the kernels store float16/bfloat16/float32 only
+    if backend == "cuda":
+        return _backend.cuda_ops()._estimate_cuda(x.contiguous(), xs, vs, *slots, *scalars, out_scale, out_dtype)
+    if backend == "triton":
+        return _backend.triton_kernels().estimate_triton(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
+    return estimate_ref(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
+
+
 for _name, _impl in (("skip_step", _skip_step_impl), ("compute_step", _compute_step_impl),
                      ("estimate", _estimate_impl)):
     _LIB.impl(_name, _impl, "CPU")
     _LIB.impl(_name, _impl, "CUDA")
 
 
+# -- autograd -----------------------------------------------------------------------------------------------------
+#
+# When autograd records (grad mode on and some input requires grad) an op runs as the reference's torch ops, on any
+# device: they are differentiable as they stand, in-place ring writes included, so gradients reach x, v and the
+# earlier steps logged in the ring. Otherwise the Autograd kernel steps aside for the fused backends. Registering it
+# at the Autograd key (rather than leaving the backend kernels to be traced by accident) is also what
+# torch.library.opcheck's autograd-registration test asks of an op.
+
+
+def _check_ring_writable(op: str, xs: torch.Tensor, vs: torch.Tensor) -> None:
+    """Autograd refuses in-place writes into a leaf that requires grad (or a view of one); say so before any work."""
+    for name, ring in (("xs", xs), ("vs", vs)):
+        base = ring._base if ring._base is not None else ring
+        if ring.requires_grad and base.is_leaf and base.requires_grad:
+            raise ValueError(
+                f"{op}: {name} is a leaf tensor that requires grad (or a view of one), and the op writes into it in "
+                f"place, which autograd forbids: log into a ring that does not require grad"
+            )
+
+
+def _skip_step_autograd(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
+    slots = _validate_skip("skip_step", x, xs, vs, step, k)
+    _check_ring_writable("skip_step", xs, vs)
+    return skip_step_ref(x, xs, vs, *slots, *step_scalars(sigma_start, sigma_now, sigma_next))
+
+
+def _compute_step_autograd(x, v, xs, vs, step, sigma_now, sigma_next):
+    slot = _validate_compute(x, v, xs, vs, step)
+    _check_ring_writable("compute_step", xs, vs)
+    return compute_step_ref(x, v, xs, vs, slot, sigma_next - sigma_now)
+
+
+def _estimate_autograd(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
+    slots = _validate_skip("estimate", x, xs, vs, step, k)
+    _check_out_dtype(out_dtype)
+    _check_ring_writable("estimate", xs, vs)
+    scalars = step_scalars(sigma_start, sigma_now, sigma_next)
+    return estimate_ref(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
+
+
+def _autograd_kernel(name: str, differentiable):
+    overload = getattr(torch.ops.meancache, name).default
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return differentiable(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
+
+
+def _inplace_kernel(name: str, ring_args: tuple[int, int]):
+    overload = getattr(torch.ops.meancache, name).default
+
+    def kernel(keyset, *args):
+        # The fused kernels write the ring behind autograd's back; bumping its version lets autograd refuse a
+        # backward that would read a tensor this call overwrote (as every in-place torch op does).
+        torch.autograd.graph.increment_version([args[i] for i in ring_args])
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+
+    return kernel
+
+
+for _name, _differentiable, _rings in (("skip_step", _skip_step_autograd, (1, 2)),
+                                       ("compute_step", _compute_step_autograd, (2, 3)),
+                                       ("estimate", _estimate_autograd, (1, 2))):
+    _LIB.impl(_name, _autograd_kernel(_name, _differentiable), "Autograd", with_keyset=True)
+    _LIB.impl(_name, _inplace_kernel(_name, _rings), "ADInplaceOrView", with_keyset=True)
+
+
+# -- fake implementations (torch.compile, FakeTensorMode): the same checks, on metadata --------------------------
+
+
 @torch.library.register_fake("meancache::skip_step")
 def _skip_step_fake(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
-    _check_ring("skip_step", x, xs, vs)
-    _check_window("skip_step", xs, step, k)
+    _validate_skip("skip_step", x, xs, vs, step, k)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("meancache::compute_step")
 def _compute_step_fake(x, v, xs, vs, step, sigma_now, sigma_next):
-    _check_ring("compute_step", x, xs, vs)
-    _check_velocity(x, v)
+    _validate_compute(x, v, xs, vs, step)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("meancache::estimate")
 def _estimate_fake(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
-    _check_ring("estimate", x, xs, vs)
-    _check_window("estimate", xs, step, k)
+    _validate_skip("estimate", x, xs, vs, step, k)
+    _check_out_dtype(out_dtype)
     return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
@@ -183,8 +374,9 @@ def skip_step(
         x_{i+1}: shape S, dtype of ``x``.
 
     Raises:
-        ValueError: mismatched shapes/devices/dtypes between ``x`` and the ring, or ``k`` outside
-            ``1..min(step, C)``. Checked from metadata only, before any work.
+        ValueError: mismatched shapes/devices/dtypes between ``x``, ``xs`` and ``vs``; ``step`` or ``k`` not an
+            int64 Python int; ``step < 0`` or ``k`` outside ``1..min(step, C)``; ``x`` overlapping the ring slot
+            being written. Checked from metadata only, before any work.
 
     Example:
         >>> import torch, meancache.ops as ops
@@ -192,6 +384,7 @@ def skip_step(
         >>> ops.skip_step(torch.zeros(3), xs, vs, 1, 1, 1.0, 0.5, 0.25)
         tensor([-0.1250, -0.1250, -0.1250])
     """
+    step, k = _host_int("skip_step", "step", step), _host_int("skip_step", "k", k)
     return torch.ops.meancache.skip_step(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next)
 
 
@@ -211,12 +404,17 @@ def compute_step(
     Returns:
         x_{i+1}: shape S, dtype of ``x``.
 
+    Raises:
+        ValueError: as :func:`skip_step`, with ``v`` held to ``x``'s shape and device and, like ``x``, kept clear
+            of the ring slot being written.
+
     Example:
         >>> import torch, meancache.ops as ops
         >>> xs, vs = torch.zeros(1, 2), torch.zeros(1, 2)
         >>> ops.compute_step(torch.ones(2), torch.ones(2), xs, vs, 0, 1.0, 0.5)
         tensor([0.5000, 0.5000])
     """
+    step = _host_int("compute_step", "step", step)
     return torch.ops.meancache.compute_step(x, v, xs, vs, step, sigma_now, sigma_next)
 
 
@@ -247,4 +445,5 @@ def estimate(
         tensor([-0.5000, -0.5000, -0.5000])
     """
     dtype = x.dtype if out_dtype is None else out_dtype
+    step, k = _host_int("estimate", "step", step), _host_int("estimate", "k", k)
     return torch.ops.meancache.estimate(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, dtype)

@@ -2,7 +2,8 @@
 
 The three fused steps (skipped step, computed step, model-level estimate) work on a history ring ``xs``/``vs`` of
 shape ``(C, *latent_shape)`` in float32 (float64 for float64 latents), addressed by slot. Math runs in the ring's
-dtype; results are cast to the output dtype once, at the end. Inference only: nothing here is differentiable.
+dtype; results are cast to the output dtype once, at the end. Plain torch ops throughout, so with autograd
+recording the functions are differentiable as written (the ops in :mod:`meancache.ops` rely on that).
 
 Scalars come precomputed from the host (:func:`step_scalars`): ``inv_d = 1 / (sigma_now - sigma_start)`` (0 when
 that difference is 0, which turns the estimate into plain reuse instead of NaN) and ``dt = sigma_next - sigma_now``.
@@ -87,6 +88,7 @@ def skip_step_ref(
         >>> skip_step_ref(torch.zeros(3), xs, vs, 0, 0, 1, *step_scalars(1.0, 0.5, 0.25))
         tensor([-0.1250, -0.1250, -0.1250])
     """
+    _check_slots("skip_step_ref", xs, vs, slot_start=slot_start, slot_last=slot_last, slot_write=slot_write)
     x32, v_hat = _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt)
     return (x32 + dt * v_hat).to(x.dtype)
 
@@ -112,6 +114,7 @@ def compute_step_ref(
         >>> compute_step_ref(torch.ones(2), torch.ones(2), xs, vs, 0, -0.5), vs
         (tensor([0.5000, 0.5000]), tensor([[1., 1.]]))
     """
+    _check_slots("compute_step_ref", xs, vs, slot_write=slot_write)
     x32 = x.to(xs.dtype)
     v32 = v.to(vs.dtype)
     xs[slot_write].copy_(x32)
@@ -140,8 +143,23 @@ def estimate_ref(
         >>> estimate_ref(torch.zeros(3), xs, vs, 0, 0, 1, 0.0, -0.5, -1.0, torch.float16)
         tensor([-1., -1., -1.], dtype=torch.float16)
     """
+    _check_slots("estimate_ref", xs, vs, slot_start=slot_start, slot_last=slot_last, slot_write=slot_write)
     _, v_hat = _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt)
     return (v_hat * out_scale).to(out_dtype)
+
+
+def _check_slots(fn: str, xs: torch.Tensor, vs: torch.Tensor, **slots: int) -> None:
+    """The two halves of the ring agree and every slot is a real one. Python indexing would otherwise take a
+    negative slot from the end, and a vs shorter than xs would raise IndexError partway, possibly after xs was
+    written."""
+    if xs.shape != vs.shape:
+        raise ValueError(
+            f"{fn}: xs has shape {tuple(xs.shape)} but vs has shape {tuple(vs.shape)}: they must be one (C, *S) ring"
+        )
+    capacity = xs.shape[0] if xs.dim() else 0
+    for name, slot in slots.items():
+        if not 0 <= slot < capacity:
+            raise ValueError(f"{fn}: {name}={slot}: must be in 0..{capacity - 1} for a ring of C={capacity} slots")
 
 
 def _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt):

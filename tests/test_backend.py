@@ -91,3 +91,39 @@ def test_package_works_without_triton_and_extension(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(_backend.triton_kernels() is None or not (torch.cuda.is_available() or _backend._interpreting()),
+                    reason="needs triton on CUDA or under TRITON_INTERPRET=1")
+def test_triton_launchers_refuse_a_ring_they_would_address_outside_of():
+    # meancache.ops checks first; the launchers are public too, and their kernels trust row = slot * numel
+    kernels = _backend.triton_kernels()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(2, 8, device=device)
+    xs, vs = torch.zeros(3, 2, 8, device=device), torch.zeros(2, 2, 8, device=device)
+    with pytest.raises(ValueError, match=r"skip_step_triton: xs has shape \(3, 2, 8\) but vs has shape \(2, 2, 8\)"):
+        kernels.skip_step_triton(x, xs, vs, 0, 1, 2, -2.0, -0.25)
+    with pytest.raises(ValueError, match=r"estimate_triton: slot_write=3: must be in 0..2"):
+        kernels.estimate_triton(x, xs, xs.clone(), 0, 1, 3, -2.0, -0.25, 1.0, torch.float32)
+    with pytest.raises(ValueError, match=r"compute_step_triton: xs has shape \(3, 8\): must be \(C, \*x.shape\)"):
+        kernels.compute_step_triton(x, x, xs.view(3, 16)[:, :8].contiguous(), xs.view(3, 16)[:, :8].contiguous(),
+                                    0, -0.25)
+    with pytest.raises(ValueError, match=r"compute_step_triton: v has shape \(3,\)"):
+        kernels.compute_step_triton(x, x[0, :3], xs, xs.clone(), 0, -0.25)
+    assert not xs.any() and not vs.any()
+
+
+def test_float64_velocity_never_reaches_the_compiled_kernel(monkeypatch):
+    # the CUDA kernel reads float16/bfloat16/float32 velocities; a float64 one (allowed by compute_step) must take
+    # the reference instead of failing inside the extension
+    from meancache import ops
+
+    monkeypatch.setattr(_backend, "select_backend", lambda x: "cuda")
+
+    def no_extension():
+        raise AssertionError("the CUDA extension was called with a float64 velocity")
+
+    monkeypatch.setattr(_backend, "cuda_ops", no_extension)
+    xs, vs = torch.zeros(2, 3), torch.zeros(2, 3)
+    out = ops.compute_step(torch.ones(3), torch.ones(3, dtype=torch.float64), xs, vs, 1, 1.0, 0.5)
+    assert torch.equal(out, torch.full((3,), 0.5)) and torch.equal(vs[1], torch.ones(3))

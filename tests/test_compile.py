@@ -84,3 +84,60 @@ def test_non_default_stream():
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# -- bad input and autograd under torch.compile (issue 10, fault 2) -----------------------------------------------
+
+_SIG = (0.92, 0.71, 0.66)
+
+
+def _compiled_error(fn, *args):
+    """The message torch.compile(fullgraph=True) raises for ``fn(*args)``; the checks must run at trace time."""
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    return str(info.value)
+
+
+def test_bad_ring_under_compile_fails_at_trace_time_with_the_rule():
+    def skip(x, xs, vs):
+        return meancache.ops.skip_step(x, xs, vs, 5, 2, *_SIG)
+
+    def skip_from_the_slot_it_writes(ring, vs):
+        return meancache.ops.skip_step(ring[5], ring, vs, 5, 2, *_SIG)
+
+    message = _compiled_error(skip, torch.randn(2, 8), torch.randn(3, 2, 8), torch.randn(2, 2, 8))
+    assert "skip_step: xs has shape (3, 2, 8) but vs has shape (2, 2, 8): xs and vs must have the same capacity C" \
+        in message, message
+    message = _compiled_error(skip_from_the_slot_it_writes, torch.randn(6, 2, 8), torch.randn(6, 2, 8))
+    assert "skip_step: x shares memory with xs[5], the ring slot this call writes" in message, message
+
+
+def test_bad_step_under_compile_fails_with_the_rule():
+    v = torch.randn(2, 8)
+
+    def step_true(x, xs, vs):
+        return meancache.ops.compute_step(x, v, xs, vs, True, *_SIG[1:])
+
+    def step_negative(x, xs, vs):
+        return meancache.ops.compute_step(x, v, xs, vs, -3, *_SIG[1:])
+
+    message = _compiled_error(step_true, torch.randn(2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8))
+    assert "compute_step: step=True: must be a Python int, not a bool" in message, message
+    message = _compiled_error(step_negative, torch.randn(2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8))
+    assert "compute_step: step=-3: must be >= 0" in message, message
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_sampling_loop_is_differentiable_like_eager(backend):
+    # with autograd recording, the ops are the reference's torch ops: compiled and eager gradients agree
+    run = _loop(_velocity("cpu"))
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    eager_out = run(x)
+    (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), x)
+    torch._dynamo.reset()
+    compiled_out = torch.compile(run, fullgraph=True, backend=backend)(x)
+    (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
+    assert eager_grad.abs().sum() > 0

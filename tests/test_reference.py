@@ -90,3 +90,32 @@ def test_history_ring_evicts_oldest_and_rejects_out_of_range():
         History(7)
     with pytest.raises(ValueError, match="latent shape/device/dtype changed mid-trajectory"):
         h.push(torch.zeros(3), torch.zeros(3))
+
+
+@pytest.mark.parametrize("slot", [-1, 3])
+def test_reference_functions_refuse_slots_outside_the_ring(slot):
+    # Python indexing took slot -1 as the last slot and wrote there without a word
+    from meancache.reference import compute_step_ref
+    from meancache.reference import estimate_ref
+    from meancache.reference import skip_step_ref
+
+    x = torch.zeros(4)
+    xs, vs = torch.zeros(3, 4), torch.ones(3, 4)
+    calls = {
+        "skip_step_ref": lambda: skip_step_ref(x, xs, vs, 0, 1, slot, -2.0, -0.25),
+        "compute_step_ref": lambda: compute_step_ref(x, x, xs, vs, slot, -0.25),
+        "estimate_ref": lambda: estimate_ref(x, xs, vs, slot, 1, 2, -2.0, -0.25, 1.0, torch.float32),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name}: slot_(write|start)={slot}: must be in 0..2 for a ring of C=3"):
+            call()
+    assert torch.equal(xs, torch.zeros(3, 4)) and torch.equal(vs, torch.ones(3, 4))
+
+
+def test_reference_functions_refuse_ring_halves_of_different_shapes():
+    from meancache.reference import compute_step_ref
+
+    xs, vs = torch.zeros(3, 4), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"compute_step_ref: xs has shape \(3, 4\) but vs has shape \(2, 4\)"):
+        compute_step_ref(torch.ones(4), torch.ones(4), xs, vs, 2, -0.25)
+    assert torch.equal(xs, torch.zeros(3, 4))  # before, xs[2] was written and then vs[2] raised IndexError

@@ -5,7 +5,8 @@
 // case is compared bit for bit with a plain loop of the formulas: it checks indexing, the vector path's alignment
 // condition (op.aligned() against the offsets the case chose) and its scalar tail, the grid-stride loop (a 1-SM grid
 // forces several iterations), and aliased ring slots (slot_write == slot_start or slot_last). It says nothing about
-// device-only behaviour (FMA contraction, real 128-bit transactions, races); those need a GPU.
+// device-only behaviour (FMA contraction, real 128-bit transactions, races); those need a GPU. It also checks
+// bytes_overlap, the range test behind the launchers' aliasing checks.
 
 #include <cmath>
 #include <cstdio>
@@ -178,8 +179,33 @@ void sweep() {
   }
 }
 
+// bytes_overlap (utils.cuh) decides the host launchers' aliasing checks (x or v against the ring row being written,
+// xs against vs); the launchers themselves need tensors and a GPU, so the range test is checked here on its own.
+void check_bytes_overlap() {
+  alignas(16) static unsigned char mem[256];
+  struct Case { int a, a_len, b, b_len; bool overlap; };
+  const Case table[] = {
+      {0, 16, 16, 16, false},  // adjacent rows: the end is exclusive
+      {16, 16, 0, 16, false},
+      {0, 17, 16, 16, true},   // one shared byte
+      {16, 16, 0, 17, true},
+      {0, 64, 16, 8, true},    // one range inside the other
+      {16, 8, 0, 64, true},
+      {8, 8, 8, 8, true},      // identical
+      {8, 0, 0, 64, false},    // empty ranges overlap nothing
+      {0, 64, 8, 0, false},
+  };
+  for (const Case& c : table) {
+    ++cases;
+    const bool got = bytes_overlap(mem + c.a, c.a_len, mem + c.b, c.b_len);
+    EXPECT(got == c.overlap, "bytes_overlap([%d, +%d), [%d, +%d)) is %d, expected %d", c.a, c.a_len, c.b, c.b_len,
+           got, c.overlap);
+  }
+}
+
 int main() {
   using H = c10::Half; using B = c10::BFloat16;
+  check_bytes_overlap();
   sweep<0, float, float, float>(); sweep<0, H, H, H>(); sweep<0, B, B, B>();
   sweep<1, float, float, float>(); sweep<1, float, H, float>(); sweep<1, float, B, float>();
   sweep<1, H, float, H>(); sweep<1, H, H, H>(); sweep<1, H, B, H>();

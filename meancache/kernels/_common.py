@@ -34,3 +34,29 @@ def cast_out(value, out_ptr, RNE_BF16: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return value.to(out_ptr.dtype.element_ty)
+
+
+def check_launch(fn: str, x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor, v: torch.Tensor | None = None,
+                 **slots: int) -> None:
+    """Refuse a launch that would address memory outside the ring: the kernels index rows as ``slot * x.numel()``
+    from the bases of ``xs`` and ``vs`` and trust both to hold C such rows of float32.
+
+    :mod:`meancache.ops` validates more (and first); this guards direct callers of the launchers.
+    """
+    if xs.shape != vs.shape:
+        raise ValueError(f"{fn}: xs has shape {tuple(xs.shape)} but vs has shape {tuple(vs.shape)}: they must match")
+    if xs.dim() < 1 or xs.shape[0] < 1 or xs[0].numel() != x.numel():
+        raise ValueError(f"{fn}: xs has shape {tuple(xs.shape)}: must be (C, *x.shape) with x.shape={tuple(x.shape)}")
+    for name, ring in (("xs", xs), ("vs", vs)):
+        if ring.dtype != torch.float32 or not ring.is_contiguous() or ring.device != x.device:
+            raise ValueError(
+                f"{fn}: {name} is {ring.dtype} on {ring.device}, contiguous={ring.is_contiguous()}: must be contiguous "
+                f"float32 on {x.device}"
+            )
+    if v is not None and (v.numel() != x.numel() or v.device != x.device):
+        raise ValueError(
+            f"{fn}: v has shape {tuple(v.shape)} on {v.device}: must be x.shape={tuple(x.shape)} on {x.device}"
+        )
+    for name, slot in slots.items():
+        if not 0 <= slot < xs.shape[0]:
+            raise ValueError(f"{fn}: {name}={slot}: must be in 0..{xs.shape[0] - 1} (xs.shape[0]={xs.shape[0]})")

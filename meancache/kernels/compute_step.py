@@ -8,6 +8,7 @@ import triton.language as tl
 
 from ._common import BLOCK
 from ._common import cast_out
+from ._common import check_launch
 from ._common import round_bf16_by_hand
 from ._common import NUM_WARPS
 from ._common import grid
@@ -39,6 +40,7 @@ def compute_step_triton(x: torch.Tensor, v: torch.Tensor, xs: torch.Tensor, vs: 
         >>> compute_step_triton(torch.ones(2, device=dev), torch.ones(2, device=dev), xs, vs, 0, -0.5).tolist()
         [0.5, 0.5]
     """
+    check_launch("compute_step_triton", x, xs, vs, v, slot_write=slot_write)
     x = x.contiguous()
     v = v.contiguous()
     out = torch.empty_like(x)

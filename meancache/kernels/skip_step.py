@@ -13,6 +13,7 @@ import triton.language as tl
 from ._common import BLOCK
 from ._common import NUM_WARPS
 from ._common import cast_out
+from ._common import check_launch
 from ._common import grid
 from ._common import round_bf16_by_hand
 
@@ -48,6 +49,8 @@ def _estimator_kernel(x_ptr, xs_ptr, vs_ptr, out_ptr, n, slot_start, slot_last, 
 
 def launch_estimator(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt, out_scale, out_dtype, euler):
     """Run the estimator kernel; ``euler`` selects the skipped-step output (x_{i+1}) or the estimate (v_hat)."""
+    check_launch("skip_step_triton" if euler else "estimate_triton", x, xs, vs, slot_start=slot_start,
+                 slot_last=slot_last, slot_write=slot_write)
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     n = x.numel()
