@@ -11,7 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meancache-installed
 
-.PHONY: setup test demo bench clean wheel check-wheel cmake-build emulate-kernels
+.PHONY: setup test demo bench clean wheel check-wheel cmake-build emulate-kernels gpu-check
 
 setup: $(STAMP)
 
@@ -57,3 +57,11 @@ cmake-build: $(STAMP)
 # aliased ring slots, without a GPU.
 emulate-kernels: $(STAMP)
 	PYTHON=$(PY) bash tools/emulate_kernels.sh
+
+# Every GPU figure from one run on a GPU machine (tools/gpu_check.py; README, "GPU check"): in-place build for the
+# local GPU, correctness of every op x backend, compute-sanitizer, benchmarks, FLUX end to end; results in $OUT or
+# bench/gpu-check/. Deliberately not on $(STAMP): the GPU machine gets the tree without .venv and runs it with its
+# own python3, so the venv's interpreter is used only when it exists. Without a GPU: the plan, "no CUDA device:
+# nothing measured", exit 0. Extra options through GPU_CHECK_ARGS, e.g. GPU_CHECK_ARGS="--stages env,build".
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash tools/gpu_check.sh $(GPU_CHECK_ARGS)

@@ -31,7 +31,7 @@ from .reference import compute_step_ref
 from .reference import estimate_ref
 from .reference import skip_step_ref
 from .reference import step_scalars
-from .schedule import MAX_ORDER
+from ._limits import MAX_ORDER
 
 __all__ = ["skip_step", "compute_step", "estimate"]
 

@@ -168,7 +168,7 @@ class _PipelineState:
         self.step += 1
         self.calls_in_step = 0
         produced = result[0] if isinstance(result, tuple) else result.prev_sample
-        self.produced, self.produced_version = produced, produced._version
+        self.produced, self.produced_version = produced, _version(produced)
         return result
 
     def _follow_edits(self, sample: torch.Tensor, i: int) -> None:
@@ -184,7 +184,7 @@ class _PipelineState:
         history = self.traj.branches[0].history if 0 in self.traj.branches else None
         if produced is None or history is None or len(history) == 0:
             return
-        if sample is produced and sample._version == self.produced_version:
+        if sample is produced and _version(sample) == self.produced_version:
             return
         if sample is not produced and sample.shape == produced.shape and sample.device == produced.device:
             # a copy or a cast of the produced latent (a host read, only when the pipeline swapped the tensor)
@@ -207,6 +207,12 @@ class _PipelineState:
             logger.info("meancache: the latents were changed between steps %d and %d (a step-end callback?); "
                         "the history is re-anchored at the changed latent", i - 1, i)
 
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of ``t``; None for inference tensors (``torch.inference_mode``), which keep
+    none, so an in-place edit of one goes unnoticed: a callback there should return a new tensor."""
+    return None if t.is_inference() else t._version
 
 
 def _placeholder_output(template, args: tuple, kwargs: dict):

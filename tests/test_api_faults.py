@@ -246,6 +246,18 @@ def test_latents_edited_by_a_callback_keep_the_usual_error(edit):
     assert rel_err(cached, uncached) <= 3 * usual
 
 
+def test_inference_mode_calls_work_and_see_edits_that_return_a_new_tensor():
+    # inference tensors keep no version counter: the edit check must not read one
+    with torch.inference_mode():
+        plain, _ = _edit_run(None, True)
+        edited, summary = _edit_run("halve", True)
+    with torch.no_grad():
+        expected, _ = _edit_run(None, True)
+        expected_edit, _ = _edit_run("halve", True)
+    assert torch.equal(plain, expected) and torch.equal(edited, expected_edit)
+    assert summary.latent_edits == 1
+
+
 def test_unedited_latents_are_not_counted_as_edits():
     _, summary = _edit_run(None, True)
     assert summary.latent_edits == 0
