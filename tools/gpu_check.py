@@ -707,6 +707,24 @@ def stage_bench(ctx: Context, stage: Stage) -> None:
     stage.status = _status_from_checks(ctx, stage)
 
 
+def _dry_check(ctx: Context, stage: Stage, check: str, argv: list[str], output: pathlib.Path | None = None) -> bool:
+    """Dry run of a script stage: run ``argv`` (a plan or ``--help``) and record one check; True when it passed."""
+    run = ctx.run(stage, check.replace(" ", "-"), argv)
+    ok = run.status == "ok" and (output is None or output.is_file())
+    stage.check(check, "pass" if ok else "fail", run.tail(1)[-120:])
+    stage.status = "dry-run" if ok else "failed"
+    return ok
+
+
+def _without_diffusers(ctx: Context, stage: Stage, purpose: str) -> bool:
+    """Skip ``stage`` with a line saying why when diffusers was not carried to the GPU machine."""
+    if ctx.env_info.get("diffusers"):
+        return False
+    stage.status = "skipped"
+    stage.reason = f"diffusers is not installed: carry its wheel in .whl/ to {purpose}"
+    return True
+
+
 def stage_e2e(ctx: Context, stage: Stage) -> None:
     out = ctx.work / "e2e.json"
     argv = ctx.py("tools/gpu_checks/e2e_flux.py", "--json", str(out))
@@ -714,16 +732,10 @@ def stage_e2e(ctx: Context, stage: Stage) -> None:
     if ctx.mode == "plan":
         return
     if ctx.mode == "dry":
-        run = ctx.run(stage, "e2e-plan", [*argv, "--dry-run"])
-        ok = run.status == "ok" and out.is_file()
-        stage.check("e2e plan", "pass" if ok else "fail", run.tail(1)[-120:])
-        if ok:
+        if _dry_check(ctx, stage, "e2e plan", [*argv, "--dry-run"], out):
             stage.data["e2e"] = json.loads(out.read_text())
-        stage.status = "dry-run" if ok else "failed"
         return
-    if not ctx.env_info.get("diffusers"):
-        stage.status = "skipped"
-        stage.reason = "diffusers is not installed: carry its wheel in .whl/ to run FLUX end to end (README, GPU check)"
+    if _without_diffusers(ctx, stage, "run FLUX end to end (README, GPU check)"):
         return
     run = ctx.run(stage, "e2e", argv)
     result = json.loads(out.read_text()) if out.is_file() else {"status": "failed", "reason": run.tail(10)}
@@ -747,14 +759,9 @@ def stage_ring_cp(ctx: Context, stage: Stage) -> None:
     if ctx.mode == "plan":
         return
     if ctx.mode == "dry":
-        run = ctx.run(stage, "ring-cp-help", [*ctx.py("tools/ring_cp_check.py"), "--help"])
-        ok = run.status == "ok"
-        stage.check("ring-cp script parses", "pass" if ok else "fail", run.tail(1)[-120:])
-        stage.status = "dry-run" if ok else "failed"
+        _dry_check(ctx, stage, "ring-cp script parses", [*ctx.py("tools/ring_cp_check.py"), "--help"])
         return
-    if not ctx.env_info.get("diffusers"):
-        stage.status = "skipped"
-        stage.reason = "diffusers is not installed: carry its wheel in .whl/ to run the Ring check"
+    if _without_diffusers(ctx, stage, "run the Ring check"):
         return
     run = ctx.run(stage, "ring-cp", argv)
     result = json.loads(out.read_text()) if out.is_file() else {}
