@@ -25,6 +25,8 @@ import pathlib
 
 import pytest
 import torch
+from op_truth import SIGMAS
+from op_truth import truth
 
 import meancache
 from meancache import _backend
@@ -44,7 +46,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # fp32: reordering and FMA; fp16/bf16: one rounding of the stored result (as tests/test_ops.py)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
-SIGMAS = (0.92, 0.71, 0.66)  # window start, now, next
+
 # Around the vector widths (4 fp32, 8 fp16/bf16 elements per 16 bytes), and past one grid pass of an H200 on the
 # scalar path (132 SMs x 8 blocks x 256 threads = 270,336 elements) and on the bf16 vector path (x 8 = 2,162,688).
 TAIL_SIZES = (1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 1025, 4097, 270_337, 2_162_695)
@@ -110,19 +112,6 @@ def _call(op, backend, x, v, xs, vs, step, k, monkeypatch, out_dtype=None):
     return ops.estimate(x, xs, vs, step, k, *SIGMAS, out_scale=-1.0, out_dtype=out_dtype or x.dtype)
 
 
-def _truth(op, x, v, xs, vs, step, k, math_dtype=torch.float64):
-    """The op's formula with every operand in ``math_dtype``: (output, ring xs, ring vs) after the step."""
-    c = xs.shape[0]
-    start, last, write = (step - k) % c, (step - 1) % c, step % c
-    inv_d, dt = step_scalars(*SIGMAS)
-    xd, xsd, vsd = x.to(math_dtype), xs.to(math_dtype), vs.to(math_dtype)
-    if op == "compute_step":
-        vd = v.to(math_dtype)
-        xsd[write], vsd[write] = xd, vd
-        return xd + dt * vd, xsd, vsd
-    v_hat = vsd[last] - (vsd[start] - (xd - xsd[start]) * inv_d) * inv_d * dt
-    xsd[write], vsd[write] = xd, v_hat
-    return (xd + dt * v_hat if op == "skip_step" else -v_hat), xsd, vsd
 
 
 def _check(op, backend, x, v, xs, vs, monkeypatch, step=9, k=4):
@@ -145,8 +134,8 @@ def _check(op, backend, x, v, xs, vs, monkeypatch, step=9, k=4):
     torch.testing.assert_close(out, ref, **TOL[x.dtype])
     assert torch.equal(xs_b, xs_r), "ring xs differs from the reference"
     torch.testing.assert_close(vs_b, vs_r, rtol=1e-5, atol=1e-5)
-    truth, _, vs_t = _truth(op, x, v, xs, vs, step, k)
-    eager, _, _ = _truth(op, x, v, xs, vs, step, k, math_dtype=x.dtype)
+    truth, _, vs_t = truth(op, x, v, xs, vs, step, k)
+    eager, _, _ = truth(op, x, v, xs, vs, step, k, math_dtype=x.dtype)
     err = (out.double() - truth).abs().max().item()
     err_eager = (eager.double() - truth).abs().max().item()
     assert err <= 2 * err_eager + 1e-6, (err, err_eager)
@@ -239,7 +228,7 @@ def test_aliased_ring_slots(op, capacity, k, backend, monkeypatch):
     # input of an element must be read before its slot is overwritten.
     step = capacity + k + 1
     x, v, xs, vs = _inputs((5, 1031), torch.float32, seed=10 * capacity + k, capacity=capacity)
-    truth, xs_t, vs_t = _truth(op, x, v, xs, vs, step, k)
+    truth, xs_t, vs_t = truth(op, x, v, xs, vs, step, k)
     a, b = xs.clone(), vs.clone()
     out = _call(op, backend, x, v, a, b, step, k, monkeypatch)
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
@@ -262,7 +251,7 @@ def test_float64(op, backend, monkeypatch):
         return
     a, b = xs.clone(), vs.clone()
     out = _call(op, "torch", x, v, a, b, 9, 4, monkeypatch)
-    truth, xs_t, vs_t = _truth(op, x, v, xs, vs, 9, 4)
+    truth, xs_t, vs_t = truth(op, x, v, xs, vs, 9, 4)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, vs_t, rtol=1e-12, atol=1e-12)
@@ -274,7 +263,7 @@ def test_float64_estimate_of_a_float32_latent(backend, monkeypatch):
     x, v, xs, vs = _inputs((3, 257), torch.float32, seed=7)
     a, b = xs.clone(), vs.clone()
     out = _call("estimate", backend, x, v, a, b, 9, 4, monkeypatch, out_dtype=torch.float64)
-    truth, _, _ = _truth("estimate", x, v, xs, vs, 9, 4)
+    truth, _, _ = truth("estimate", x, v, xs, vs, 9, 4)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
 

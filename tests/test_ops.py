@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_truth import SIGMAS
+from op_truth import truth
 
 from meancache import _backend
 from meancache import ops
@@ -27,7 +29,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3,
        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 REAL_SHAPES = {"flux-1024": (1, 4096, 64), "qwen-1664x928": (1, 6032, 64), "zimage": (1, 16, 160, 90)}
 ODD_SHAPES = {"odd-3x7x129": (3, 7, 129), "one": (1, 1, 1), "prime-1031": (1031,)}
-SIGMAS = (0.92, 0.71, 0.66)  # window start, now, next
+
 OPS = ["skip_step", "compute_step", "estimate"]
 
 
@@ -78,21 +80,6 @@ def _run(op, backend, x, v, xs, vs, step=9, k=4, out_dtype=None, monkeypatch=Non
     return out, xs, vs
 
 
-def _truth(op, x, v, xs, vs, step=9, k=4, out_dtype=None, math_dtype=torch.float64):
-    """The op's formula with every operand in ``math_dtype`` (float64: the truth; the latent dtype: eager)."""
-    c = xs.shape[0]
-    start, last, write = (step - k) % c, (step - 1) % c, step % c
-    inv_d, dt = step_scalars(*SIGMAS)
-    xd, xsd, vsd = x.to(math_dtype), xs.to(math_dtype), vs.to(math_dtype)
-    if op == "compute_step":
-        vd = v.to(math_dtype)
-        xsd[write], vsd[write] = xd, vd
-        return (xd + dt * vd), xsd, vsd
-    v_hat = vsd[last] - (vsd[start] - (xd - xsd[start]) * inv_d) * inv_d * dt
-    xsd[write], vsd[write] = xd, v_hat
-    if op == "skip_step":
-        return xd + dt * v_hat, xsd, vsd
-    return -v_hat, xsd, vsd
 
 
 def _check_against_reference(op, backend, x, v, xs, vs, monkeypatch):
@@ -103,8 +90,8 @@ def _check_against_reference(op, backend, x, v, xs, vs, monkeypatch):
     torch.testing.assert_close(xs_b, xs_r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(vs_b, vs_r, **TOL[torch.float32])
     # second rule: no worse than twice eager PyTorch computing in the latent dtype
-    truth, _, vs_t = _truth(op, x, v, xs, vs)
-    eager, _, _ = _truth(op, x, v, xs, vs, math_dtype=x.dtype)
+    truth, _, vs_t = truth(op, x, v, xs, vs)
+    eager, _, _ = truth(op, x, v, xs, vs, math_dtype=x.dtype)
     err = (out.double() - truth).abs().max().item()
     err_eager = (eager.double() - truth).abs().max().item()
     assert err <= 2 * err_eager + 1e-6, (err, err_eager)
@@ -143,7 +130,7 @@ def test_full_ring_writes_over_the_window_start(op, backend, monkeypatch):
     # capacity == k: this step's slot is the window start's slot; inputs must be read before the write
     x, v, xs, vs = _inputs((4, 65), torch.float32, _device(backend), capacity=3, seed=3)
     out, xs_b, vs_b = _run(op, backend, x, v, xs, vs, step=7, k=3, monkeypatch=monkeypatch)
-    truth, xs_t, vs_t = _truth(op, x, v, xs, vs, step=7, k=3)
+    truth, xs_t, vs_t = truth(op, x, v, xs, vs, step=7, k=3)
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vs_b.double(), vs_t, rtol=1e-5, atol=1e-5)
 
@@ -241,7 +228,7 @@ def test_reference_functions_agree_with_truth():
     for op, call in calls.items():
         a, b = xs.clone(), vs.clone()
         out = call(a, b)
-        truth, xs_t, vs_t = _truth(op, x, v, xs, vs, step=9, k=4)
+        truth, xs_t, vs_t = truth(op, x, v, xs, vs, step=9, k=4)
         torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(a, xs_t, rtol=0, atol=0)
         torch.testing.assert_close(b, vs_t, rtol=1e-12, atol=1e-12)
