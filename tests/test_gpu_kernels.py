@@ -26,7 +26,7 @@ import pathlib
 import pytest
 import torch
 from op_truth import SIGMAS
-from op_truth import truth
+from op_truth import truth as formula
 
 import meancache
 from meancache import _backend
@@ -134,8 +134,8 @@ def _check(op, backend, x, v, xs, vs, monkeypatch, step=9, k=4):
     torch.testing.assert_close(out, ref, **TOL[x.dtype])
     assert torch.equal(xs_b, xs_r), "ring xs differs from the reference"
     torch.testing.assert_close(vs_b, vs_r, rtol=1e-5, atol=1e-5)
-    truth, _, vs_t = truth(op, x, v, xs, vs, step, k)
-    eager, _, _ = truth(op, x, v, xs, vs, step, k, math_dtype=x.dtype)
+    truth, _, vs_t = formula(op, x, v, xs, vs, step, k)
+    eager, _, _ = formula(op, x, v, xs, vs, step, k, math_dtype=x.dtype)
     err = (out.double() - truth).abs().max().item()
     err_eager = (eager.double() - truth).abs().max().item()
     assert err <= 2 * err_eager + 1e-6, (err, err_eager)
@@ -228,7 +228,7 @@ def test_aliased_ring_slots(op, capacity, k, backend, monkeypatch):
     # input of an element must be read before its slot is overwritten.
     step = capacity + k + 1
     x, v, xs, vs = _inputs((5, 1031), torch.float32, seed=10 * capacity + k, capacity=capacity)
-    truth, xs_t, vs_t = truth(op, x, v, xs, vs, step, k)
+    truth, xs_t, vs_t = formula(op, x, v, xs, vs, step, k)
     a, b = xs.clone(), vs.clone()
     out = _call(op, backend, x, v, a, b, step, k, monkeypatch)
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
@@ -251,7 +251,7 @@ def test_float64(op, backend, monkeypatch):
         return
     a, b = xs.clone(), vs.clone()
     out = _call(op, "torch", x, v, a, b, 9, 4, monkeypatch)
-    truth, xs_t, vs_t = truth(op, x, v, xs, vs, 9, 4)
+    truth, xs_t, vs_t = formula(op, x, v, xs, vs, 9, 4)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, vs_t, rtol=1e-12, atol=1e-12)
@@ -263,7 +263,7 @@ def test_float64_estimate_of_a_float32_latent(backend, monkeypatch):
     x, v, xs, vs = _inputs((3, 257), torch.float32, seed=7)
     a, b = xs.clone(), vs.clone()
     out = _call("estimate", backend, x, v, a, b, 9, 4, monkeypatch, out_dtype=torch.float64)
-    truth, _, _ = truth("estimate", x, v, xs, vs, 9, 4)
+    truth, _, _ = formula("estimate", x, v, xs, vs, 9, 4)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
 

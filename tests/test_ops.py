@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from op_truth import SIGMAS
-from op_truth import truth
+from op_truth import truth as formula
 
 from meancache import _backend
 from meancache import ops
@@ -90,8 +90,8 @@ def _check_against_reference(op, backend, x, v, xs, vs, monkeypatch):
     torch.testing.assert_close(xs_b, xs_r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(vs_b, vs_r, **TOL[torch.float32])
     # second rule: no worse than twice eager PyTorch computing in the latent dtype
-    truth, _, vs_t = truth(op, x, v, xs, vs)
-    eager, _, _ = truth(op, x, v, xs, vs, math_dtype=x.dtype)
+    truth, _, vs_t = formula(op, x, v, xs, vs)
+    eager, _, _ = formula(op, x, v, xs, vs, math_dtype=x.dtype)
     err = (out.double() - truth).abs().max().item()
     err_eager = (eager.double() - truth).abs().max().item()
     assert err <= 2 * err_eager + 1e-6, (err, err_eager)
@@ -130,7 +130,7 @@ def test_full_ring_writes_over_the_window_start(op, backend, monkeypatch):
     # capacity == k: this step's slot is the window start's slot; inputs must be read before the write
     x, v, xs, vs = _inputs((4, 65), torch.float32, _device(backend), capacity=3, seed=3)
     out, xs_b, vs_b = _run(op, backend, x, v, xs, vs, step=7, k=3, monkeypatch=monkeypatch)
-    truth, xs_t, vs_t = truth(op, x, v, xs, vs, step=7, k=3)
+    truth, xs_t, vs_t = formula(op, x, v, xs, vs, step=7, k=3)
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vs_b.double(), vs_t, rtol=1e-5, atol=1e-5)
 
@@ -228,7 +228,7 @@ def test_reference_functions_agree_with_truth():
     for op, call in calls.items():
         a, b = xs.clone(), vs.clone()
         out = call(a, b)
-        truth, xs_t, vs_t = truth(op, x, v, xs, vs, step=9, k=4)
+        truth, xs_t, vs_t = formula(op, x, v, xs, vs, step=9, k=4)
         torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(a, xs_t, rtol=0, atol=0)
         torch.testing.assert_close(b, vs_t, rtol=1e-12, atol=1e-12)
