@@ -7,7 +7,8 @@ Path", PSSP). This module is our reconstruction of it (algorithm.md §8), in thr
    velocity ``v_i`` (a :class:`Recording`; it can be saved and reused, since this is the only expensive stage).
 2. :func:`segment_costs` prices every candidate segment ``a -> b`` (compute at ``a`` and ``b``, estimate the
    steps between with window K) by replaying the run-time estimator from the reference state at ``a`` (§8
-   "Option B"), and keeps the best K of each segment.
+   "Option B"), and keeps the best K of each segment (the smallest among those within :data:`COST_RTOL`, so that
+   the same recording gives the same schedule on every machine).
 3. :func:`solve` finds the exact minimum of ``sum cost[a][b] ** gamma`` over paths from step 0 to step N-1 with
    exactly ``budget`` nodes, by dynamic programming over (step, evaluations used).
 
@@ -33,9 +34,12 @@ from .sampler import check_velocity
 from .schedule import DEFAULT_MAX_SEGMENT
 from .schedule import MAX_ORDER
 from .schedule import Schedule
+from .schedule import _check_num_steps
 from .sigmas import as_sigma_list
 
 __all__ = [
+    "COST_FLOOR",
+    "COST_RTOL",
     "DEFAULT_GAMMA",
     "RECORDING_FORMAT",
     "RECORDING_FORMAT_VERSION",
@@ -58,6 +62,22 @@ RECORDING_FORMAT_VERSION = 1
 #: others are cheap; gamma from 1.5 to 12 is a plateau (within 10 % on either measure). 3 is in it and has the best
 #: product of the two error measures.
 DEFAULT_GAMMA = 3.0
+#: Relative tolerance of the calibration's comparisons. Two segment costs within ``COST_RTOL`` of the smaller are a
+#: tie, won by the smallest K; in :func:`solve`, two path values within ``max(1, gamma) * COST_RTOL`` are a tie, won
+#: by the smallest predecessor step (``c ** gamma`` turns a relative change of ``c`` into ``gamma`` times that).
+#: Why 1e-6: costs are replayed in float64 from the float32 recording, so the rounding that differs between machines
+#: (SIMD width, fused multiply-add, summation order, thread count) is ~1e-16 of the latents' size; measured on the
+#: digits model and two Gaussian-mixture flows, summing in another order or reassociating the estimator moves a
+#: cost by at most 3e-14 of itself, and costs below the floor below are 0. Genuine differences between windows are
+#: 1e-5 and more (the closest pair on the digits model: 1.4e-5; on the mixtures: 5.5e-5), and a difference of 1e-6
+#: is far below what a handful of calibration inputs can resolve. So rounding never decides a choice, and a real
+#: difference always does.
+COST_RTOL = 1e-6
+#: Segment deviations below ``COST_FLOOR`` times the mean ``|x_b|`` count as 0 (then ties, settled as above). The
+#: recording stores float32 latents (rounding 2**-24 = 6e-8 relative, the sampler's own float32 steps add as much),
+#: so a smaller deviation is below the resolution of the reference itself, and relative comparisons of such costs
+#: would compare rounding.
+COST_FLOOR = 2.0**-24
 # Working-set cap of segment_costs: the replay of all start steps of a chunk is held at once.
 _COST_CHUNK_BYTES = 256 * 2**20
 
@@ -366,6 +386,13 @@ def segment_costs(
     equal). A replay started at ``a`` passes through every ``b`` of that start, so each (start, K) is rolled once,
     for all start steps of a memory-capped chunk at a time.
 
+    The result is meant to be the same on every machine for the same recording. The replay runs in float64 (the
+    estimator is exactly the run-time one, in higher precision), a deviation below :data:`COST_FLOOR` times the
+    mean ``|x_b|`` counts as 0, and the best K of a segment is the **smallest K whose cost is within**
+    :data:`COST_RTOL` **of the least**: costs that differ only by rounding are ties. From step 0 every K is the same
+    estimate by construction (the window holds only steps that reused ``v_0``), so only the smallest K is replayed
+    there and it is the one reported.
+
     Args:
         recording: a :class:`Recording` with N steps.
         max_len: longest segment considered, in steps.
@@ -374,7 +401,8 @@ def segment_costs(
     Returns:
         ``(cost, best_k)``, two ``(N, N)`` tensors indexed ``[a, b]``: ``cost`` float64, ``inf`` where there is no
         edge (``b <= a``, ``b - a > max_len``), ``0`` on 1-step segments (nothing is estimated); ``best_k`` int64,
-        the K with the least cost (ties go to the smallest K), ``0`` ("chain") on 1-step segments and non-edges.
+        the K with the least cost (ties, within :data:`COST_RTOL`, go to the smallest K), ``0`` ("chain") on 1-step
+        segments and non-edges; ``cost`` holds the cost of that K.
 
     Example:
         >>> import torch
@@ -412,17 +440,36 @@ def segment_costs(
     lat = recording.latents.reshape(p, n + 1, -1)
     vel = recording.velocities.reshape(p, n, -1)
     d = lat.shape[-1]
+    # per-K costs of every segment, banded: per_k[j, a, L] is the cost of a -> a + L with window ks[j]
+    per_k = torch.full((len(ks), n, length + 1), math.inf, dtype=torch.float64)
+    # mean |x_i| over inputs and elements: the scale of the noise floor (COST_FLOOR)
+    floor = torch.tensor([COST_FLOOR * lat[:, i].double().abs().mean().item() for i in range(n + 1)])
     # sigmas padded past the end: replays of late starts run past step n-1 (results discarded); dt = 0 there
     sigp = torch.tensor(sig + [sig[-1]] * (length + 1), dtype=torch.float64)
-    # replay entries held per chunk: 2 * length tensors of (P, A, D) float32, plus a few temporaries
-    chunk = max(1, _COST_CHUNK_BYTES // ((2 * length + 6) * p * d * 4))
+    # held per chunk of A start steps, as (P, A, D) float64: 2 * length replay entries, a few temporaries, and the
+    # float64 copy of the recording rows the chunk reads (about 2 * (A + length + MAX_ORDER) rows of (P, D))
+    chunk = max(1, _COST_CHUNK_BYTES // ((2 * length + 12) * p * d * 8))
     with torch.no_grad():
         for a0 in range(0, starts, chunk):
-            a = torch.arange(a0, min(a0 + chunk, starts))
-            sigma_a = sigp[a]  # for the velocity-level normalisation below
-            for k in ks:
-                xr = [lat[:, a], lat[:, a + 1]]  # replayed x_{a+t}; offset 1 is step a taken with v_a
-                vr = [vel[:, a]]  # velocities logged at a+t
+            chunk_a = torch.arange(a0, min(a0 + chunk, starts))
+            # The replay runs in float64 on the float32 recording: its rounding is then ~1e-16 of the latents
+            # instead of ~1e-7, so costs agree across CPUs, SIMD widths and thread counts far inside COST_RTOL.
+            # Rows first - MAX_ORDER .. last + length of the recording, converted once for every K.
+            lo = max(0, a0 - MAX_ORDER)
+            hi = min(n + 1, int(chunk_a[-1]) + length + 1)
+            lat64 = lat[:, lo:hi].double()
+            vel64 = vel[:, lo : min(n, hi)].double()
+            for kj, k in enumerate(ks):
+                # From step 0 every K is the same estimate in exact arithmetic: the window is truncated to the
+                # steps logged so far, all of which reuse v_0 (a straight line, zero JVP). With the recording's
+                # float32 rounding in the finite differences they still differ by up to 1e-7 of the cost, which a
+                # tolerance cannot tell from a real difference; so only the smallest K is replayed there.
+                a = chunk_a[1:] if kj > 0 and a0 == 0 else chunk_a
+                if a.numel() == 0:
+                    continue
+                sigma_a = sigp[a]  # for the velocity-level normalisation below
+                xr = [lat64[:, a - lo], lat64[:, a + 1 - lo]]  # replayed x_{a+t}; offset 1 is step a with v_a
+                vr = [vel64[:, a - lo]]  # velocities logged at a+t
                 for t in range(1, length):
                     i = a + t
                     if t >= k:  # window start inside the replay: its own (estimated) entries
@@ -430,27 +477,36 @@ def segment_costs(
                         x0, v0 = xr[t - k], vr[t - k]
                     else:  # window start at or before a: reference history, truncated at step 0
                         j0 = torch.clamp(i - k, min=0)
-                        x0, v0 = lat[:, j0], vel[:, j0]
+                        x0, v0 = lat64[:, j0 - lo], vel64[:, j0 - lo]
                     span = sigp[i] - sigp[j0]
-                    inv_d = torch.where(span == 0, 0.0, 1.0 / torch.where(span == 0, 1.0, span))
-                    dt = sigp[i + 1] - sigp[i]
-                    inv_d32 = inv_d.to(torch.float32)[None, :, None]
-                    dt32 = dt.to(torch.float32)[None, :, None]
-                    v_hat = average_velocity(xr[t], x0, v0, vr[t - 1], inv_d32, dt32)
+                    inv_d = torch.where(span == 0, 0.0, 1.0 / torch.where(span == 0, 1.0, span))[None, :, None]
+                    dt = (sigp[i + 1] - sigp[i])[None, :, None]
+                    v_hat = average_velocity(xr[t], x0, v0, vr[t - 1], inv_d, dt)
                     vr.append(v_hat)
-                    xr.append(xr[t] + dt32 * v_hat)
+                    xr.append(xr[t] + dt * v_hat)
                     b = i + 1
                     ok = b <= n - 1
                     if not bool(ok.any()):
                         break
-                    av, bv = a[ok], b[ok]
-                    err = (xr[t + 1][:, ok] - lat[:, bv]).abs().mean(dim=-1).mean(dim=0).double()
+                    everywhere = bool(ok.all())
+                    av, bv = (a, b) if everywhere else (a[ok], b[ok])
+                    x_hat = xr[t + 1] if everywhere else xr[t + 1][:, ok]
+                    err = (x_hat - lat64[:, bv - lo]).abs().mean(dim=-1).mean(dim=0)
+                    err = torch.where(err <= floor[bv], 0.0, err)
                     h = sigma_a[ok] - sigp[bv]
-                    c = torch.where(h > 0, err / torch.where(h > 0, h, 1.0), err)
-                    # orders ascend, so a strict improvement keeps the smallest K on ties
-                    better = c < cost[av, bv]
-                    cost[av[better], bv[better]] = c[better]
-                    best_k[av[better], bv[better]] = k
+                    per_k[kj, av, t + 1] = torch.where(h > 0, err / torch.where(h > 0, h, 1.0), err)
+    # the smallest K whose cost is within COST_RTOL of the least: differences below it are rounding, not signal
+    least = per_k.min(dim=0).values
+    tied = per_k <= least + COST_RTOL * least
+    pick = tied.to(torch.int8).argmax(dim=0)  # first True: the smallest K among the tied ones
+    chosen = per_k.gather(0, pick[None]).squeeze(0)
+    k_of = torch.tensor(ks, dtype=torch.int64)[pick]
+    for seg in range(2, length + 1):
+        a = torch.arange(0, n - seg)
+        found = torch.isfinite(least[a, seg])
+        a = a[found]
+        cost[a, a + seg] = chosen[a, seg]
+        best_k[a, a + seg] = k_of[a, seg]
     return cost, best_k
 
 
@@ -493,7 +549,11 @@ def solve(cost, budget: int, *, gamma: float = DEFAULT_GAMMA, max_len: int = DEF
     cost[a][b] ** gamma``, exact, O(budget * N * max_len). ``gamma > 1`` is the peak suppression of PSSP: one
     large-deviation segment costs more than several small ones adding up to the same sum, and ``gamma -> inf``
     approaches the minimax path. Ties go to the predecessor with the smallest step index while backtracking from
-    the last step, so the result is deterministic.
+    the last step, so the result is deterministic; two path values within ``max(1, gamma) *`` :data:`COST_RTOL` of
+    the smaller count as tied, so that rounding (which differs between machines) cannot decide between paths that
+    are equal in exact arithmetic. Each of the ``budget - 1`` stages may thus keep a value up to that fraction
+    above the least: the path returned is within a factor ``(1 + max(1, gamma) * COST_RTOL) ** (budget - 1)`` of
+    the exact optimum.
 
     Args:
         cost: ``(N, N)`` table (tensor, nested list or array) of segment costs >= 0, e.g. from
@@ -526,6 +586,7 @@ def solve(cost, budget: int, *, gamma: float = DEFAULT_GAMMA, max_len: int = DEF
         for b in range(a + 1, min(n, a + max_len + 1)):
             c = table[a][b]
             weight[a][b] = c**gamma if c != inf else inf
+    tol = COST_RTOL * max(1.0, gamma)
     best = [0.0] + [inf] * (n - 1)  # D[1][.]: only step 0 is reachable with one node
     back: list[list[int]] = []
     for m in range(2, budget + 1):
@@ -534,13 +595,15 @@ def solve(cost, budget: int, *, gamma: float = DEFAULT_GAMMA, max_len: int = DEF
         lo = m - 1
         hi = n - 1 - (budget - m)
         for b in range(lo, hi + 1):
-            for a in range(max(0, b - max_len), b):
-                prev = best[a]
-                if prev == inf or weight[a][b] == inf:
-                    continue
-                val = prev + weight[a][b]
-                if val < cur[b]:  # strict: the smallest a wins ties
-                    cur[b], arg[b] = val, a
+            preds = range(max(0, b - max_len), b)
+            vals = [best[a] + weight[a][b] for a in preds]
+            least = min(vals)
+            if least == inf:
+                continue
+            # the smallest a within the tie tolerance of the least: rounding never decides between equal paths
+            limit = least + tol * least
+            j = next(j for j, v in enumerate(vals) if v <= limit)
+            cur[b], arg[b] = vals[j], preds[j]
         back.append(arg)
         best = cur
     if best[n - 1] == inf:
@@ -660,6 +723,7 @@ def calibrate(
             raise ValueError(f"num_steps={num_steps} disagrees with {where}")
         if n < 2:
             raise ValueError(f"num_steps={n}: a schedule needs at least 2 steps")
+        _check_num_steps(n)  # the schedules could not hold more steps: say so before recording
         budgets, many = _check_budgets(budget, n, max_len)
     else:
         # types and lower bounds now, before the expensive recording; the rest once the step count is known
@@ -672,6 +736,7 @@ def calibrate(
     elif is_pipeline(target):
         rec = record(target, inputs, progress=progress, **pipeline_kwargs)
         n = rec.num_steps
+        _check_num_steps(n)
         budgets, many = _check_budgets(budget, n, max_len)
     else:
         rec = record(target, inputs, sigmas, progress=progress)

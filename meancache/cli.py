@@ -165,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    def fail(message: str) -> int:
+        print(f"meancache calibrate: error: {message}", file=sys.stderr)
+        return 2
+
+    # argument errors first, before minutes of recording or calibrating
+    if args.out.exists() and not args.out.is_dir():
+        return fail(f"--out {args.out}: exists and is not a folder; give a folder (it is created if missing)")
+    if args.recording is not None and args.recording.is_dir():
+        return fail(f"--recording {args.recording}: is a folder; give the file written by Recording.save")
     try:
         if args.recording is not None:
             rec = Recording.load(args.recording)
@@ -175,20 +184,31 @@ def main(argv: list[str] | None = None) -> int:
             args.inputs = 16 if args.inputs is None else args.inputs
             rec = _flow_recording(args)
         schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"meancache calibrate: error: {exc}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    except ValueError as exc:
+        return fail(str(exc))
+    except OSError as exc:  # missing or unreadable file: the OS reason and the path, not a traceback
+        return fail(_os_message(exc))
     cost = None if args.no_plot else segment_costs(rec, max_len=args.max_len)[0]
-    for schedule in schedules:
-        stem = args.out / f"schedule-B{schedule.budget}"
-        schedule.save(stem.with_suffix(".json"))
-        if cost is not None:
-            plot_schedule(rec, schedule, cost, stem.with_suffix(".png"))
-        print(json.dumps({"budget": schedule.budget, "json": str(stem.with_suffix(".json")),
-                          "plot": None if cost is None else str(stem.with_suffix(".png")),
-                          "pattern": schedule.pattern()[0]}))
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for schedule in schedules:
+            stem = args.out / f"schedule-B{schedule.budget}"
+            schedule.save(stem.with_suffix(".json"))
+            if cost is not None:
+                plot_schedule(rec, schedule, cost, stem.with_suffix(".png"))
+            print(json.dumps({"budget": schedule.budget, "json": str(stem.with_suffix(".json")),
+                              "plot": None if cost is None else str(stem.with_suffix(".png")),
+                              "pattern": schedule.pattern()[0]}))
+    except OSError as exc:  # e.g. --out below a file, or not writable
+        return fail(f"--out {args.out}: cannot write the results: {_os_message(exc)}")
     return 0
+
+
+def _os_message(exc: OSError) -> str:
+    """``path: reason`` of an OSError (``str(exc)`` adds an errno prefix and quotes)."""
+    if exc.filename is None or exc.strerror is None:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Published tables ship as JSON files in ``meancache/presets`` and load with :meth
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -24,12 +25,21 @@ from typing import Iterable
 from typing import NamedTuple
 from typing import Sequence
 
-__all__ = ["MAX_ORDER", "SCHEDULE_FORMAT_VERSION", "Schedule", "StepPlan", "preset_names"]
+import torch
+
+__all__ = ["MAX_ORDER", "MAX_STEPS", "SCHEDULE_FORMAT_VERSION", "Schedule", "StepPlan", "preset_names"]
 
 logger = logging.getLogger("meancache")
 
 #: Largest window K (label ``v_diff_mean_jvp1_s6``); also the capacity bound of the history ring.
 MAX_ORDER = 6
+#: Largest ``num_steps`` a schedule may have. Flow-matching samplers run tens of steps, and diffusers'
+#: schedulers are trained on a grid of 1000 timesteps, so no real run needs more than about 1000; ten times that
+#: leaves room for experiments while keeping every per-step structure (``expand``, ``window``, a schedule file's
+#: lists) small, and the worst case of the placement behind :meth:`Schedule.resample` and :meth:`Schedule.default`
+#: (about ``budget * (num_steps - budget)`` vectorised operations, largest at ``budget = num_steps / 2``) at a
+#: second or two. Without a bound, a file with ``"num_steps": 1000000000`` loads and then hangs in ``window``.
+MAX_STEPS = 10_000
 #: Version written into schedule files; :meth:`Schedule.from_json` rejects other versions.
 SCHEDULE_FORMAT_VERSION = 1
 SCHEDULE_FORMAT = "meancache.schedule"
@@ -65,7 +75,7 @@ class Schedule:
             be included. Their count is the budget (2 <= budget <= num_steps).
         orders: ``budget - 1`` windows K in ``0..6``, one per segment between consecutive compute steps.
             ``K = 0`` is allowed only on 1-step segments.
-        num_steps: number of sampler steps N.
+        num_steps: number of sampler steps N, 2 <= N <= :data:`MAX_STEPS`.
 
     Raises:
         ValueError: naming the field, the bad value and the rule, for every violated invariant.
@@ -80,10 +90,7 @@ class Schedule:
     __slots__ = ("_compute_steps", "_orders", "_num_steps", "_plan")
 
     def __init__(self, compute_steps: Iterable[int], orders: Iterable[int], num_steps: int):
-        if not _is_int(num_steps):
-            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
-        if num_steps < 2:
-            raise ValueError(f"num_steps={num_steps}: must be >= 2 (a schedule needs a first and a last step)")
+        _check_num_steps(num_steps)
         steps = _as_tuple(compute_steps, "compute_steps")
         ks = _as_tuple(orders, "orders")
         bad = [s for s in steps if not _is_int(s)]
@@ -179,8 +186,10 @@ class Schedule:
             >>> Schedule([0, 3, 4, 6], [4, 0, 2], num_steps=7).with_order(1).orders
             (1, 0, 1)
         """
-        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
+        # any integer type the constructor accepts, numpy integer scalars included
+        if not _is_int(order) or not 1 <= order <= MAX_ORDER:
             raise ValueError(f"order={order!r}: must be an int in 1..{MAX_ORDER}")
+        order = int(order)
         steps = self._compute_steps
         return Schedule(steps, [order if b - a > 1 else 0 for a, b in zip(steps, steps[1:])], self._num_steps)
 
@@ -245,8 +254,12 @@ class Schedule:
         if fmt != SCHEDULE_FORMAT:
             raise ValueError(f"format={fmt!r}: not a meancache schedule (expected {SCHEDULE_FORMAT!r})")
         version = data.get("version")
-        if version != SCHEDULE_FORMAT_VERSION:
-            raise ValueError(f"version={version!r}: this meancache reads schedule format {SCHEDULE_FORMAT_VERSION}")
+        # `true == 1` in Python, so the type is checked too: a JSON boolean is not a version number
+        if isinstance(version, bool) or version != SCHEDULE_FORMAT_VERSION:
+            raise ValueError(
+                f"version={version!r}: this meancache reads schedule format version {SCHEDULE_FORMAT_VERSION} "
+                "(an integer)"
+            )
         missing = [k for k in ("num_steps", "compute_steps", "orders") if k not in data]
         if missing:
             raise ValueError(f"schedule data is missing field(s) {missing}")
@@ -275,13 +288,26 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
-        """Read a file written by :meth:`save`. A malformed file raises ValueError naming the path."""
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            ValueError: naming the path, for a file that is not UTF-8 text (a binary file), malformed JSON or an
+                invalid schedule. A missing file raises the usual ``FileNotFoundError`` (an ``OSError``).
+        """
+        where = os.fspath(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{where}: not a schedule file: byte {exc.start} is not UTF-8 text ({exc.reason}); schedule files "
+                "are UTF-8 JSON written by Schedule.save"
+            ) from None
         try:
             return cls.from_json(text)
         except ValueError as exc:
-            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
 
     # -- constructors ---------------------------------------------------------------------------------------------
     @classmethod
@@ -292,8 +318,7 @@ class Schedule:
             >>> Schedule.full(4).pattern()
             ('CCCC', '----')
         """
-        if not _is_int(num_steps) or num_steps < 2:
-            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+        _check_num_steps(num_steps)  # before building lists of that length
         return cls(range(num_steps), [0] * (num_steps - 1), num_steps)
 
     @classmethod
@@ -385,8 +410,7 @@ class Schedule:
             >>> Schedule.preset("qwen-image", 10).resample(20).compute_steps
             (0, 1, 2, 3, 5, 8, 11, 14, 16, 19)
         """
-        if not _is_int(num_steps) or num_steps < 2:
-            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+        _check_num_steps(num_steps)
         if num_steps == self._num_steps:
             return self
         if self.budget >= num_steps:
@@ -431,9 +455,20 @@ def _as_tuple(values, name: str) -> tuple:
         raise ValueError(f"{name}={values!r}: must be a sequence of ints") from None
 
 
-def _check_budget(budget, num_steps):
-    if not _is_int(num_steps) or num_steps < 2:
+def _check_num_steps(num_steps) -> None:
+    if not _is_int(num_steps):
         raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: must be >= 2 (a schedule needs a first and a last step)")
+    if num_steps > MAX_STEPS:
+        raise ValueError(
+            f"num_steps={num_steps}: must be <= MAX_STEPS={MAX_STEPS} (meancache.schedule.MAX_STEPS, the largest "
+            "supported step count)"
+        )
+
+
+def _check_budget(budget, num_steps):
+    _check_num_steps(num_steps)
     if not _is_int(budget) or not 2 <= budget <= num_steps:
         raise ValueError(f"budget={budget!r}: must be an int with 2 <= budget <= num_steps={num_steps}")
 
@@ -445,32 +480,72 @@ def _place(targets: Sequence[float], num_steps: int, max_gap: int | None = None)
     targets are pushed apart as little as possible. Writing ``n_j = j + o_j``, strict order becomes
     ``o_{j-1} <= o_j`` with ``0 <= o_j <= num_steps - B``. With ``max_gap`` (ignored when the budget cannot span
     the steps with such gaps) consecutive steps are also at most ``max_gap`` apart: ``o_j - o_{j-1} < max_gap``.
-    O(B * num_steps * max_gap).
+
+    Each stage is a handful of vectorised torch passes over the ``W = num_steps - B + 1`` offsets (a running minimum, or the
+    minimum over the last ``max_gap`` offsets), so the time is O(B * W) in C rather than the O(B * W**2) of a
+    Python loop over every (offset, predecessor) pair: linear in ``num_steps`` for a given budget, and at most
+    ``num_steps**2 / 4`` element operations (a second or two at :data:`MAX_STEPS`). The back pointers are kept
+    run-length encoded, O(B) memory in practice. The arithmetic and the tie rule (the smallest predecessor offset
+    among equal costs) are exactly those of the plain loop, so the result is identical, bit for bit.
     """
     b = len(targets)
     width = num_steps - b + 1
     if max_gap is None or max_gap * (b - 1) < num_steps - 1:
         max_gap = num_steps
-    inf = math.inf
-    cost = [0.0 if o == 0 else inf for o in range(width)]  # n_0 = 0 is fixed
+    offsets = torch.arange(width)
+    cost = torch.full((width,), math.inf, dtype=torch.float64)
+    cost[0] = 0.0  # n_0 = 0 is fixed
     back = []
     for j in range(1, b):
-        cur, arg = [inf] * width, [0] * width
-        for o in range(width):
-            lo = max(0, o - max_gap + 1)
-            best_o = min(range(lo, o + 1), key=cost.__getitem__)  # smallest offset wins ties
-            cur[o] = cost[best_o] + (j + o - targets[j]) ** 2
-            arg[o] = best_o
+        if max_gap >= width:  # every smaller offset is a candidate predecessor: running minimum
+            best = torch.cummin(cost, 0).values
+            # a new strict minimum starts at o; the predecessor is the last such o, i.e. the leftmost minimiser
+            new = torch.ones(width, dtype=torch.bool)
+            new[1:] = cost[1:] < best[:-1]
+            arg = torch.cummax(torch.where(new, offsets, 0), 0).values
+        else:  # predecessors max(0, o - max_gap + 1) .. o: a sliding window, padded on the left with inf
+            # (cost[0] is finite at every stage, so a padded slot never wins); argmin returns the first minimiser
+            padded = torch.cat((torch.full((max_gap - 1,), math.inf, dtype=torch.float64), cost))
+            window = padded.unfold(0, max_gap, 1)
+            pick = window.argmin(dim=1)
+            best = window.gather(1, pick[:, None]).squeeze(1)
+            arg = offsets - (max_gap - 1) + pick
+        dev = (j + offsets).to(torch.float64) - targets[j]
+        cur = best + dev * dev
         if j == b - 1:  # n_{B-1} = num_steps - 1 is fixed
-            cur = [inf] * (width - 1) + [cur[-1]]
-        back.append(arg)
+            cur[:-1] = math.inf
+        back.append(_Runs(arg))
         cost = cur
     o = width - 1
-    offsets = [o]
-    for arg in reversed(back):
-        o = arg[o]
-        offsets.append(o)
-    return [j + o for j, o in enumerate(reversed(offsets))]
+    path = [o]
+    for runs in reversed(back):
+        o = runs[o]
+        path.append(o)
+    return [j + o for j, o in enumerate(reversed(path))]
+
+
+class _Runs:
+    """An integer array stored as runs of constant difference: ``a[o] = a[s] + d * (o - s)`` inside a run.
+
+    The back pointers of :func:`_place` are a few such runs (follow ``o``, then stay at the minimiser), so this
+    holds a stage in a few integers instead of ``W``.
+    """
+
+    __slots__ = ("starts", "values", "steps")
+
+    def __init__(self, a: torch.Tensor):
+        if len(a) < 2:
+            self.starts, self.values, self.steps = [0], [int(a[0])], [0]
+            return
+        d = torch.diff(a)
+        starts = torch.cat((torch.zeros(1, dtype=torch.int64), torch.nonzero(torch.diff(d)).flatten() + 1))
+        self.starts = starts.tolist()
+        self.values = a[starts].tolist()
+        self.steps = d[starts].tolist()
+
+    def __getitem__(self, o: int) -> int:
+        k = bisect.bisect_right(self.starts, o) - 1
+        return self.values[k] + self.steps[k] * (o - self.starts[k])
 
 
 @functools.lru_cache(maxsize=None)
@@ -482,7 +557,8 @@ def _preset_tables() -> dict:
         if not entry.name.endswith(".json"):
             continue
         data = json.loads(entry.read_text(encoding="utf-8"))
-        if data.get("format") != PRESET_FORMAT or data.get("version") != 1:
+        version = data.get("version")
+        if data.get("format") != PRESET_FORMAT or isinstance(version, bool) or version != 1:
             raise ValueError(f"{entry.name}: not a meancache preset file of version 1")
         n = data["num_steps"]
         by_budget = {}

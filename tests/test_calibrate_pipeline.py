@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import tiny_pipelines
+from meancache.examples import tiny_pipelines
 import torch
 
 import meancache

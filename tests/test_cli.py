@@ -77,3 +77,33 @@ def test_velocity_change_of_three_dimensional_latents():
                                                                              2 * torch.ones(2, 4, 2, 2)], 1))
     inst, _ = cli.velocity_change(rec)
     assert inst == [1.0]  # ||2 - 1|| / ||1|| over every latent dimension
+
+
+def test_unusable_paths_are_errors_not_tracebacks(tmp_path, capsys):
+    """A folder given as --recording, or a file given as --out: the usual `error:` line and rc 2, before any
+    calibration work."""
+    flow = GaussianMixtureFlow(dim=4, components=2, seed=1)
+    rec = record(flow, torch.randn(2, 4), shifted_sigmas(8).tolist(), progress=False)
+    rec.save(tmp_path / "rec.pt")
+    occupied = tmp_path / "taken.txt"
+    occupied.write_text("not a folder")
+    cases = [
+        (["--recording", str(tmp_path), "--out", str(tmp_path / "out")], f"--recording {tmp_path}: is a folder"),
+        (["--recording", str(tmp_path / "rec.pt"), "--out", str(occupied)], f"--out {occupied}: exists and is not"),
+        (["--flow", "gaussian-mixture", "--steps", "8", "--out", str(occupied)], f"--out {occupied}: exists"),
+        (["--recording", str(tmp_path / "rec.pt"), "--out", str(occupied / "below")], f"--out {occupied / 'below'}"),
+    ]
+    for args, message in cases:
+        assert cli.main(["calibrate", *args, "--budget", "3", "--no-plot", "--quiet"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("meancache calibrate: error: ") and message in err, err
+        assert "Traceback" not in err
+    assert occupied.read_text() == "not a folder"
+
+
+def test_binary_recording_is_an_error_line(tmp_path, capsys):
+    path = tmp_path / "rec.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert cli.main(["calibrate", "--recording", str(path), "--budget", "3", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meancache calibrate: error: ") and str(path) in err

@@ -14,7 +14,9 @@ from meancache.digits import build_pipeline  # noqa: E402
 from meancache.digits import load_pipeline  # noqa: E402
 from meancache.digits import save_weights  # noqa: E402
 from meancache.digits.calibration import PRESET_BUDGETS  # noqa: E402
-from meancache.digits.calibration import calibrate_digits  # noqa: E402
+from meancache.calibrate import DEFAULT_GAMMA  # noqa: E402
+from meancache.calibrate import segment_costs  # noqa: E402
+from meancache.digits.calibration import calibration_recording  # noqa: E402
 from meancache.digits.classifier import DigitClassifier  # noqa: E402
 from meancache.digits.model import pack  # noqa: E402
 from meancache.digits.model import sample_noise  # noqa: E402
@@ -163,12 +165,40 @@ def test_training_script_runs_a_few_iterations(tmp_path, capsys):
         train(steps=0)
 
 
+# How far above the optimum found here the shipped preset's path value may be. The recording itself comes from a
+# float32 model run, whose rounding differs between CPUs: recorded in float64 instead, the latents move by 1.6e-6
+# (relative) and the path values of the preset by 1.2e-6, so two float32 machines disagree by a few 1e-6, and one
+# may find another path whose value is within that of the preset's. 5e-5 is ten times that; it still fails a preset
+# that is wrong by one choice, the nearest of which (one K at B=25) costs 1.3e-4 more.
+PRESET_VALUE_RTOL = 5e-5
+
+
+def _path_value(per_k, schedule, gamma):
+    """sum of segment cost ** gamma along the schedule, each segment at its own K (chains cost 0)."""
+    steps = schedule.compute_steps
+    return sum(
+        float(per_k[k - 1][a, b]) ** gamma for a, b, k in zip(steps, steps[1:], schedule.orders) if b - a > 1
+    )
+
+
 def test_shipped_digits_preset_is_what_calibration_finds(pipe):
-    """The preset file is reproducible from the packaged weights and the documented calibration recipe."""
+    """The preset file is reproducible from the packaged weights and the documented calibration recipe.
+
+    Compared by what the search minimises, so that it holds on any CPU: the shipped schedule, priced with this
+    machine's recording (every segment at the K the preset gives it), is within PRESET_VALUE_RTOL of the optimum
+    found here. On this machine the two are the same schedule (printed)."""
     assert sorted(meancache.preset_names()["digits"]) == sorted(PRESET_BUDGETS)
-    found = calibrate_digits(pipe)
-    for s in found:
-        assert s == meancache.Schedule.preset("digits", s.budget), (s.pattern(), s.budget)
+    rec = calibration_recording(pipe)
+    found = meancache.calibrate(rec, budget=list(PRESET_BUDGETS))  # what calibrate_digits(pipe) does
+    per_k = [segment_costs(rec, orders=[k])[0] for k in range(1, meancache.MAX_ORDER + 1)]
+    for schedule in found:
+        shipped = meancache.Schedule.preset("digits", schedule.budget)
+        assert shipped.num_steps == rec.num_steps and shipped.budget == schedule.budget
+        best = _path_value(per_k, schedule, DEFAULT_GAMMA)
+        value = _path_value(per_k, shipped, DEFAULT_GAMMA)
+        same = "same schedule" if shipped == schedule else f"found {schedule.pattern()}"
+        print(f"digits B={schedule.budget}: shipped {value:.8e}, optimum here {best:.8e} ({same})")
+        assert value <= best * (1 + PRESET_VALUE_RTOL), (schedule.budget, value / best - 1, schedule.pattern())
 
 
 def test_accelerate_picks_the_digits_preset(pipe):

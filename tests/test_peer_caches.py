@@ -63,6 +63,10 @@ def test_bisection_reports_closest_when_exact_is_impossible():
 
 @pytest.mark.parametrize("peer", peer_caches.PEERS, ids=lambda p: p.name)
 def test_each_peer_tunes_near_the_budget(setup, peer):
+    """The tuned setting itself is not compared: the adaptive caches decide on measured changes of the model's
+    output, so the threshold the bisection ends on moves with the CPU's rounding. What is checked is what the tuning
+    is for, the evaluation count of a run with it, within 2 of the budget (each peer reaches 7 exactly here; the
+    margin is for a machine where rounding moves the count the bisection can reach)."""
     pipe, labels, noise = setup
     config, note = peer.tune(pipe, labels, noise, 20, 3.0, 7)
     evals = peer_caches._evaluations(pipe, config, labels, noise, 20, 3.0)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
+import time
 
+import numpy as np
 import pytest
 
 import meancache
@@ -18,6 +21,7 @@ from meancache import MAX_ORDER
 from meancache import Schedule
 from meancache import StepPlan
 from meancache import preset_names
+from meancache.schedule import MAX_STEPS
 from meancache.schedule import SCHEDULE_FORMAT_VERSION
 from meancache.schedule import STRETCHED_CHAIN_ORDER
 from restatement import PATTERNS
@@ -619,6 +623,13 @@ BAD_JSON = {
     "invalid-schedule": (_doc(orders=[0, 3]), re.escape("orders[0]=0")),
     "float-num_steps": (_doc(num_steps=6.0), re.escape("num_steps=6.0")),
     "float-step": (_doc(compute_steps=[0, 2.0, 5]), re.escape("compute_steps=[0, 2.0, 5]")),
+    # `true == 1` in Python: a boolean is not a version number
+    "version-true": (_doc(version=True), re.escape("version=True")),
+    # loads, then `window` builds a list per step: bounded by MAX_STEPS instead
+    "num_steps-1e9": (_doc(num_steps=10**9, compute_steps=[0, 10**9 - 1], orders=[6]),
+                      re.escape("num_steps=1000000000: must be <= MAX_STEPS=10000")),
+    "num_steps-1e30": (_doc(num_steps=10**30, compute_steps=[0, 10**30 - 1], orders=[6]),
+                       re.escape(f"num_steps={10**30}: must be <= MAX_STEPS")),
 }
 
 
@@ -677,3 +688,123 @@ def test_random_schedules_roundtrip_and_resample(seed, tmp_path):
         else:
             for (a, b, k), (_, _, k_ref) in zip(segments(r), segments(s)):
                 assert k == (STRETCHED_CHAIN_ORDER if k_ref == 0 and b - a > 1 else k_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sizes, files and argument types (issue 10)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Schedule([0, MAX_STEPS], [6], MAX_STEPS + 1),
+        lambda: Schedule.full(10**9),
+        lambda: Schedule.default(10, 10**9),
+        lambda: Schedule.preset("qwen-image", 10).resample(10**5),
+        lambda: Schedule.preset("qwen-image", 10, num_steps=MAX_STEPS + 1),
+    ],
+    ids=["constructor", "full", "default", "resample", "preset"],
+)
+def test_step_count_is_bounded(make):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"num_steps=\d+: must be <= MAX_STEPS=10000") as info:
+        make()
+    assert "largest supported step count" in str(info.value)
+    assert time.perf_counter() - t0 < 1.0  # rejected up front, before building anything of that size
+
+
+def test_max_steps_itself_is_accepted():
+    assert MAX_STEPS == 10_000
+    s = Schedule.full(MAX_STEPS)
+    assert s.num_steps == MAX_STEPS and s.window == 1
+    assert Schedule.from_json(Schedule([0, MAX_STEPS - 1], [6], MAX_STEPS).to_json()).window == 6
+
+
+@pytest.mark.parametrize(
+    "make, seconds",
+    [
+        (lambda: Schedule.preset("qwen-image", 10).resample(MAX_STEPS), 30),
+        (lambda: Schedule.preset("z-image", 25).resample(MAX_STEPS - 1), 30),
+        (lambda: Schedule.default(10, MAX_STEPS), 17),
+        (lambda: Schedule.default(25, MAX_STEPS), 40),
+    ],
+    ids=["resample-qwen10", "resample-z25", "default-10", "default-25"],
+)
+def test_resample_and_default_scale_linearly(make, seconds):
+    """Each took ``seconds`` or more with the quadratic placement; now milliseconds. The bound is a tenth of the
+    old time, far above the new one even on a loaded machine."""
+    t0 = time.perf_counter()
+    s = make()
+    assert time.perf_counter() - t0 < seconds / 10
+    assert_valid(s)
+
+
+def _place_loop(targets, num_steps, max_gap=None):
+    """The placement as a plain O(B * W**2) loop: the reference the vectorised one must equal, ties included."""
+    b = len(targets)
+    width = num_steps - b + 1
+    if max_gap is None or max_gap * (b - 1) < num_steps - 1:
+        max_gap = num_steps
+    cost = [0.0 if o == 0 else math.inf for o in range(width)]
+    back = []
+    for j in range(1, b):
+        cur, arg = [math.inf] * width, [0] * width
+        for o in range(width):
+            best_o = min(range(max(0, o - max_gap + 1), o + 1), key=cost.__getitem__)  # first minimiser
+            cur[o] = cost[best_o] + (j + o - targets[j]) ** 2
+            arg[o] = best_o
+        if j == b - 1:
+            cur = [math.inf] * (width - 1) + [cur[-1]]
+        back.append(arg)
+        cost = cur
+    o = width - 1
+    offsets = [o]
+    for arg in reversed(back):
+        o = arg[o]
+        offsets.append(o)
+    return [j + o for j, o in enumerate(reversed(offsets))]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_placement_equals_the_plain_loop(seed):
+    from meancache.schedule import _place
+
+    rng = random.Random(seed)
+    for case in range(200):
+        n = rng.randint(2, 70)
+        b = rng.randint(2, n)
+        kind = case % 4
+        if kind == 0:
+            targets = sorted(rng.uniform(0, n - 1) for _ in range(b))
+        elif kind == 1:  # halves: exact ties between two roundings
+            targets = sorted(round(rng.uniform(0, n - 1) * 2) / 2 for _ in range(b))
+        elif kind == 2:  # repeated integers: ties between pushing left and right
+            targets = sorted(rng.randint(0, n - 1) for _ in range(b))
+        else:
+            targets = [j * (n - 1) / (b - 1) for j in range(b)]
+        for max_gap in (None, 2, 3, 8, n):
+            assert _place(targets, n, max_gap) == _place_loop(targets, n, max_gap), (targets, n, max_gap)
+
+
+def test_with_order_accepts_numpy_integers():
+    s = Schedule([0, 3, 4, 6], [4, 0, 2], num_steps=7)
+    for order in (np.int64(2), np.int32(2), np.uint8(2)):
+        out = s.with_order(order)
+        assert out == s.with_order(2) and all(type(k) is int for k in out.orders)
+    for bad in (np.float64(2.0), True, np.int64(7), 0):
+        with pytest.raises(ValueError, match=re.escape(f"order={bad!r}")):
+            s.with_order(bad)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe{\x00}", bytes(range(256)), "{\"format\": \"meancache.schedule\"}".encode("utf-16")],
+    ids=["latin-garbage", "binary", "utf-16"],
+)
+def test_load_of_a_non_utf8_file_names_the_path(tmp_path, content):
+    path = tmp_path / "binary schedule.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        Schedule.load(path)
+    assert "not UTF-8" in str(info.value) and type(info.value) is ValueError

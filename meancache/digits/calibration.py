@@ -12,14 +12,24 @@ import argparse
 import json
 from pathlib import Path
 
+from ..calibrate import Recording
 from ..calibrate import calibrate
+from ..calibrate import record
 from ..schedule import PRESET_FORMAT
 from ..schedule import Schedule
 from .model import DEFAULT_GUIDANCE
 from .model import NUM_CLASSES
 from .model import sample_noise
 
-__all__ = ["PRESET_BUDGETS", "PRESET_PATH", "calibrate_digits", "calibration_inputs", "main", "preset_document"]
+__all__ = [
+    "PRESET_BUDGETS",
+    "PRESET_PATH",
+    "calibrate_digits",
+    "calibration_inputs",
+    "calibration_recording",
+    "main",
+    "preset_document",
+]
 
 PRESET_NAME = "digits"
 PRESET_BUDGETS = (25, 17, 10)
@@ -45,6 +55,32 @@ def calibration_inputs(num_inputs: int = CALIBRATION_INPUTS) -> list[dict]:
     ]
 
 
+def calibration_recording(
+    pipe,
+    *,
+    num_steps: int = PRESET_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    num_inputs: int = CALIBRATION_INPUTS,
+    progress: bool = False,
+) -> Recording:
+    """The uncached runs of ``pipe`` on the calibration inputs: what :func:`calibrate_digits` searches.
+
+    Example::
+
+        >>> from meancache.digits import load_pipeline
+        >>> pipe = load_pipeline(); pipe.set_progress_bar_config(disable=True)
+        >>> calibration_recording(pipe, num_steps=6, num_inputs=1)
+        Recording(num_inputs=1, num_steps=6, shape=(10, 16, 4))
+    """
+    return record(
+        pipe,
+        calibration_inputs(num_inputs),
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        progress=progress,
+    )
+
+
 def calibrate_digits(
     pipe,
     budgets=PRESET_BUDGETS,
@@ -63,14 +99,10 @@ def calibrate_digits(
         >>> [s.budget for s in calibrate_digits(pipe, [4, 6], num_steps=12, num_inputs=1)]
         [4, 6]
     """
-    return calibrate(
-        pipe,
-        calibration_inputs(num_inputs),
-        budget=list(budgets),
-        num_inference_steps=num_steps,
-        guidance_scale=guidance_scale,
-        progress=progress,
+    rec = calibration_recording(
+        pipe, num_steps=num_steps, guidance_scale=guidance_scale, num_inputs=num_inputs, progress=progress
     )
+    return calibrate(rec, budget=list(budgets))
 
 
 def preset_document(schedules: list[Schedule]) -> dict:
