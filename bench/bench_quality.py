@@ -1,7 +1,7 @@
 """Quality of calibrated MeanCache against the published presets, plain reuse and fewer-step solvers.
 
 For each analytic flow (exact Gaussian-mixture velocities, :class:`meancache.flows.GaussianMixtureFlow`), and for
-the embedded digits model (its guided velocity on the pipeline's grid, :mod:`meancache.digits`), at budgets of 10,
+the embedded digits model (its guided velocity on the pipeline's grid, :mod:`meancache.examples.digits`), at budgets of 10,
 17 and 25 model evaluations out of 50 steps, every method starts from the same held-out noise and is
 compared with the full 50-step Euler run: ``rel L2 = ||x - x_full|| / ||x_full||`` over the whole batch, and the
 median over samples of the per-sample relative error (robust to the few samples that end in another mixture
@@ -45,7 +45,7 @@ FLOWS = {
     "demo": (dict(dim=1024, components=2048, seed=0), 3.0, 16, 128, 32),
 }
 # The embedded digits model (guided velocity, the pipeline's own grid), calibrated as its shipped preset is
-# (meancache.digits.calibration: 4 x 10 inputs, seeds 10000+) and scored on the demo's noise (seeds 0+).
+# (meancache.examples.digits.calibration: 4 x 10 inputs, seeds 10000+) and scored on the demo's noise (seeds 0+).
 DIGITS_SAMPLES = 100
 DIGITS_EXACT = 20
 PROBLEMS = list(FLOWS) + ["digits"]
@@ -103,16 +103,16 @@ def errors(out: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
 def _problem(name: str):
     """``(velocity, grid(n), calibration inputs, evaluation noise, exact inputs, description)`` of one flow."""
     if name == "digits":
-        from meancache.digits import load_pipeline
-        from meancache.digits.calibration import calibration_inputs
-        from meancache.digits.model import DEFAULT_GUIDANCE
-        from meancache.digits.model import guided_velocity_fn
-        from meancache.digits.model import sample_noise
-        from meancache.digits.model import sigma_grid
+        from meancache.examples.digits import load_pipeline
+        from meancache.examples.digits.calibration import calibration_inputs
+        from meancache.examples.digits.model import DEFAULT_GUIDANCE
+        from meancache.examples.digits.model import guided_velocity_fn
+        from meancache.examples.digits.model import sample_noise
+        from meancache.examples.digits.model import sigma_grid
 
         flow = guided_velocity_fn(load_pipeline(), DEFAULT_GUIDANCE)
         calib = [i["latents"] for i in calibration_inputs()]
-        args = {"model": "embedded digits (meancache.digits)", "guidance": DEFAULT_GUIDANCE,
+        args = {"model": "embedded digits (meancache.examples.digits)", "guidance": DEFAULT_GUIDANCE,
                 "calibration_inputs": sum(len(c) for c in calib), "evaluation_inputs": DIGITS_SAMPLES}
         return flow, sigma_grid, calib, sample_noise(range(DIGITS_SAMPLES)), DIGITS_EXACT, args
     kwargs, shift, n_cal, n_eval, n_exact = FLOWS[name]

@@ -125,8 +125,9 @@ def _flow_recording(args) -> Recording:
 
 
 def _digits_recording(args) -> Recording:
-    from .digits import load_pipeline
-    from .digits.calibration import calibration_inputs
+    # the embedded model is an example: imported only for this option
+    from .examples.digits import load_pipeline
+    from .examples.digits.calibration import calibration_inputs
 
     if args.inputs < 1:
         raise ValueError(f"--inputs {args.inputs}: must be >= 1")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     src = cal.add_mutually_exclusive_group(required=True)
     src.add_argument("--recording", type=pathlib.Path, help="file written by Recording.save")
     src.add_argument("--flow", choices=["gaussian-mixture"], help="record an analytic flow instead")
-    src.add_argument("--model", choices=["digits"], help="record the embedded digits model (meancache.digits)")
+    src.add_argument("--model", choices=["digits"], help="record the embedded digits model (meancache.examples.digits)")
     cal.add_argument("--budget", type=int, nargs="+", required=True, help="model evaluations, one or more")
     cal.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
     cal.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="peak-suppression exponent")

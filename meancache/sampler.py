@@ -44,7 +44,7 @@ def sample(
             float64; CPU or CUDA.
         sigmas: ``schedule.num_steps + 1`` decreasing floats (1-D tensor or sequence), normally ending at 0.
         schedule: a :class:`~meancache.Schedule`, or an :class:`~meancache.online.OnlinePlan` that decides the
-            compute steps during the run (calibration-free mode).
+            compute steps during the run (calibration-free mode), or any plan of :mod:`meancache.plans`.
         history: optional :class:`~meancache.History` to log into (it is cleared first). Pass one to inspect the
             ring after the run or to reuse its storage across runs; its capacity must be at least
             ``schedule.window``.
@@ -64,7 +64,7 @@ def sample(
         >>> x.shape
         torch.Size([2, 8])
     """
-    if not isinstance(schedule, (Schedule, OnlinePlan)):
+    if not isinstance(schedule, (Schedule, OnlinePlan, StaticPlan)):
         raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
     if not callable(velocity_fn):
         raise ValueError(f"velocity_fn={velocity_fn!r}: must be callable as velocity_fn(x, sigma)")
@@ -72,7 +72,7 @@ def sample(
     sig = as_sigma_list(sigmas, schedule.num_steps)
     if history is not None and not isinstance(history, History):
         raise ValueError(f"history is a {type(history).__name__}: must be a meancache.History")
-    plan = schedule if isinstance(schedule, OnlinePlan) else StaticPlan(schedule)
+    plan = StaticPlan(schedule) if isinstance(schedule, Schedule) else schedule
     traj = Trajectory(plan, sig, history=history)
     x = latents
     for i in range(plan.num_steps):

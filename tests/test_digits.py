@@ -9,20 +9,20 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
 import meancache  # noqa: E402
-from meancache.digits import WEIGHTS_PATH  # noqa: E402
-from meancache.digits import build_pipeline  # noqa: E402
-from meancache.digits import load_pipeline  # noqa: E402
-from meancache.digits import save_weights  # noqa: E402
-from meancache.digits.calibration import PRESET_BUDGETS  # noqa: E402
+from meancache.examples.digits import WEIGHTS_PATH  # noqa: E402
+from meancache.examples.digits import build_pipeline  # noqa: E402
+from meancache.examples.digits import load_pipeline  # noqa: E402
+from meancache.examples.digits import save_weights  # noqa: E402
+from meancache.examples.digits.calibration import PRESET_BUDGETS  # noqa: E402
 from meancache.calibrate import DEFAULT_GAMMA  # noqa: E402
 from meancache.calibrate import segment_costs  # noqa: E402
-from meancache.digits.calibration import calibration_recording  # noqa: E402
-from meancache.digits.classifier import DigitClassifier  # noqa: E402
-from meancache.digits.model import pack  # noqa: E402
-from meancache.digits.model import sample_noise  # noqa: E402
-from meancache.digits.train import load_data  # noqa: E402
-from meancache.digits.train import main as train_main  # noqa: E402
-from meancache.digits.train import train  # noqa: E402
+from meancache.examples.digits.calibration import calibration_recording  # noqa: E402
+from meancache.examples.digits.classifier import DigitClassifier  # noqa: E402
+from meancache.examples.digits.model import pack  # noqa: E402
+from meancache.examples.digits.model import sample_noise  # noqa: E402
+from meancache.examples.digits.train import load_data  # noqa: E402
+from meancache.examples.digits.train import main as train_main  # noqa: E402
+from meancache.examples.digits.train import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -209,12 +209,12 @@ def test_accelerate_picks_the_digits_preset(pipe):
     finally:
         meancache.disable(pipe)
     assert summary.schedule == meancache.Schedule.preset("digits", 10)
-    assert summary.transformer_calls == 10 and summary.skipped_steps == 40
+    assert summary.model_calls == 10 and summary.skipped_steps == 40
     assert torch.isfinite(out).all()
 
 
 def test_preset_file_is_well_formed():
-    from meancache.digits.calibration import PRESET_PATH
+    from meancache.examples.digits.calibration import PRESET_PATH
 
     data = json.loads(PRESET_PATH.read_text())
     assert data["name"] == "digits" and data["num_steps"] == 50
@@ -240,5 +240,5 @@ def test_bfloat16_and_online_mode_run(pipe):
         summary = meancache.summary(pipe)
     finally:
         meancache.disable(pipe)
-    assert summary.transformer_calls == summary.computed_steps <= 8
+    assert summary.model_calls == summary.computed_steps <= 8
     assert summary.computed_steps + summary.skipped_steps == 24

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meancache import flow_demo as demo
+from meancache.examples import flow_demo as demo
 
 
 def test_demo_rows_and_table(capsys):

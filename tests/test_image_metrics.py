@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from meancache.image_metrics import mean_psnr
-from meancache.image_metrics import psnr
-from meancache.image_metrics import ssim
+from meancache.examples.image_metrics import mean_psnr
+from meancache.examples.image_metrics import psnr
+from meancache.examples.image_metrics import ssim
 
 
 def test_psnr_closed_form():

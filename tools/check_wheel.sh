@@ -60,8 +60,8 @@ mkdir "$TMP/unpacked"
 SO=$(find "$TMP/unpacked/meancache" -maxdepth 1 -name '_C*.so' | head -n 1)
 [[ -n $SO ]] || die "the wheel has no meancache/_C*.so (built with MEANCACHE_SKIP_CUDA_BUILD=1, or without CUDA?)"
 ls "$TMP"/unpacked/meancache/presets/*.json > /dev/null 2>&1 || die "the wheel has no meancache/presets/*.json"
-[[ -s $TMP/unpacked/meancache/digits/weights/digits.safetensors ]] \
-  || die "the wheel has no meancache/digits/weights/digits.safetensors (the embedded model)"
+[[ -s $TMP/unpacked/meancache/examples/digits/weights/digits.safetensors ]] \
+  || die "the wheel has no meancache/examples/digits/weights/digits.safetensors (the embedded model)"
 METADATA=$(cat "$TMP"/unpacked/meancache-*.dist-info/METADATA)
 grep -Eq '^Requires-Dist: torch==[0-9]+\.[0-9]+\.\*$' <<< "$METADATA" \
   || die "the wheel's METADATA does not pin torch==X.Y.* (found: $(grep '^Requires-Dist: torch' <<< "$METADATA" || echo none))"

@@ -1,34 +1,11 @@
-"""The embedded model: a small class-conditional FLUX transformer that draws 8x8 handwritten digits.
+"""Deprecated location of :mod:`meancache.examples.digits` (kept for one release): the embedded digits model is an
+example, not part of the core library. ``python -m meancache.digits.train`` and ``.calibration`` still run."""
 
-It is trained (:mod:`meancache.digits.train`) on the digit images that ship with scikit-learn, and its weights
-ship inside the package, so ``make demo`` shows MeanCache on a real diffusers flow-matching transformer without
-downloading anything.
+import warnings
 
-* :func:`load_pipeline` - the :class:`DigitsPipeline` with the packaged (or any saved) weights.
-* :class:`DigitsPipeline` - a diffusers pipeline: FLUX transformer, ``FlowMatchEulerDiscreteScheduler``, batched
-  classifier-free guidance.
-* :class:`DigitClassifier` (:mod:`meancache.digits.classifier`) - an independent logistic-regression judge of
-  which digit a sample shows.
+import meancache.examples.digits as _moved
+from meancache.examples.digits import *  # noqa: F401,F403
 
-This subpackage needs diffusers (and scikit-learn for the data and the classifier); ``import meancache`` does not.
-"""
-
-from __future__ import annotations
-
-from .model import IMAGE_SIZE
-from .model import NULL_CLASS
-from .model import WEIGHTS_PATH
-from .model import DigitsPipeline
-from .model import build_pipeline
-from .model import load_pipeline
-from .model import save_weights
-
-__all__ = [
-    "IMAGE_SIZE",
-    "NULL_CLASS",
-    "WEIGHTS_PATH",
-    "DigitsPipeline",
-    "build_pipeline",
-    "load_pipeline",
-    "save_weights",
-]
+warnings.warn("meancache.digits is deprecated; use meancache.examples.digits", DeprecationWarning, stacklevel=2)
+# submodules (train, calibration, model, classifier) are found in the new folder
+__path__ = list(_moved.__path__)

@@ -1,4 +1,4 @@
-"""Train the embedded digits model: ``python -m meancache.digits.train [--steps N] [--out FILE]``.
+"""Train the embedded digits model: ``python -m meancache.examples.digits.train [--steps N] [--out FILE]``.
 
 Rectified-flow matching on scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn, no download):
 ``x_t = (1 - t) x_0 + t e`` with ``t ~ U(0, 1)``, and the transformer regresses the velocity ``e - x_0``, the
@@ -52,7 +52,7 @@ def train(
     seed: int = 0,
     log_every: int = 250,
 ):
-    """Train a fresh :class:`~meancache.digits.DigitsPipeline` and return it with the EMA weights loaded.
+    """Train a fresh :class:`~meancache.examples.digits.DigitsPipeline` and return it with the EMA weights loaded.
 
     Args:
         steps: optimizer steps (>= 1).
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     """Command line: train and write the weights (the defaults are the packaged file's settings)."""
     from .model import WEIGHTS_PATH
 
-    parser = argparse.ArgumentParser(prog="python -m meancache.digits.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meancache.examples.digits.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -29,7 +29,7 @@ class DigitClassifier:
 
     Example::
 
-        >>> from meancache.digits.train import load_data
+        >>> from meancache.examples.digits.train import load_data
         >>> clf = DigitClassifier()
         >>> clf.holdout_accuracy > 0.9
         True
@@ -64,7 +64,7 @@ class DigitClassifier:
     def accuracy(self, images, labels) -> float:
         """Fraction of ``images`` ``(B, 8, 8)`` read as their ``labels`` ``(B,)``.
 
-        >>> from meancache.digits.train import load_data
+        >>> from meancache.examples.digits.train import load_data
         >>> x, y = load_data()
         >>> DigitClassifier().accuracy((x[-100:] + 1) / 2, y[-100:]) > 0.9
         True

@@ -375,7 +375,7 @@ def load_pipeline(
     if meta.get("format") != WEIGHTS_FORMAT or meta.get("version") != WEIGHTS_VERSION:
         raise ValueError(
             f"{path}: metadata format={meta.get('format')!r} version={meta.get('version')!r}; expected "
-            f"{WEIGHTS_FORMAT!r} version {WEIGHTS_VERSION!r} (a file written by meancache.digits.save_weights)"
+            f"{WEIGHTS_FORMAT!r} version {WEIGHTS_VERSION!r} (a file written by meancache.examples.digits.save_weights)"
         )
     pipe = build_pipeline()
     expected = _state(pipe)

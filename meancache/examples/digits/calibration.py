@@ -1,6 +1,6 @@
 """MeanCache schedules for the embedded digits model, and the shipped ``digits`` preset.
 
-``python -m meancache.digits.calibration`` records the uncached 50-step sampler on the calibration inputs below,
+``python -m meancache.examples.digits.calibration`` records the uncached 50-step sampler on the calibration inputs below,
 runs the PSSP search (:func:`meancache.calibrate`) at budgets 10, 17 and 25, and writes
 ``meancache/presets/digits.json``. The calibration noise (seeds from 10,000) never overlaps the demo's (seeds from
 0), so the demo measures the schedules on inputs they were not fitted to.
@@ -12,11 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ..calibrate import Recording
-from ..calibrate import calibrate
-from ..calibrate import record
-from ..schedule import PRESET_FORMAT
-from ..schedule import Schedule
+from ...calibrate import Recording
+from ...calibrate import calibrate
+from ...calibrate import record
+from ...schedule import PRESET_FORMAT
+from ...schedule import Schedule
 from .model import DEFAULT_GUIDANCE
 from .model import NUM_CLASSES
 from .model import sample_noise
@@ -34,7 +34,7 @@ __all__ = [
 PRESET_NAME = "digits"
 PRESET_BUDGETS = (25, 17, 10)
 PRESET_STEPS = 50
-PRESET_PATH = Path(__file__).parent.parent / "presets" / f"{PRESET_NAME}.json"
+PRESET_PATH = Path(__file__).parents[2] / "presets" / f"{PRESET_NAME}.json"
 CALIBRATION_SEED = 10_000
 #: Calibration inputs: each is one batch of the ten digits with its own noise.
 CALIBRATION_INPUTS = 4
@@ -67,7 +67,7 @@ def calibration_recording(
 
     Example::
 
-        >>> from meancache.digits import load_pipeline
+        >>> from meancache.examples.digits import load_pipeline
         >>> pipe = load_pipeline(); pipe.set_progress_bar_config(disable=True)
         >>> calibration_recording(pipe, num_steps=6, num_inputs=1)
         Recording(num_inputs=1, num_steps=6, shape=(10, 16, 4))
@@ -90,11 +90,11 @@ def calibrate_digits(
     num_inputs: int = CALIBRATION_INPUTS,
     progress: bool = False,
 ) -> list[Schedule]:
-    """Calibrated schedules of ``pipe`` (a :class:`~meancache.digits.DigitsPipeline`), one per budget.
+    """Calibrated schedules of ``pipe`` (a :class:`~meancache.examples.digits.DigitsPipeline`), one per budget.
 
     Example::
 
-        >>> from meancache.digits import load_pipeline
+        >>> from meancache.examples.digits import load_pipeline
         >>> pipe = load_pipeline(); pipe.set_progress_bar_config(disable=True)
         >>> [s.budget for s in calibrate_digits(pipe, [4, 6], num_steps=12, num_inputs=1)]
         [4, 6]
@@ -118,7 +118,7 @@ def preset_document(schedules: list[Schedule]) -> dict:
         "version": 1,
         "name": PRESET_NAME,
         "source": (
-            "meancache.digits.calibration: meancache.calibrate on the embedded digits model "
+            "meancache.examples.digits.calibration: meancache.calibrate on the embedded digits model "
             f"(guidance {DEFAULT_GUIDANCE}, {CALIBRATION_INPUTS} x {NUM_CLASSES} calibration samples, "
             f"seeds {CALIBRATION_SEED}+)"
         ),
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     """Command line: calibrate the packaged model and write the ``digits`` preset."""
     from .model import load_pipeline
 
-    parser = argparse.ArgumentParser(prog="python -m meancache.digits.calibration", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meancache.examples.digits.calibration", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(PRESET_PATH))
     args = parser.parse_args(argv)
     pipe = load_pipeline()

@@ -1,0 +1,413 @@
+"""Recording reference trajectories for the schedule search: the :class:`Recording` file format, :func:`record`
+(the package's own sampler with every step computed) and :func:`record_pipeline` (a diffusers pipeline, logged where
+MeanCache caches, at ``scheduler.step``, algorithm.md §7).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from typing import Callable
+from typing import Sequence
+
+import torch
+
+from ..hooks import check_scheduler
+from ..hooks import hooked_step
+from ..hooks import is_pipeline
+from ..hooks import sigma_grid
+from ..pipeline import STATE
+from ..plans import StaticPlan
+from ..sampler import sample
+from ..schedule import Schedule
+from ..sigmas import as_sigma_list
+from ..validation import check_latents
+from ..validation import check_velocity
+
+__all__ = ["RECORDING_FORMAT", "RECORDING_FORMAT_VERSION", "Recording", "record", "record_pipeline"]
+
+logger = logging.getLogger("meancache")
+
+RECORDING_FORMAT = "meancache.recording"
+#: Version written by :meth:`Recording.save`; :meth:`Recording.load` rejects every other version.
+RECORDING_FORMAT_VERSION = 1
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_meta(meta, where: str) -> dict:
+    """Meta must survive ``torch.load(weights_only=True)``: nested dicts/lists of str, int, float, bool, None."""
+
+    def ok(value) -> bool:
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return True
+        if isinstance(value, (list, tuple)):
+            return all(ok(v) for v in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and ok(v) for k, v in value.items())
+        return False
+
+    if not isinstance(meta, dict) or not ok(meta):
+        raise ValueError(
+            f"{where}meta={meta!r}: must be a dict with str keys and str/int/float/bool/None values (or lists "
+            "and dicts of them)"
+        )
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()}
+
+
+class Recording:
+    """Reference trajectories of the uncached Euler sampler: the input of :func:`segment_costs`.
+
+    Attributes:
+        sigmas: list of ``N + 1`` Python floats, the grid the run stepped through.
+        latents: float32 CPU tensor ``(P, N + 1, *shape)``: ``latents[p, i]`` is ``x_i`` of input ``p``
+            (``x_0`` the input itself, ``x_N`` the final sample).
+        velocities: float32 CPU tensor ``(P, N, *shape)``: ``velocities[p, i]`` is the velocity the sampler used
+            at step ``i`` (``dx/dsigma``, post-guidance).
+        meta: dict of str to str/int/float/bool/None (or lists/dicts of them): provenance, free for the caller.
+
+    Raises:
+        ValueError: on inconsistent shapes, a non-float32 or non-CPU tensor, non-finite values, a bad sigma grid or
+            unsavable meta.
+
+    Example:
+        >>> import torch
+        >>> rec = Recording([1.0, 0.5, 0.0], torch.zeros(2, 3, 4), torch.zeros(2, 2, 4))
+        >>> rec.num_inputs, rec.num_steps, rec.shape
+        (2, 2, (4,))
+    """
+
+    __slots__ = ("sigmas", "latents", "velocities", "meta")
+
+    def __init__(self, sigmas, latents: torch.Tensor, velocities: torch.Tensor, meta: dict | None = None):
+        sig = as_sigma_list(sigmas)
+        n = len(sig) - 1
+        for name, t, steps in (("latents", latents, n + 1), ("velocities", velocities, n)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"Recording {name} is a {type(t).__name__}: must be a torch.Tensor")
+            if t.dtype != torch.float32 or t.device.type != "cpu":
+                raise ValueError(f"Recording {name}: dtype={t.dtype} on {t.device}; must be float32 on the CPU")
+            if t.dim() < 2 or t.shape[1] != steps or t.shape[0] < 1:
+                raise ValueError(
+                    f"Recording {name} has shape {tuple(t.shape)}: must be (P >= 1, {steps}, *shape) for "
+                    f"{len(sig)} sigmas"
+                )
+        if latents.shape[0] != velocities.shape[0] or latents.shape[2:] != velocities.shape[2:]:
+            raise ValueError(
+                f"Recording latents {tuple(latents.shape)} and velocities {tuple(velocities.shape)}: must be "
+                "(P, N + 1, *shape) and (P, N, *shape) with the same P and shape"
+            )
+        for name, t in (("latents", latents), ("velocities", velocities)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"Recording {name} contain NaN or inf: the reference run diverged")
+        self.sigmas = sig
+        self.latents = latents
+        self.velocities = velocities
+        self.meta = _check_meta({} if meta is None else meta, "Recording ")
+
+    @property
+    def num_steps(self) -> int:
+        """Sampler steps N of the recorded run."""
+        return len(self.sigmas) - 1
+
+    @property
+    def num_inputs(self) -> int:
+        """Number P of calibration inputs."""
+        return self.latents.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one input's latent."""
+        return tuple(self.latents.shape[2:])
+
+    def __repr__(self):
+        return f"Recording(num_inputs={self.num_inputs}, num_steps={self.num_steps}, shape={self.shape})"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the recording with ``torch.save`` (tensors, lists and plain dicts only, readable with
+        ``weights_only=True``), tagged with the format name and version.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> rec = Recording([1.0, 0.0], torch.ones(1, 2, 3), torch.ones(1, 1, 3), meta={"seed": 0})
+            >>> p = os.path.join(tempfile.mkdtemp(), "rec.pt")
+            >>> rec.save(p); Recording.load(p).meta
+            {'seed': 0}
+        """
+        torch.save(
+            {
+                "format": RECORDING_FORMAT,
+                "version": RECORDING_FORMAT_VERSION,
+                "sigmas": list(self.sigmas),
+                "latents": self.latents,
+                "velocities": self.velocities,
+                "meta": self.meta,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recording":
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            ValueError: naming the path, for a corrupt file, another format, a missing or different version, or
+                inconsistent content. A missing file raises the usual ``FileNotFoundError``.
+        """
+        where = os.fspath(path)
+        try:
+            data = torch.load(where, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as exc:  # torch raises several unrelated types for a damaged file; all mean "corrupt"
+            raise ValueError(f"{where}: not a readable meancache recording ({type(exc).__name__}: {exc})") from None
+        if not isinstance(data, dict) or data.get("format") != RECORDING_FORMAT:
+            raise ValueError(f"{where}: not a meancache recording (expected format {RECORDING_FORMAT!r})")
+        version = data.get("version")
+        if version != RECORDING_FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: recording format version={version!r}; this meancache reads version "
+                f"{RECORDING_FORMAT_VERSION}"
+            )
+        missing = [k for k in ("sigmas", "latents", "velocities", "meta") if k not in data]
+        if missing:
+            raise ValueError(f"{where}: recording is missing field(s) {missing}")
+        try:
+            return cls(data["sigmas"], data["latents"], data["velocities"], data["meta"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_inputs(inputs) -> tuple[list[torch.Tensor], bool]:
+    """``(tensors, batched)``: one batched tensor (rows are inputs) or a list of same-shaped tensors."""
+    if isinstance(inputs, torch.Tensor):
+        check_latents(inputs, "inputs")
+        if inputs.dim() < 1 or inputs.shape[0] < 1:
+            raise ValueError(
+                f"inputs has shape {tuple(inputs.shape)}: a batched tensor needs a leading input dimension P >= 1"
+            )
+        return [inputs], True
+    if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
+        raise ValueError(
+            f"inputs={type(inputs).__name__}: must be a non-empty list of latent tensors or one batched tensor "
+            "(P, *shape)"
+        )
+    for j, t in enumerate(inputs):
+        check_latents(t, f"inputs[{j}]")
+        if t.shape != inputs[0].shape or t.dtype != inputs[0].dtype or t.device != inputs[0].device:
+            raise ValueError(
+                f"inputs[{j}] is {tuple(t.shape)} {t.dtype} on {t.device} but inputs[0] is "
+                f"{tuple(inputs[0].shape)} {inputs[0].dtype} on {inputs[0].device}: all inputs must match"
+            )
+    return list(inputs), False
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar, or a stand-in with ``update``/``close`` when disabled or tqdm is not installed."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc="meancache.record", unit="eval")
+        except ImportError:  # tqdm is optional: recording works without a bar
+            logger.info("meancache.record: tqdm is not installed, no progress bar")
+
+    class _Quiet:
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    return _Quiet()
+
+
+def record(
+    velocity_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    *,
+    progress: bool = True,
+    **pipeline_kwargs,
+) -> Recording:
+    """Run the uncached Euler sampler on calibration inputs and record every latent and velocity.
+
+    With a diffusers pipeline as ``velocity_fn``, ``inputs`` is a list of prompts (str) or of dicts of call
+    arguments, ``sigmas`` must be None (the pipeline's scheduler sets the grid) and ``pipeline_kwargs`` are passed
+    to every call; see :func:`record_pipeline`.
+
+    It runs ``meancache.sample(velocity_fn, x, sigmas, Schedule.full(N))`` on each input (the package's own
+    sampler, so ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v_i`` in float32, float64 for float64 inputs, stored
+    back in the input's dtype) and keeps float32 CPU copies of every latent and velocity.
+
+    Args:
+        velocity_fn: ``velocity_fn(x, sigma) -> v`` as for :func:`meancache.sample` (guided, ``dx/dsigma``).
+        inputs: either **one tensor** ``(P, *shape)``, whose rows are the P calibration inputs and which is passed
+            to ``velocity_fn`` whole (one call per step), or **a list** of P tensors of one shape (for example
+            ``(1, seq, channels)`` each), passed to ``velocity_fn`` one at a time (P calls per step), for models
+            that want their own batch layout. float16, bfloat16, float32 or float64; any device.
+        sigmas: ``N + 1`` decreasing floats (1-D tensor or sequence).
+        progress: show a tqdm progress bar over the model evaluations.
+
+    Returns:
+        A :class:`Recording` with ``latents (P, N + 1, *shape)`` and ``velocities (P, N, *shape)``.
+
+    Raises:
+        ValueError: on a non-callable ``velocity_fn``, bad inputs, a bad grid, or a velocity of the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> rec = record(lambda x, s: x - 1.0, torch.zeros(3, 2), [1.0, 0.5, 0.0], progress=False)
+        >>> rec.latents.shape, rec.latents[0, -1].tolist()
+        (torch.Size([3, 3, 2]), [0.75, 0.75])
+    """
+    if is_pipeline(velocity_fn):
+        if sigmas is not None:
+            raise ValueError("sigmas given with a pipeline: its scheduler sets the grid; pass num_inference_steps")
+        return record_pipeline(velocity_fn, _pipeline_inputs(inputs), progress=progress, **pipeline_kwargs)
+    if pipeline_kwargs:
+        raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
+    if not callable(velocity_fn):
+        raise ValueError(f"velocity_fn={velocity_fn!r}: must be callable as velocity_fn(x, sigma)")
+    if sigmas is None:
+        raise ValueError("sigmas=None: a velocity_fn target needs the sigma grid (num_steps + 1 values)")
+    tensors, batched = _check_inputs(inputs)
+    sig = as_sigma_list(sigmas)
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress={progress!r}: must be True or False")
+    n = len(sig) - 1
+    shape = tuple(tensors[0].shape[1:]) if batched else tuple(tensors[0].shape)
+    p = tensors[0].shape[0] if batched else len(tensors)
+    latents = torch.empty((p, n + 1, *shape), dtype=torch.float32)
+    velocities = torch.empty((p, n, *shape), dtype=torch.float32)
+    # rows of `latents` that each tensor of `tensors` fills
+    rows = [slice(0, p)] if batched else [slice(j, j + 1) for j in range(p)]
+    bar = _progress_bar(n * len(tensors), progress)
+    try:
+        with torch.no_grad():
+            for j, x0 in enumerate(tensors):
+                seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+                def logged(x, sigma, j=j, seen=seen):
+                    v = velocity_fn(x, sigma)
+                    check_velocity(v, x, f"velocity_fn at step {len(seen)}")
+                    seen.append((x.detach().to("cpu", torch.float32), v.detach().to("cpu", torch.float32)))
+                    bar.update(1)
+                    return v
+
+                # the package's own sampler, every step computed: the recording is exactly what a run sees
+                final = sample(logged, x0, sig, StaticPlan(Schedule.full(n) if n >= 2 else None, n))
+                for i, (x, v) in enumerate(seen):
+                    latents[rows[j], i] = x.reshape(-1, *shape)
+                    velocities[rows[j], i] = v.reshape(-1, *shape)
+                latents[rows[j], n] = final.to("cpu", torch.float32).reshape(-1, *shape)
+    finally:
+        bar.close()
+    meta = {
+        "created_by": "meancache.record",
+        "input_dtype": str(tensors[0].dtype).replace("torch.", ""),
+        "batched": batched,
+        "model_evaluations": n * len(tensors),
+    }
+    return Recording(sig, latents, velocities, meta)
+
+
+def _pipeline_inputs(inputs) -> list[dict]:
+    """Prompts (str) or dicts of call arguments -> a list of dicts, one per calibration input."""
+    if isinstance(inputs, (str, dict)):
+        inputs = [inputs]
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        raise ValueError(f"inputs={inputs!r}: a pipeline target needs a non-empty list of prompts or dicts")
+    out = []
+    for item in inputs:
+        if isinstance(item, str):
+            out.append({"prompt": item})
+        elif isinstance(item, dict):
+            out.append(dict(item))
+        else:
+            raise ValueError(f"inputs item {item!r}: must be a prompt (str) or a dict of call arguments")
+    return out
+
+
+def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Recording:
+    """Run the uncached ``pipe`` once per input and record ``x_i`` and the guided velocity at every step.
+
+    Args:
+        pipe: a diffusers pipeline whose scheduler is ``FlowMatchEulerDiscreteScheduler``, not accelerated.
+        inputs: a non-empty list of dicts, one per calibration input, merged over ``call_kwargs`` (for example
+            ``{"prompt": "...", "generator": torch.Generator().manual_seed(i)}`` or precomputed prompt embeddings).
+            Every input must give latents of one shape and the same sigma grid.
+        progress: tqdm progress bar over the inputs.
+        call_kwargs: keyword arguments shared by every call (``num_inference_steps``, ``guidance_scale``, sizes).
+            ``output_type`` defaults to ``"latent"`` so nothing is decoded.
+
+    Returns:
+        A :class:`~meancache.Recording`: ``latents`` ``(P, N + 1, *latent_shape)`` and ``velocities``
+        ``(P, N, *latent_shape)``, float32 on the CPU, where ``latent_shape`` is the shape the pipeline hands the
+        scheduler (batch dimension included).
+
+    Raises:
+        ValueError: for an accelerated pipeline, another scheduler, empty or non-dict inputs, or inputs whose
+            latents or sigma grids differ.
+
+    Example (with a loaded pipeline ``pipe``; tests/test_calibrate_pipeline.py runs it on tiny pipelines)::
+
+        rec = meancache.record(pipe, [{"prompt": "a cat"}, {"prompt": "a dog"}], num_inference_steps=28)
+        rec.save("flux-28.pt")
+        schedules = meancache.calibrate(meancache.Recording.load("flux-28.pt"), budget=[10, 14])
+    """
+    if STATE in getattr(pipe, "__dict__", {}):
+        raise ValueError(
+            f"{type(pipe).__name__} is accelerated by meancache: record the uncached pipeline (meancache.disable)"
+        )
+    check_scheduler(pipe.scheduler)
+    if not isinstance(inputs, (list, tuple)) or not inputs or not all(isinstance(i, dict) for i in inputs):
+        raise ValueError(
+            f"inputs={type(inputs).__name__}: must be a non-empty list of dicts of call arguments, one per input"
+        )
+    call_kwargs.setdefault("output_type", "latent")
+    scheduler = pipe.scheduler
+    runs, grids = [], []
+    iterator = inputs
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(inputs, desc="meancache: recording", unit="input")
+    for n, extra in enumerate(iterator):
+        xs, vs, final = [], [], []
+
+        def make_hook(original):
+            def step(model_output, timestep, sample, *args, **kwargs):
+                xs.append(sample.detach().to("cpu", torch.float32))
+                vs.append(model_output.detach().to("cpu", torch.float32))
+                out = original(model_output, timestep, sample, *args, **kwargs)
+                prev = out[0] if isinstance(out, tuple) else out.prev_sample
+                final[:] = [prev.detach().to("cpu", torch.float32)]
+                return out
+
+            return step
+
+        with hooked_step(scheduler, make_hook):
+            pipe(**{**call_kwargs, **extra})
+        if not xs:
+            raise ValueError(f"input {n}: the pipeline never called scheduler.step")
+        start = scheduler.step_index - len(xs) if scheduler.step_index is not None else 0
+        grid = sigma_grid(scheduler, start)
+        grid = grid[: len(xs) + 1]
+        if runs and (grid != grids[0] or xs[0].shape != runs[0][0][0].shape):
+            raise ValueError(
+                f"input {n}: latents of shape {tuple(xs[0].shape)} on a {len(grid) - 1}-step grid differ from input "
+                f"0 ({tuple(runs[0][0][0].shape)}, {len(grids[0]) - 1} steps): one recording needs one shape and "
+                "one grid"
+            )
+        runs.append((xs + final, vs))
+        grids.append(grid)
+    latents = torch.stack([torch.stack(x) for x, _ in runs])
+    velocities = torch.stack([torch.stack(v) for _, v in runs])
+    meta = {"pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__, "inputs": len(inputs)}
+    return Recording(grids[0], latents, velocities, meta)
