@@ -141,15 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     print(
         f"MeanCache demo: rectified flow to a {args.components}-component Gaussian mixture, latents "
         f"({args.batch}, {args.dim}) float32, {args.steps} steps, shifted grid (shift 3), "
         f"{torch.get_num_threads()} CPU thread(s)\n"
     )
-    rows = run_demo(
-        batch=args.batch, dim=args.dim, components=args.components, num_steps=args.steps, repeats=args.repeats
-    )
+    with torch.inference_mode():  # scoped: main() is also called in-process (tests), where grad mode must survive
+        rows = run_demo(
+            batch=args.batch, dim=args.dim, components=args.components, num_steps=args.steps, repeats=args.repeats
+        )
     print(format_table(rows))
     print(
         "\nevals: velocity evaluations; speedup: wall time of the full run / this run; rel. error: "
