@@ -85,6 +85,7 @@ class _PipelineState:
         self.traj: Trajectory | None = None
         self.last = Stats()
         self.cp_group = None
+        self.static_plans: dict = {}
         self.begin()
 
     def begin(self) -> None:
@@ -106,8 +107,13 @@ class _PipelineState:
         if n < 1:
             raise ValueError(f"the scheduler's sigma grid has {len(grid)} value(s) from step {start}: nothing to do")
         cfg = self.config
-        plan = plan_for(n, schedule=cfg.schedule, budget=cfg.budget, mode=cfg.mode, tolerance=cfg.tolerance,
-                        family=self.family, group=cfg.group if cfg.group is not None else self.cp_group)
+        plan = self.static_plans.get(n)
+        if plan is None:
+            plan = plan_for(n, schedule=cfg.schedule, budget=cfg.budget, mode=cfg.mode, tolerance=cfg.tolerance,
+                            family=self.family, group=cfg.group if cfg.group is not None else self.cp_group)
+            if cfg.mode != "online":
+                # a static plan depends on the step count alone: placed (and logged) once per count, not per call
+                self.static_plans[n] = plan
         self.traj = Trajectory(plan, grid) if self.traj is None else self.traj.renew(plan, grid)
         # the transformer calls of step 0 ran before the grid was known
         self.traj.stats.model_calls = self.last.model_calls
