@@ -13,6 +13,11 @@ evaluation count is as close to B as its knobs allow; the table then reports its
   ``calibrate=True`` mode), ``retention_ratio`` is diffusers' 0.2 capped so the always-computed head holds at
   most a third of the budget (at 50 steps: 3, 5 and 8 head steps for B = 10, 17, 25), ``max_skip_steps`` is the
   smallest (at least diffusers' 3) that can reach B, and the threshold is bisected.
+
+Tuning is most of the demo's set-up time (one full-batch run per probe), so a caller tuning several budgets on the
+same batch passes one ``memo`` dict to every ``tune``: a setting already run (FirstBlockCache's bisection starts
+from the same probes at every budget) and MagCache's calibration run are then measured once. The tuned settings
+are the same with or without it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def count_evaluations(transformer):
 
     Example::
 
-        >>> from meancache.digits import build_pipeline
+        >>> from meancache.examples.digits import build_pipeline
         >>> pipe = build_pipeline(); pipe.set_progress_bar_config(disable=True)
         >>> with count_evaluations(pipe.transformer) as calls:
         ...     _ = pipe([3], num_inference_steps=5)
@@ -65,6 +70,20 @@ def _evaluations(pipe, config, labels, noise, steps: int, guidance: float) -> in
     finally:
         pipe.transformer.disable_cache()
     return calls[0]
+
+
+def _memoized(memo: dict | None, key, compute: Callable):
+    """``compute()``, stored in ``memo`` under ``key`` (``memo=None``: no storing).
+
+    >>> memo, calls = {}, []
+    >>> [_memoized(memo, ("x", 1), lambda: calls.append(1) or 7) for _ in range(3)], len(calls)
+    ([7, 7, 7], 1)
+    """
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
 
 
 def _bisect_threshold(make, run: Callable, budget: int, lo: float, hi: float, iters: int = 10):
@@ -101,24 +120,29 @@ def taylorseer_evaluations(num_steps: int, before: int, interval: int) -> int:
 
 @dataclass(frozen=True)
 class Peer:
-    """A diffusers cache: its table name and its tuner ``tune(pipe, labels, noise, steps, guidance, budget)``,
-    which returns the config and a note describing the chosen setting."""
+    """A diffusers cache: its table name and its tuner ``tune(pipe, labels, noise, steps, guidance, budget,
+    memo=None)``, which returns the config and a note describing the chosen setting. ``memo``: a dict shared by
+    the tunings of one batch (the same ``pipe``, ``labels``, ``noise``, ``steps`` and ``guidance``; see the module
+    docstring); never share it across batches."""
 
     name: str
     tune: Callable
 
 
-def _tune_first_block(pipe, labels, noise, steps, guidance, budget):
+def _tune_first_block(pipe, labels, noise, steps, guidance, budget, memo=None):
     from diffusers import FirstBlockCacheConfig
 
     def run(config):
-        return _evaluations(pipe, config, labels, noise, steps, guidance)
+        return _memoized(
+            memo, ("FirstBlockCache", config.threshold),
+            lambda: _evaluations(pipe, config, labels, noise, steps, guidance),
+        )
 
     th, _ = _bisect_threshold(lambda t: FirstBlockCacheConfig(threshold=t), run, budget, 1e-4, 4.0)
     return FirstBlockCacheConfig(threshold=th), f"threshold={th:.4g}"
 
 
-def _tune_taylorseer(pipe, labels, noise, steps, guidance, budget):
+def _tune_taylorseer(pipe, labels, noise, steps, guidance, budget, memo=None):
     from diffusers import TaylorSeerCacheConfig
 
     # diffusers' default warm-up is 3 steps; the order-1 Taylor factors need at least 2 computed steps
@@ -154,10 +178,10 @@ def _mag_ratios(pipe, labels, noise, steps, guidance) -> list[float]:
     raise RuntimeError(f"MagCache calibration printed no ratios for {steps} steps; diffusers output was: {lines[:5]}")
 
 
-def _tune_magcache(pipe, labels, noise, steps, guidance, budget):
+def _tune_magcache(pipe, labels, noise, steps, guidance, budget, memo=None):
     from diffusers import MagCacheConfig
 
-    ratios = _mag_ratios(pipe, labels, noise, steps, guidance)
+    ratios = _memoized(memo, ("MagCache ratios",), lambda: _mag_ratios(pipe, labels, noise, steps, guidance))
     keep = min(int(0.2 * steps + 0.5), max(1, budget // 3))
     retention = keep / steps
     max_skip = max(3, math.ceil((steps - keep) / max(1, budget - keep)) - 1)
@@ -172,7 +196,10 @@ def _tune_magcache(pipe, labels, noise, steps, guidance, budget):
         )
 
     def run(config):
-        return _evaluations(pipe, config, labels, noise, steps, guidance)
+        return _memoized(
+            memo, ("MagCache", config.threshold, max_skip, retention),
+            lambda: _evaluations(pipe, config, labels, noise, steps, guidance),
+        )
 
     th, _ = _bisect_threshold(make, run, budget, 1e-4, 10.0)
     return make(th), f"threshold={th:.4g}, max_skip={max_skip}, retention={retention:.2f}"

@@ -1,4 +1,10 @@
-"""``make demo`` end to end on reduced sizes: every row runs, the table prints and the PNG is written."""
+"""``make demo`` end to end on reduced sizes (every row runs, the table prints and the PNG is written), and its
+timing logic on a fake clock: round-robin rounds, what is timed, best, median and worst round. No test here times
+anything."""
+
+import os
+import statistics
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,16 +15,26 @@ pytest.importorskip("sklearn")
 from meancache import demo  # noqa: E402
 
 METHODS = ["MeanCache", "plain reuse", "Euler", "FirstBlockCache", "TaylorSeer", "MagCache"]
+HEADER = (
+    "| method | budget | full evaluations | wall s (best) | wall s (median) | wall s (worst) | speedup | PSNR dB "
+    "| SSIM | class accuracy |"
+)
 
 
 def test_short_demo_runs_every_row_and_writes_the_grid(tmp_path, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "grid.png"
     rows = demo.main(
-        ["--samples-per-class", "1", "--steps", "12", "--budgets", "4", "6", "--threads", "1", "--out", str(out)]
+        ["--samples-per-class", "1", "--steps", "12", "--budgets", "4", "6", "--threads", "1", "--repeats", "2",
+         "--out", str(out)]
     )
     assert [r.method for r in rows] == ["full"] + METHODS * 2
     assert rows[0].evaluations == 12
+    for r in rows:
+        assert len(r.times) == 2 and r.seconds == min(r.times)
+        assert r.median == statistics.median(r.times) and r.worst == max(r.times)
+        assert r.speedup == pytest.approx(rows[0].seconds / r.seconds)
+        assert "a later round" not in r.note  # every round reproduced the first round's images
     for r in rows[1:]:
         assert r.budget in (4, 6)
         assert r.images.shape == (10, 8, 8) and torch.isfinite(r.images).all()
@@ -29,17 +45,176 @@ def test_short_demo_runs_every_row_and_writes_the_grid(tmp_path, capsys):
             # tuned peers land near the budget on this batch (the table reports the real count anyway)
             assert abs(r.evaluations - r.budget) <= 2, (r.method, r.budget, r.evaluations)
     text = capsys.readouterr().out
-    assert "| method | budget | full evaluations | wall s | speedup | PSNR dB | SSIM | class accuracy |" in text
+    assert HEADER in text
     assert text.count("| MagCache |") == 2
+    full = rows[0]
+    assert f"| full | - | 12 | {full.seconds:.2f} | {full.median:.2f} | {full.worst:.2f} | 1.00x |" in text
+    assert "round 1/2: 13 rows" in text and "round 2/2: 13 rows" in text
+    assert "wall s: 2 rounds" in text and "Widest spread: " in text
+    assert "1 torch thread(s) on" in text and "(--threads auto)" not in text and "load average" in text
     assert "calibrated now on seeds 10000+" in text  # 12 steps: no shipped preset, so a live calibration
     assert f"image grid: {out.resolve()}" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_meancache_beats_plain_reuse_on_the_same_steps():
-    rows = demo.run_demo(samples_per_class=1, num_steps=12, budgets=[4], peers=False, log=lambda *a: None)
+    rows = demo.run_demo(samples_per_class=1, num_steps=12, budgets=[4], peers=False, repeats=1, log=lambda *a: None)
     by = {r.method: r for r in rows}
     assert by["MeanCache"].psnr > by["plain reuse"].psnr, (by["MeanCache"].psnr, by["plain reuse"].psnr)
+
+
+class FakeClock:
+    """A clock that advances only inside a timed call: by the next of ``durations`` (one per timed call)."""
+
+    def __init__(self, durations, events=None):
+        self.durations, self.now, self.reads, self.events = list(durations), 0.0, 0, events
+
+    def __call__(self):
+        if self.reads % 2:  # the read after a call
+            self.now += self.durations.pop(0)
+        self.reads += 1
+        if self.events is not None:
+            self.events.append("clock")
+        return self.now
+
+
+def test_time_interleaved_is_round_robin_and_times_only_the_call():
+    events = []
+
+    def run(name):
+        @contextmanager
+        def setup():
+            events.append(f"enter {name}")
+            yield
+            events.append(f"exit {name}")
+
+        return setup, lambda: events.append(f"call {name}") or name
+
+    clock = FakeClock([1, 2, 3, 4, 5, 6], events)
+    rounds = []
+    outputs, times, differing = demo.time_interleaved(
+        [run("a"), run("b"), run("c")], 2, timer=clock, on_round=lambda r, s: rounds.append((r, s))
+    )
+    one = ["enter {0}", "clock", "call {0}", "clock", "exit {0}"]
+    per_round = [e.format(n) for n in "abc" for e in one]
+    assert events == per_round * 2  # a b c, a b c: never a a b b c c; set-up and tear-down outside the clock
+    assert outputs == ["a", "b", "c"]
+    assert times == [[1, 4], [2, 5], [3, 6]]
+    assert rounds == [(0, 6), (1, 15)]
+    assert differing == set()
+
+
+def test_time_interleaved_keeps_the_first_output_and_flags_a_round_that_differs():
+    from contextlib import nullcontext
+
+    outs = iter([1, 10, 1, 11])  # run 0 repeats its output, run 1 does not
+    runs = [(nullcontext, lambda: next(outs)) for _ in range(2)]
+    outputs, times, differing = demo.time_interleaved(runs, 2, timer=FakeClock([1] * 4), same=lambda a, b: a == b)
+    assert outputs == [1, 10] and differing == {1}
+    with pytest.raises(ValueError, match="repeats=0"):
+        demo.time_interleaved(runs, 0)
+
+
+def test_run_demo_reports_best_median_worst_and_speedups_from_the_best():
+    # 4 rows (full, MeanCache, plain reuse, Euler) x 3 rounds, in the order they run: round by round
+    durations = [
+        [9.0, 1.0, 2.0, 1.0],  # round 1: the full run hit by a burst of load
+        [4.0, 2.0, 2.0, 1.5],
+        [5.0, 3.0, 2.0, 0.5],
+    ]
+    clock = FakeClock([d for rnd in durations for d in rnd])
+    rows = demo.run_demo(
+        samples_per_class=1, num_steps=6, budgets=[3], peers=False, repeats=3, log=lambda *a: None, timer=clock
+    )
+    assert not clock.durations  # exactly one timed call per row and round
+    assert [r.method for r in rows] == ["full", "MeanCache", "plain reuse", "Euler"]
+    assert [r.times for r in rows] == [list(col) for col in zip(*durations)]
+    assert [r.seconds for r in rows] == [4.0, 1.0, 2.0, 0.5]  # best rounds: the 9 s burst moves nothing
+    assert [r.median for r in rows] == [5.0, 2.0, 2.0, 1.0]
+    assert [r.worst for r in rows] == [9.0, 3.0, 2.0, 1.5]
+    assert [r.speedup for r in rows] == [1.0, 4.0, 2.0, 8.0]
+    assert [r.evaluations for r in rows] == [6, 3, 3, 3]
+    table = demo.format_table(rows)
+    assert "| full | - | 6 | 4.00 | 5.00 | 9.00 | 1.00x |" in table
+    assert "| Euler | 3 | 3 | 0.50 | 1.00 | 1.50 | 8.00x |" in table
+    note = demo.timing_note(rows)
+    assert "wall s: 3 rounds" in note and "Widest spread: MeanCache B=3, best 1.00 s, worst 3.00 s (+200 %)" in note
+    assert "another process took CPU time" in note  # worst > 1.5 x best
+    assert "another process" not in demo.timing_note(rows[2:3])  # plain reuse: 2 s in every round
+    assert "thread" not in note  # machine details only when the caller gives the threads
+
+
+def test_one_round_says_no_spread_was_measured():
+    rows = [demo.DemoRow("full", None, 50, 2.0, times=[2.0])]
+    assert "| 2.00 | 2.00 | 2.00 |" in demo.format_table(rows)
+    assert "no spread was measured" in demo.timing_note(rows)
+
+
+def test_help_lists_repeats_and_threads(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--repeats" in out and "--threads" in out and "auto" in out
+    with pytest.raises(SystemExit):
+        demo.main(["--repeats", "0"])
+    assert "--repeats 0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--threads", "0"])
+    assert "'0': must be an int >= 1 or auto" in capsys.readouterr().err
+
+
+def test_pick_threads_alternates_the_candidates_and_keeps_the_faster():
+    set_to, clock = [], FakeClock([1.5, 1.0, 0.5, 1.5])  # 2 threads, 1, 2, 1: the first 2-thread run hit by load
+    chosen, best = demo.pick_threads(lambda: None, (2, 1), timer=clock, set_threads=set_to.append)
+    assert set_to == [2, 1, 2, 1, 2]  # alternating, then the choice
+    assert (chosen, best) == (2, {2: 0.5, 1: 1.0})
+    set_to, clock = [], FakeClock([9.0, 1.0, 8.0, 1.5])  # another process holds a core: 2 threads crawl
+    assert demo.pick_threads(lambda: None, (2, 1), timer=clock, set_threads=set_to.append) == (1, {2: 9.0, 1: 1.0})
+    assert set_to == [2, 1, 1]  # clear after one round: no second crawl
+    assert clock.durations == [8.0, 1.5]
+
+
+@pytest.fixture
+def keep_torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_auto_threads_probes_and_says_what_it_picked(keep_torch_threads):
+    lines = []
+    rows = demo.run_demo(samples_per_class=1, num_steps=6, budgets=[3], peers=False, repeats=1, threads="auto",
+                         log=lines.append)
+    [line] = [x for x in lines if x.startswith("threads: ")]
+    expected = 2 if (os.cpu_count() or 1) >= 2 else 1
+    assert f"{demo.PROBE_STEPS}-step probe" in line and f"{expected} thread(s)" in line
+    assert torch.get_num_threads() in (1, 2) and line.startswith(f"threads: {torch.get_num_threads()} (auto")
+    assert len(rows) == 4
+
+
+def test_peer_tuning_memo_saves_runs_and_changes_nothing(monkeypatch):
+    from meancache import peer_caches
+    from meancache.examples.digits import build_pipeline
+    from meancache.examples.digits.model import sample_noise
+
+    torch.set_num_threads(1)
+    pipe = build_pipeline(seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    labels, noise = [0, 1], sample_noise([0, 1])
+    runs = []
+    real = peer_caches._evaluations
+    monkeypatch.setattr(peer_caches, "_evaluations", lambda *a: runs.append(1) or real(*a))
+    peer = {p.name: p for p in peer_caches.PEERS}
+    for name in ("FirstBlockCache", "MagCache"):
+        runs.clear()
+        plain = [peer[name].tune(pipe, labels, noise, 16, 3.0, b)[1] for b in (5, 8)]
+        without = len(runs)
+        runs.clear()
+        memo = {}
+        shared = [peer[name].tune(pipe, labels, noise, 16, 3.0, b, memo=memo)[1] for b in (5, 8)]
+        assert shared == plain, name  # the same settings
+        assert len(runs) < without, (name, len(runs), without)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +224,9 @@ def test_meancache_beats_plain_reuse_on_the_same_steps():
         (dict(num_steps=2), "num_steps=2"),
         (dict(num_steps=10, budgets=[10]), r"budget 10: every budget must be an int in 2..9"),
         (dict(budgets=[1]), "budget 1"),
+        (dict(repeats=0), "repeats=0"),
+        (dict(threads=0), "threads=0"),
+        (dict(threads="all"), "threads='all'"),
     ],
 )
 def test_run_demo_rejects_bad_arguments_before_work(kwargs, match):
