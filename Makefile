@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests --doctest-modules meancache -q
 
 demo: $(STAMP)
-	$(PY) -m meancache.demo
+	$(PY) -m meancache.examples.demo
 
 # Kernel benchmarks (pytest-benchmark). With a GPU: timed, JSON saved under bench/; without: every benchmark runs
 # once as a smoke test (CPU timings of GPU kernels mean nothing).

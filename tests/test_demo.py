@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
-from meancache import demo  # noqa: E402
+from meancache.examples import demo  # noqa: E402
 
 METHODS = ["MeanCache", "plain reuse", "Euler", "FirstBlockCache", "TaylorSeer", "MagCache"]
 HEADER = (
@@ -194,7 +194,7 @@ def test_auto_threads_probes_and_says_what_it_picked(keep_torch_threads):
 
 
 def test_peer_tuning_memo_saves_runs_and_changes_nothing(monkeypatch):
-    from meancache import peer_caches
+    from meancache.examples import peer_caches
     from meancache.examples.digits import build_pipeline
     from meancache.examples.digits.model import sample_noise
 

@@ -14,6 +14,8 @@ MOVED = [
     ("meancache.digits", "load_pipeline", "meancache.examples.digits"),
     ("meancache.flow_demo", "run_demo", "meancache.examples.flow_demo"),
     ("meancache.image_metrics", "psnr", "meancache.examples.image_metrics"),
+    ("meancache.demo", "run_demo", "meancache.examples.demo"),
+    ("meancache.peer_caches", "count_evaluations", "meancache.examples.peer_caches"),
     ("meancache.pipeline_recording", "record_pipeline", "meancache.calibration"),
 ]
 

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from meancache import peer_caches  # noqa: E402
+from meancache.examples import peer_caches  # noqa: E402
 from meancache.examples.digits import build_pipeline  # noqa: E402
 from meancache.examples.digits.model import sample_noise  # noqa: E402
 
