@@ -10,7 +10,16 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_latents(latents, name: str = "latents") -> None:
-    """Raise ValueError unless ``latents`` is a tensor of a supported float dtype (fp16, bf16, fp32, fp64)."""
+    """Raise ValueError unless ``latents`` is a tensor of a supported float dtype (fp16, bf16, fp32, fp64).
+
+    Example:
+        >>> import torch
+        >>> check_latents(torch.zeros(2, 4, dtype=torch.bfloat16))
+        >>> check_latents(torch.zeros(2, dtype=torch.int64))
+        Traceback (most recent call last):
+        ...
+        ValueError: latents dtype=torch.int64: must be one of float16, bfloat16, float32, float64
+    """
     if not isinstance(latents, torch.Tensor):
         raise ValueError(f"{name} is a {type(latents).__name__}: must be a torch.Tensor")
     if latents.dtype not in SUPPORTED_DTYPES:
@@ -20,7 +29,15 @@ def check_latents(latents, name: str = "latents") -> None:
 
 
 def check_velocity(v, x: torch.Tensor, where: str) -> None:
-    """Raise ValueError unless the model's velocity ``v`` is a float tensor shaped and placed like ``x``."""
+    """Raise ValueError unless the model's velocity ``v`` is a float tensor shaped and placed like ``x``.
+
+    Example:
+        >>> import torch
+        >>> check_velocity(torch.zeros(2, 3), torch.ones(3), "the model")
+        Traceback (most recent call last):
+        ...
+        ValueError: the model returned velocity of shape (2, 3) for latents of shape (3,): they must match
+    """
     if not isinstance(v, torch.Tensor):
         raise ValueError(f"{where} returned a {type(v).__name__}: the velocity must be a torch.Tensor")
     if v.shape != x.shape:
