@@ -294,7 +294,10 @@ def _reduce_ex(pipe, protocol):
     if state.busy.locked():
         raise RuntimeError(f"this {type(pipe).__name__} is running a call: copy or pickle it between calls")
     plain = {k: v for k, v in pipe.__dict__.items() if k != STATE}
-    return _rebuild, (state.original_class, plain, state.config)
+    # a process group belongs to this process: a copy elsewhere finds its own (its transformer's context-parallel
+    # group) or passes group= again
+    config = state.config if state.config.group is None else state.config.replace(group=None)
+    return _rebuild, (state.original_class, plain, config)
 
 
 def _rebuild(cls, attributes: dict, config: MeanCacheConfig):
