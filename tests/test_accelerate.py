@@ -94,12 +94,19 @@ def test_single_branch_matches_sample_and_official_loop(name, budget):
     assert rel_err(out, official) <= 1e-12
 
 
-def test_two_branch_guidance_matches_sample_on_guided_velocity():
-    schedule = Schedule.preset("qwen-image", 10)
+def _guided_and_accelerated(seed, schedule):
+    """A fresh FlowModel, noise of ``seed``, ``sample`` on the guided velocity (the expectation), then the model
+    accelerated with ``schedule`` for the caller's own guided loop."""
     model = FlowModel()
-    x0 = _noise(1)
+    x0 = _noise(seed)
     expected = meancache.sample(guided(model), x0, SIGMAS, schedule)
     meancache.accelerate(model, schedule, sigmas=SIGMAS)
+    return model, x0, expected
+
+
+def test_two_branch_guidance_matches_sample_on_guided_velocity():
+    schedule = Schedule.preset("qwen-image", 10)
+    model, x0, expected = _guided_and_accelerated(1, schedule)
     out = euler_loop(model, x0, guidance=GUIDANCE)
     assert model.calls == 2 * schedule.budget
     assert model.meancache.stats.branches == 2
@@ -152,11 +159,7 @@ def test_reset_requires_a_new_trajectory():
 
 
 def test_exception_in_model_leaves_no_stale_state():
-    schedule = Schedule.preset("qwen-image", 10)
-    model = FlowModel()
-    x0 = _noise(5)
-    clean = meancache.sample(guided(model), x0, SIGMAS, schedule)
-    meancache.accelerate(model, schedule, sigmas=SIGMAS)
+    model, x0, clean = _guided_and_accelerated(5, Schedule.preset("qwen-image", 10))
     original_cond = model.cond_field
     boom = {"at": 7}
 
