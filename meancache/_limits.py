@@ -4,5 +4,5 @@ from __future__ import annotations
 
 __all__ = ["MAX_ORDER"]
 
-#: Largest window K (and history ring capacity): the published label set goes up to ``jvp_s6``.
+#: Largest window K (label ``v_diff_mean_jvp1_s6``); also the capacity bound of the history ring.
 MAX_ORDER = 6

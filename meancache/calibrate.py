@@ -29,7 +29,6 @@ from .calibration import record
 from .calibration import segment_costs  # noqa: F401
 from .calibration import solve  # noqa: F401
 from .calibration.recording import _check_inputs
-from .calibration.recording import _is_int
 from .calibration.recording import _pipeline_inputs
 from .calibration.search import _check_budgets
 from .calibration.search import _check_gamma
@@ -39,6 +38,7 @@ from .schedule import DEFAULT_MAX_SEGMENT
 from .schedule import Schedule
 from .schedule import _check_num_steps
 from .sigmas import as_sigma_list
+from .validation import is_int
 
 # the stage names stay importable from here (their former home); the front door itself is calibrate()
 __all__ = ["calibrate"]
@@ -91,7 +91,7 @@ def calibrate(
     gamma = _check_gamma(gamma)
     if not isinstance(progress, bool):
         raise ValueError(f"progress={progress!r}: must be True or False")
-    if num_steps is not None and (not _is_int(num_steps) or num_steps < 2):
+    if num_steps is not None and (not is_int(num_steps) or num_steps < 2):
         raise ValueError(f"num_steps={num_steps!r}: must be None or an int >= 2")
     if isinstance(target, Recording):
         if inputs is not None:
@@ -130,7 +130,7 @@ def calibrate(
     else:
         # types and lower bounds now, before the expensive recording; the rest once the step count is known
         for b in budget if isinstance(budget, (list, tuple)) else [budget]:
-            if not _is_int(b) or b < 2:
+            if not is_int(b) or b < 2:
                 raise ValueError(f"budget={b!r}: must be an int >= 2")
 
     if isinstance(target, Recording):

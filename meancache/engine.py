@@ -159,11 +159,11 @@ class Trajectory:
         """Whether step ``i`` runs the model."""
         return self.plan[i].computed
 
-    def branch(self, i: int, key: Hashable = 0, *, create: bool = True) -> Branch:
+    def branch(self, i: int, key: Hashable = 0) -> Branch:
         """The branch ``key`` at step ``i``: created at step 0, checked to be called once per step afterwards."""
         found = self.branches.get(key)
         if found is None:
-            if i != 0 or not create:
+            if i != 0:
                 raise ValueError(f"branch {key!r} first appeared at step {i}: every branch must be called at step 0")
             ring = self._spare.pop(key, None)
             if ring is None or ring.capacity < self.plan.window:

@@ -10,6 +10,8 @@ import contextlib
 import threading
 from typing import Callable
 
+from .sigmas import as_sigma_list
+
 __all__ = ["is_pipeline", "check_scheduler", "hooked_step", "sigma_grid", "context_parallel_group"]
 
 #: Guards the check-and-install of scheduler hooks: two calls on pipelines that share one scheduler object must
@@ -49,7 +51,8 @@ def check_scheduler(scheduler) -> None:
 
 
 def sigma_grid(scheduler, start: int = 0) -> list[float]:
-    """The scheduler's sigma grid from step ``start`` on, as Python floats (one host read).
+    """The scheduler's sigma grid from step ``start`` on, as Python floats (one host read), checked as any grid
+    is (:func:`meancache.sigmas.as_sigma_list`: a CPU or CUDA tensor, finite, decreasing).
 
     Example:
         >>> from diffusers import FlowMatchEulerDiscreteScheduler
@@ -57,13 +60,7 @@ def sigma_grid(scheduler, start: int = 0) -> list[float]:
         >>> len(sigma_grid(s)), sigma_grid(s)[-1]
         (5, 0.0)
     """
-    import torch
-
-    sigmas = scheduler.sigmas
-    if not isinstance(sigmas, torch.Tensor) or sigmas.device.type not in ("cpu", "cuda"):
-        where = sigmas.device if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
-        raise ValueError(f"pipe.scheduler.sigmas is on {where}: meancache reads the grid from a CPU or CUDA tensor")
-    return [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()][start:]
+    return as_sigma_list(scheduler.sigmas)[start:]
 
 
 def context_parallel_group(model):

@@ -15,7 +15,6 @@ import functools
 import inspect
 import math
 from typing import Callable
-from typing import Hashable
 
 import torch
 

@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import math
-import numbers
 import os
 from importlib import resources
 from typing import Iterable
@@ -27,12 +26,13 @@ from typing import Sequence
 
 import torch
 
+from ._limits import MAX_ORDER
+from .validation import is_int
+
 __all__ = ["MAX_ORDER", "MAX_STEPS", "SCHEDULE_FORMAT_VERSION", "Schedule", "StepPlan", "preset_names"]
 
 logger = logging.getLogger("meancache")
 
-#: Largest window K (label ``v_diff_mean_jvp1_s6``); also the capacity bound of the history ring.
-MAX_ORDER = 6
 #: Largest ``num_steps`` a schedule may have. Flow-matching samplers run tens of steps, and diffusers'
 #: schedulers are trained on a grid of 1000 timesteps, so no real run needs more than about 1000; ten times that
 #: leaves room for experiments while keeping every per-step structure (``expand``, ``window``, a schedule file's
@@ -62,11 +62,6 @@ class StepPlan(NamedTuple):
     order: int
 
 
-def _is_int(value) -> bool:
-    # numpy and torch integer scalars are Integral too; bool is excluded because a True step index is a caller bug
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 class Schedule:
     """A validated MeanCache schedule.
 
@@ -93,10 +88,10 @@ class Schedule:
         _check_num_steps(num_steps)
         steps = _as_tuple(compute_steps, "compute_steps")
         ks = _as_tuple(orders, "orders")
-        bad = [s for s in steps if not _is_int(s)]
+        bad = [s for s in steps if not is_int(s)]
         if bad:
             raise ValueError(f"compute_steps={list(steps)}: every entry must be an int, got {bad[0]!r}")
-        bad = [k for k in ks if not _is_int(k)]
+        bad = [k for k in ks if not is_int(k)]
         if bad:
             raise ValueError(f"orders={list(ks)}: every entry must be an int, got {bad[0]!r}")
         budget = len(steps)
@@ -187,7 +182,7 @@ class Schedule:
             (1, 0, 1)
         """
         # any integer type the constructor accepts, numpy integer scalars included
-        if not _is_int(order) or not 1 <= order <= MAX_ORDER:
+        if not is_int(order) or not 1 <= order <= MAX_ORDER:
             raise ValueError(f"order={order!r}: must be an int in 1..{MAX_ORDER}")
         order = int(order)
         steps = self._compute_steps
@@ -341,7 +336,7 @@ class Schedule:
         if not isinstance(name, str) or name not in tables:
             raise ValueError(f"preset name={name!r} is unknown; available presets: {sorted(tables)}")
         n_ref, by_budget = tables[name]
-        if not _is_int(budget) or budget not in by_budget:
+        if not is_int(budget) or budget not in by_budget:
             raise ValueError(
                 f"budget={budget!r} has no {name!r} preset; available budgets: {sorted(by_budget, reverse=True)}"
             )
@@ -456,7 +451,7 @@ def _as_tuple(values, name: str) -> tuple:
 
 
 def _check_num_steps(num_steps) -> None:
-    if not _is_int(num_steps):
+    if not is_int(num_steps):
         raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
     if num_steps < 2:
         raise ValueError(f"num_steps={num_steps}: must be >= 2 (a schedule needs a first and a last step)")
@@ -469,7 +464,7 @@ def _check_num_steps(num_steps) -> None:
 
 def _check_budget(budget, num_steps):
     _check_num_steps(num_steps)
-    if not _is_int(budget) or not 2 <= budget <= num_steps:
+    if not is_int(budget) or not 2 <= budget <= num_steps:
         raise ValueError(f"budget={budget!r}: must be an int with 2 <= budget <= num_steps={num_steps}")
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_latents", "check_velocity"]
+__all__ = ["SUPPORTED_DTYPES", "check_latents", "check_velocity", "is_int", "is_real"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,3 +51,24 @@ def check_velocity(v, x: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where} returned velocity on {v.device} for latents on {x.device}: they must match")
     if not v.dtype.is_floating_point:
         raise ValueError(f"{where} returned velocity of dtype {v.dtype}: must be floating point")
+
+
+def is_int(value) -> bool:
+    """An integer argument: numpy and torch integer scalars count, ``bool`` does not (a True step index or budget
+    is a caller bug).
+
+    Example:
+        >>> is_int(3), is_int(True), is_int(2.0)
+        (True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real-number argument (``bool`` excluded).
+
+    Example:
+        >>> is_real(0.5), is_real(True)
+        (True, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -6,7 +6,6 @@ MeanCache caches, at ``scheduler.step``, algorithm.md §7).
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 from typing import Callable
 from typing import Sequence
@@ -32,14 +31,6 @@ logger = logging.getLogger("meancache")
 RECORDING_FORMAT = "meancache.recording"
 #: Version written by :meth:`Recording.save`; :meth:`Recording.load` rejects every other version.
 RECORDING_FORMAT_VERSION = 1
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_meta(meta, where: str) -> dict:
     """Meta must survive ``torch.load(weights_only=True)``: nested dicts/lists of str, int, float, bool, None."""
 

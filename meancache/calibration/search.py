@@ -5,13 +5,14 @@ run-time estimator from the reference state (:func:`segment_costs`), then find t
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from ..reference import average_velocity
 from ..schedule import DEFAULT_MAX_SEGMENT
 from ..schedule import MAX_ORDER
+from ..validation import is_int
+from ..validation import is_real
 from .recording import Recording
 from .recording import record  # noqa: F401  (the doctests build recordings with it)
 
@@ -44,16 +45,8 @@ COST_FLOOR = 2.0**-24
 _COST_CHUNK_BYTES = 256 * 2**20
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_max_len(max_len) -> int:
-    if not _is_int(max_len) or max_len < 1:
+    if not is_int(max_len) or max_len < 1:
         raise ValueError(f"max_len={max_len!r}: must be an int >= 1 (the longest segment, in steps)")
     return int(max_len)
 
@@ -108,7 +101,7 @@ def segment_costs(
         ks = sorted(set(orders))
     except TypeError:
         raise ValueError(f"orders={orders!r}: must be a collection of ints in 1..{MAX_ORDER}") from None
-    if not ks or not all(_is_int(k) and 1 <= k <= MAX_ORDER for k in ks):
+    if not ks or not all(is_int(k) and 1 <= k <= MAX_ORDER for k in ks):
         raise ValueError(f"orders={list(orders)!r}: must be a non-empty collection of ints in 1..{MAX_ORDER}")
 
     n = recording.num_steps
@@ -197,13 +190,13 @@ def segment_costs(
 
 
 def _check_gamma(gamma) -> float:
-    if not _is_real(gamma) or not math.isfinite(gamma) or gamma <= 0:
+    if not is_real(gamma) or not math.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma={gamma!r}: must be a finite number > 0 (gamma > 1 suppresses peak segment costs)")
     return float(gamma)
 
 
 def _check_budget(budget, num_steps: int, max_len: int) -> int:
-    if not _is_int(budget) or not 2 <= budget <= num_steps:
+    if not is_int(budget) or not 2 <= budget <= num_steps:
         raise ValueError(f"budget={budget!r}: must be an int with 2 <= budget <= num_steps={num_steps}")
     if (budget - 1) * max_len < num_steps - 1:
         raise ValueError(

@@ -50,7 +50,6 @@ run of the test suite.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
