@@ -7,7 +7,8 @@ A trajectory owns:
   one interface: ``plan[i]`` is step i's :class:`~meancache.schedule.StepPlan`, ``plan.observe(i, v)`` after a
   computed step, ``plan.window`` entries of history, ``plan.schedule()`` once it is decided;
 * the **sigma grid** ``sigmas[0..N]`` as Python floats (no device sync per step);
-* one **history ring per guidance branch** (:class:`~meancache.history.History`, at most 6 entries);
+* one **history ring per guidance branch** (:class:`~meancache.history.History`, at most 6 entries, plus the last
+  ``plan.depth <= 4`` computed velocities when the plan has ``extrapolate`` segments);
 * the **stats** of the trajectory (:class:`Stats`);
 * the three **steps** through the fused ops: :meth:`compute` (log + Euler), :meth:`skip` (estimate + log + Euler),
   :meth:`estimate` (estimate + log, the caller steps), plus :meth:`log` for a computed step whose Euler step
@@ -29,6 +30,7 @@ from typing import Hashable
 import torch
 
 from . import ops
+from .estimators import extrapolation_weights
 from .history import History
 from .schedule import Schedule
 
@@ -136,6 +138,8 @@ class Trajectory:
             raise ValueError(f"sigmas has {len(sigmas)} values for a plan of {plan.num_steps} steps: need N + 1")
         self.plan = plan
         self.sigmas = sigmas
+        # computed velocities each branch keeps for extrapolate segments (0: the published estimator only)
+        self.depth = getattr(plan, "depth", 0)
         self.branches: dict[Hashable, Branch] = {}
         self._spare: dict[Hashable, History] = {}
         self.stats = Stats(num_steps=plan.num_steps, schedule=plan.static_schedule)
@@ -145,6 +149,7 @@ class Trajectory:
                     f"history.capacity={history.capacity} < schedule.window={plan.window}: the ring must hold the "
                     "largest window K the schedule uses"
                 )
+            history.ensure_depth(self.depth)
             history.clear()
             self.branches[0] = Branch(history)
 
@@ -167,7 +172,8 @@ class Trajectory:
                 raise ValueError(f"branch {key!r} first appeared at step {i}: every branch must be called at step 0")
             ring = self._spare.pop(key, None)
             if ring is None or ring.capacity < self.plan.window:
-                ring = History(max(1, self.plan.window))
+                ring = History(max(1, self.plan.window), self.depth)
+            ring.ensure_depth(self.depth)
             ring.clear()
             found = self.branches[key] = Branch(ring)
             self.stats.branches = len(self.branches)
@@ -184,6 +190,13 @@ class Trajectory:
         g = self.sigmas
         return k, g[i - k], g[i], g[i + 1]
 
+    def _extrapolation(self, i: int, branch: Branch) -> tuple[list[int], tuple[float, ...]]:
+        """Slots in ``vc`` and weights of step ``i``'s extrapolation through the branch's kept computed steps."""
+        nodes = branch.history.nodes
+        q, weights = extrapolation_weights([s for _, s in nodes], self.sigmas[i], self.sigmas[i + 1],
+                                           self.plan[i].order)
+        return [slot for slot, _ in nodes[-q - 1 :]], weights
+
     # -- the steps ------------------------------------------------------------------------------------------------
     def compute(self, i: int, x: torch.Tensor, v: torch.Tensor, key: Hashable = 0) -> torch.Tensor:
         """Computed step ``i``: log the model's ``(x_i, v_i)`` and return ``x_{i+1} = x_i + dt * v_i`` (one op)."""
@@ -191,6 +204,7 @@ class Trajectory:
         xs, vs = b.history.prepare(x)
         out = ops.compute_step(x, v, xs, vs, i, self.sigmas[i], self.sigmas[i + 1])
         b.history.advance()
+        b.history.keep(self.sigmas[i], v)
         b.pending = v
         return out
 
@@ -199,13 +213,18 @@ class Trajectory:
         is what an online plan measures."""
         b = self.branch(i, key)
         b.history.push(x, v)
+        b.history.keep(self.sigmas[i], v)
         b.pending = v if observed is None else observed
 
     def skip(self, i: int, x: torch.Tensor, key: Hashable = 0) -> torch.Tensor:
         """Skipped step ``i``: estimate the average velocity, log it, return ``x_{i+1}`` (one op)."""
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
-        out = ops.skip_step(x, xs, vs, i, *self._window(i, b))
+        if self.plan[i].estimator == "extrapolate":
+            slots, weights = self._extrapolation(i, b)
+            out = ops.weighted_step(x, xs, vs, b.history.vc, i, slots, weights, dt=self.sigmas[i + 1] - self.sigmas[i])
+        else:
+            out = ops.skip_step(x, xs, vs, i, *self._window(i, b))
         b.history.advance()
         return out
 
@@ -213,7 +232,13 @@ class Trajectory:
         """Skipped step ``i`` for a caller that steps itself: log and return ``v_hat * out_scale`` (one op)."""
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
-        out = ops.estimate(x, xs, vs, i, *self._window(i, b), out_scale, out_dtype or b.out_dtype or x.dtype)
+        dtype = out_dtype or b.out_dtype or x.dtype
+        if self.plan[i].estimator == "extrapolate":
+            slots, weights = self._extrapolation(i, b)
+            out = ops.weighted_step(x, xs, vs, b.history.vc, i, slots, weights, dt=self.sigmas[i + 1] - self.sigmas[i],
+                                    out_scale=out_scale, out_dtype=dtype, euler=False)
+        else:
+            out = ops.estimate(x, xs, vs, i, *self._window(i, b), out_scale, dtype)
         b.history.advance()
         return out
 

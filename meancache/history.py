@@ -4,6 +4,9 @@ The official release keeps every step's latent, an fp32 copy of it and its veloc
 number of steps (algorithm.md §9.3). A skipped step with window K reads only the entry K steps back and the newest
 one (§5), so a ring of ``capacity <= 6`` entries is exact. Entries are stored in float32 (float64 for float64
 latents), whatever the latent dtype.
+
+Schedules with ``extrapolate`` segments also keep the velocities of the last ``depth <= 4`` *computed* steps (the
+nodes of the extrapolation polynomial, :mod:`meancache.estimators`) beside the ring, with their sigmas on the host.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._limits import MAX_ORDER
+from .estimators import MAX_TERMS
 
 __all__ = ["History", "history_dtype"]
 
@@ -38,6 +42,8 @@ class History:
 
     Args:
         capacity: entries kept, 1..6 (the largest window K the schedule uses is enough).
+        depth: computed velocities kept for extrapolation, 0..4 (0: none, nothing allocated). They live in ``vc``,
+            shape ``(depth, *latent_shape)``, and are kept by :meth:`keep`.
 
     Example:
         >>> import torch
@@ -48,13 +54,19 @@ class History:
         (5, 2, 4.0, 3)
     """
 
-    def __init__(self, capacity: int = MAX_ORDER):
+    def __init__(self, capacity: int = MAX_ORDER, depth: int = 0):
         if not isinstance(capacity, int) or not 1 <= capacity <= MAX_ORDER:
             raise ValueError(f"capacity={capacity!r}: must be an int in 1..{MAX_ORDER}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= MAX_TERMS:
+            raise ValueError(f"depth={depth!r}: must be an int in 0..{MAX_TERMS}")
         self.capacity = capacity
+        self.depth = depth
         self.count = 0
         self.xs: torch.Tensor | None = None
         self.vs: torch.Tensor | None = None
+        self.vc: torch.Tensor | None = None
+        self._kept: list[tuple[int, float]] = []  # (slot in vc, sigma) of the kept computed steps, oldest first
+        self._kept_total = 0
 
     def __len__(self) -> int:
         """Entries currently held (at most ``capacity``)."""
@@ -68,11 +80,46 @@ class History:
     @property
     def nbytes(self) -> int:
         """Bytes of tensor storage held by the ring (0 before the first push)."""
-        return 0 if self.xs is None else 2 * self.xs.numel() * self.xs.element_size()
+        ring = 0 if self.xs is None else 2 * self.xs.numel() * self.xs.element_size()
+        return ring + (0 if self.vc is None else self.vc.numel() * self.vc.element_size())
 
     def clear(self) -> None:
         """Forget every entry but keep the storage for the next trajectory."""
         self.count = 0
+        self._kept = []
+        self._kept_total = 0
+
+    def ensure_depth(self, depth: int) -> None:
+        """Keep at least ``depth`` computed velocities from now on (a reused ring meeting a deeper plan); only
+        between trajectories."""
+        if depth > self.depth:
+            self.depth = depth
+            self.vc = None  # reallocated by the next prepare()
+
+    @property
+    def nodes(self) -> list[tuple[int, float]]:
+        """``(slot in vc, sigma)`` of the kept computed steps, oldest first (at most ``depth``)."""
+        return self._kept
+
+    def keep(self, sigma: float, v: torch.Tensor) -> None:
+        """Keep the velocity ``v`` of a computed step at ``sigma`` as an extrapolation node, evicting the oldest
+        beyond ``depth``. A no-op when ``depth`` is 0.
+
+        Example:
+            >>> import torch
+            >>> h = History(2, depth=2)
+            >>> _ = h.prepare(torch.zeros(3))
+            >>> for s in (1.0, 0.5, 0.25):
+            ...     h.keep(s, torch.full((3,), s))
+            >>> [sigma for _, sigma in h.nodes], h.vc[h.nodes[-1][0]][0].item()
+            ([0.5, 0.25], 0.25)
+        """
+        if not self.depth:
+            return
+        slot = self._kept_total % self.depth
+        self.vc[slot].copy_(v)
+        self._kept_total += 1
+        self._kept = (self._kept + [(slot, float(sigma))])[-self.depth :]
 
     def _slot(self, step: int) -> int:
         if not self.oldest <= step < self.count:
@@ -102,6 +149,9 @@ class History:
                 )
             self.xs = torch.empty((self.capacity, *x.shape), dtype=dtype, device=x.device)
             self.vs = torch.empty_like(self.xs)
+            self.vc = None
+        if self.depth and self.vc is None:
+            self.vc = torch.empty((self.depth, *x.shape), dtype=dtype, device=x.device)
         return self.xs, self.vs
 
     def advance(self) -> None:

@@ -72,7 +72,7 @@ class OnlinePlan:
         >>> plan.known  # the next computed step: 4 steps later, as the remaining budget requires
         5
         >>> plan[3]
-        StepPlan(computed=False, order=2)
+        StepPlan(computed=False, order=2, estimator='meancache')
     """
 
     def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE, group=None):
@@ -114,6 +114,11 @@ class OnlinePlan:
     def window(self) -> int:
         """History entries a run needs (the window K of skipped steps)."""
         return ONLINE_ORDER
+
+    @property
+    def depth(self) -> int:
+        """Computed velocities kept for extrapolation: none (online plans use the published estimator)."""
+        return 0
 
     def __getitem__(self, i: int) -> StepPlan:
         if not 0 <= i < self.num_steps:

@@ -4,7 +4,10 @@ Each op is one launch on the CUDA and Triton backends and reads/writes the histo
 
 * ``meancache::skip_step``: estimate v_hat from the ring, log ``(x_i, v_hat)``, return ``x_{i+1}``;
 * ``meancache::compute_step``: log the model's ``(x_i, v_i)``, return ``x_{i+1}``;
-* ``meancache::estimate``: log ``(x_i, v_hat)`` and return ``v_hat`` for a caller that steps itself.
+* ``meancache::estimate``: log ``(x_i, v_hat)`` and return ``v_hat`` for a caller that steps itself;
+* ``meancache::weighted_step``: a skipped step (or estimate) with any estimator of :mod:`meancache.estimators`:
+  ``v_hat = sum_j w_j * V[slot_j] + x_weight * (x_i - xs[x_slot])`` from host weights, logged, then the Euler
+  step or the scaled estimate.
 
 The ring ``xs``/``vs`` has shape ``(C, *x.shape)``, C <= 6, and holds step ``j`` in slot ``j % C``. Sigmas, the
 step index and K are host scalars: validation reads only metadata, so no call synchronises the device, and a
@@ -22,18 +25,21 @@ backend.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 
 from . import _backend
+from .estimators import MAX_TERMS
 from .reference import compute_step_ref
 from .reference import estimate_ref
 from .reference import skip_step_ref
 from .reference import step_scalars
+from .reference import weighted_step_ref
 from ._limits import MAX_ORDER
 
-__all__ = ["skip_step", "compute_step", "estimate"]
+__all__ = ["skip_step", "compute_step", "estimate", "weighted_step"]
 
 _LIB = torch.library.Library("meancache", "FRAGMENT")
 _LIB.define(
@@ -47,6 +53,10 @@ _LIB.define(
 _LIB.define(
     "estimate(Tensor x, Tensor(a!) xs, Tensor(b!) vs, int step, int k, float sigma_start, float sigma_now, "
     "float sigma_next, float out_scale, ScalarType out_dtype) -> Tensor"
+)
+_LIB.define(
+    "weighted_step(Tensor x, Tensor(a!) xs, Tensor(b!) vs, Tensor? vc, int step, int[] v_slots, float[] v_weights, "
+    "int x_slot, float x_weight, float dt, float out_scale, ScalarType out_dtype, bool euler) -> Tensor"
 )
 
 _LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -134,9 +144,9 @@ def _check_velocity(x: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"compute_step: v dtype={v.dtype}: must be a float dtype")
 
 
-def _check_out_dtype(out_dtype: torch.dtype) -> None:
+def _check_out_dtype(out_dtype: torch.dtype, op: str = "estimate") -> None:
     if out_dtype not in _LATENT_DTYPES:
-        raise ValueError(f"estimate: out_dtype={out_dtype}: must be float16, bfloat16, float32 or float64")
+        raise ValueError(f"{op}: out_dtype={out_dtype}: must be float16, bfloat16, float32 or float64")
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
@@ -236,6 +246,55 @@ def _validate_compute(x, v, xs, vs, step) -> int:
     return slot
 
 
+def _check_terms(op: str, vc, xs, v_slots, v_weights, x_slot, x_weight) -> None:
+    """The weighted step's terms: 1..MAX_TERMS (slot, finite weight) pairs inside their source, the latent slot."""
+    if not 1 <= len(v_slots) <= MAX_TERMS or len(v_weights) != len(v_slots):
+        raise ValueError(
+            f"{op}: v_slots={list(v_slots)} and v_weights={list(v_weights)}: need 1..{MAX_TERMS} slots and one "
+            "weight per slot"
+        )
+    rows = xs.shape[0] if vc is None else vc.shape[0]
+    source = "vs" if vc is None else "vc"
+    for slot in v_slots:
+        if not 0 <= slot < rows:
+            raise ValueError(f"{op}: v_slots entry {slot}: must be in 0..{rows - 1} ({source} holds {rows} rows)")
+    for name, w in [*(("v_weights", w) for w in v_weights), ("x_weight", x_weight)]:
+        if not math.isfinite(w):
+            raise ValueError(f"{op}: {name} holds {w}: every weight must be finite")
+    if not 0 <= x_slot < xs.shape[0]:
+        raise ValueError(f"{op}: x_slot={x_slot}: must be in 0..{xs.shape[0] - 1} (xs.shape[0]={xs.shape[0]})")
+
+
+def _check_computed_store(op: str, x: torch.Tensor, xs: torch.Tensor, vc) -> None:
+    """``vc``, when given, is a ``(D, *x.shape)`` stack of velocities in the ring's dtype, on x's device."""
+    if vc is None:
+        return
+    if vc.dim() != x.dim() + 1 or tuple(vc.shape[1:]) != tuple(x.shape) or not 1 <= vc.shape[0] <= MAX_ORDER:
+        raise ValueError(
+            f"{op}: vc has shape {tuple(vc.shape)} but x has shape {tuple(x.shape)}: must be (D, *x.shape) with "
+            f"1 <= D <= {MAX_ORDER}"
+        )
+    if vc.device != x.device or vc.dtype != xs.dtype or not vc.is_contiguous():
+        raise ValueError(
+            f"{op}: vc is {vc.dtype} on {vc.device} (contiguous={vc.is_contiguous()}): must be contiguous "
+            f"{xs.dtype} on {x.device}, like the ring"
+        )
+
+
+def _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype) -> int:
+    """All checks of weighted_step; returns the slot it writes."""
+    op = "weighted_step"
+    _check_ring(op, x, xs, vs)
+    _check_computed_store(op, x, xs, vc)
+    _check_step(op, step)
+    _check_terms(op, vc, xs, v_slots, v_weights, x_slot, x_weight)
+    _check_out_dtype(out_dtype, op)
+    slot = step % xs.shape[0]
+    inputs = (("x", x),) if vc is None else (("x", x), ("vc", vc))
+    _check_no_alias(op, inputs, xs, vs, step, slot)
+    return slot
+
+
 # -- backend implementations (CPU and CUDA dispatch keys) ---------------------------------------------------------
 
 
@@ -277,8 +336,23 @@ def _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_s
     return estimate_ref(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
 
 
+def _weighted_step_impl(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype,
+                        euler):
+    slot = _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype)
+    out_dtype = x.dtype if euler else out_dtype
+    args = (list(v_slots), list(v_weights), x_slot, x_weight, slot, dt, out_scale, out_dtype, euler)
+    backend = _backend.select_backend(x)
+    if backend != "torch" and out_dtype == torch.float64:
+        backend = "torch"  # the kernels store float16/bfloat16/float32 only
+    if backend == "cuda":
+        return _backend.cuda_ops()._weighted_step_cuda(x.contiguous(), xs, vs, vc, *args)
+    if backend == "triton":
+        return _backend.triton_kernels().weighted_step_triton(x, xs, vs, vc, *args)
+    return weighted_step_ref(x, xs, vs, vc, *args)
+
+
 for _name, _impl in (("skip_step", _skip_step_impl), ("compute_step", _compute_step_impl),
-                     ("estimate", _estimate_impl)):
+                     ("estimate", _estimate_impl), ("weighted_step", _weighted_step_impl)):
     _LIB.impl(_name, _impl, "CPU")
     _LIB.impl(_name, _impl, "CUDA")
 
@@ -323,6 +397,15 @@ def _estimate_autograd(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, o
     return estimate_ref(x, xs, vs, *slots, *scalars, out_scale, out_dtype)
 
 
+def _weighted_step_autograd(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype,
+                            euler):
+    slot = _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype)
+    _check_ring_writable("weighted_step", xs, vs)
+    out_dtype = x.dtype if euler else out_dtype
+    return weighted_step_ref(x, xs, vs, vc, list(v_slots), list(v_weights), x_slot, x_weight, slot, dt, out_scale,
+                             out_dtype, euler)
+
+
 def _autograd_kernel(name: str, differentiable):
     overload = getattr(torch.ops.meancache, name).default
 
@@ -350,7 +433,8 @@ def _inplace_kernel(name: str, ring_args: tuple[int, int]):
 
 for _name, _differentiable, _rings in (("skip_step", _skip_step_autograd, (1, 2)),
                                        ("compute_step", _compute_step_autograd, (2, 3)),
-                                       ("estimate", _estimate_autograd, (1, 2))):
+                                       ("estimate", _estimate_autograd, (1, 2)),
+                                       ("weighted_step", _weighted_step_autograd, (1, 2))):
     _LIB.impl(_name, _autograd_kernel(_name, _differentiable), "Autograd", with_keyset=True)
     _LIB.impl(_name, _inplace_kernel(_name, _rings), "ADInplaceOrView", with_keyset=True)
 
@@ -375,6 +459,12 @@ def _estimate_fake(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_s
     _validate_skip("estimate", x, xs, vs, step, k)
     _check_out_dtype(out_dtype)
     return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+@torch.library.register_fake("meancache::weighted_step")
+def _weighted_step_fake(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype, euler):
+    _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype)
+    return torch.empty(x.shape, dtype=x.dtype if euler else out_dtype, device=x.device)
 
 
 def _direct(x, xs, vs, v=None) -> bool:
@@ -499,3 +589,72 @@ def estimate(
     if _direct(x, xs, vs):
         return _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, dtype)
     return torch.ops.meancache.estimate(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, dtype)
+
+
+def weighted_step(
+    x: torch.Tensor,
+    xs: torch.Tensor,
+    vs: torch.Tensor,
+    vc: torch.Tensor | None,
+    step: int,
+    v_slots,
+    v_weights,
+    x_slot: int = 0,
+    x_weight: float = 0.0,
+    dt: float = 0.0,
+    out_scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    euler: bool = True,
+) -> torch.Tensor:
+    """A skipped step with any estimator, in one launch: ``v_hat = sum_j v_weights[j] * V[v_slots[j]] +
+    x_weight * (x - xs[x_slot])``, logged as ``(x_i, v_hat)`` in slot ``step % C``, then ``x_i + dt * v_hat``
+    (``euler``) or ``v_hat * out_scale`` in ``out_dtype`` (a caller that steps itself).
+
+    The weights come from :mod:`meancache.estimators` (host floats), so nothing synchronises the device and the op
+    traces under ``torch.compile(fullgraph=True)``. Terms are summed in the order given, in the ring's dtype.
+
+    Args:
+        x: latent x_i, shape S, float16/bfloat16/float32/float64.
+        xs, vs: ring ``(C, *S)``, float32 (float64 for float64 x), contiguous; updated in place.
+        vc: computed velocities ``(D, *S)`` (D <= 6) in the ring's dtype, read only, or None to read the velocity
+            terms from ``vs``.
+        step: index i of this step (it writes ring slot ``step % C``).
+        v_slots, v_weights: 1..4 rows of V (ints) and their weights (finite floats).
+        x_slot, x_weight: the latent term's ring slot and weight (``x_weight = 0`` leaves the term out).
+        dt: ``sigma_next - sigma_now``.
+        out_scale, out_dtype: scale and dtype of the returned estimate when ``euler`` is False (``out_dtype``
+            defaults to ``x.dtype``).
+        euler: return x_{i+1} (True) or the estimate (False).
+
+    Returns:
+        x_{i+1} (shape S, ``x.dtype``) or ``v_hat * out_scale`` (shape S, ``out_dtype``).
+
+    Raises:
+        ValueError: as :func:`skip_step`, plus: slot and weight lists of different length or outside 1..4 terms,
+            a slot outside its source, a non-finite weight, ``vc`` not shaped ``(D, *S)`` like the ring, or ``vc``
+            overlapping the ring slot being written. Checked from metadata only, before any work.
+
+    Example:
+        >>> import torch, meancache.ops as ops
+        >>> xs, vs = torch.zeros(2, 3), torch.zeros(2, 3)
+        >>> vc = torch.tensor([[1.0] * 3, [2.0] * 3])  # the last two computed velocities
+        >>> ops.weighted_step(torch.zeros(3), xs, vs, vc, 1, [0, 1], [-1.0, 2.0], dt=-0.5)
+        tensor([-1.5000, -1.5000, -1.5000])
+    """
+    op = "weighted_step"
+    step, x_slot = _host_int(op, "step", step), _host_int(op, "x_slot", x_slot)
+    if isinstance(v_slots, (str, bytes, torch.Tensor)) or isinstance(v_weights, (str, bytes, torch.Tensor)):
+        raise ValueError(f"{op}: v_slots and v_weights must be lists of host ints and floats")
+    v_slots = [_host_int(op, "v_slots entry", s) for s in v_slots]
+    try:
+        v_weights = [float(w) for w in v_weights]
+        x_weight, dt, out_scale = float(x_weight), float(dt), float(out_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: v_weights={v_weights!r}, x_weight, dt and out_scale must be host floats") from None
+    if not isinstance(euler, bool):
+        raise ValueError(f"{op}: euler={euler!r}: must be True or False")
+    dtype = x.dtype if out_dtype is None else out_dtype
+    args = (x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, dtype, euler)
+    if _direct(x, xs, vs, vc):
+        return _weighted_step_impl(*args)
+    return torch.ops.meancache.weighted_step(*args)

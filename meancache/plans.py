@@ -68,9 +68,9 @@ class StaticPlan:
     Example:
         >>> plan = StaticPlan(Schedule([0, 3], [2], 4))
         >>> plan[1], plan.window, plan.decided()
-        (StepPlan(computed=False, order=2), 2, True)
+        (StepPlan(computed=False, order=2, estimator='meancache'), 2, True)
         >>> StaticPlan(None, 1)[0]
-        StepPlan(computed=True, order=0)
+        StepPlan(computed=True, order=0, estimator='meancache')
     """
 
     def __init__(self, schedule: Schedule | None, num_steps: int | None = None):
@@ -79,10 +79,12 @@ class StaticPlan:
             self.num_steps = schedule.num_steps
             self._steps = schedule.expand()
             self.window = schedule.window
+            self.depth = schedule.depth
         else:
             self.num_steps = int(num_steps)
             self._steps = (StepPlan(True, 0),) * self.num_steps
             self.window = 1
+            self.depth = 0
 
     def __len__(self) -> int:
         return self.num_steps

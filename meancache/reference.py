@@ -21,6 +21,7 @@ __all__ = [
     "skip_step_ref",
     "compute_step_ref",
     "estimate_ref",
+    "weighted_step_ref",
 ]
 
 
@@ -145,6 +146,73 @@ def estimate_ref(
     """
     _check_slots("estimate_ref", xs, vs, slot_start=slot_start, slot_last=slot_last, slot_write=slot_write)
     _, v_hat = _estimate_and_log(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt)
+    return (v_hat * out_scale).to(out_dtype)
+
+
+def weighted_step_ref(
+    x: torch.Tensor,
+    xs: torch.Tensor,
+    vs: torch.Tensor,
+    vc: torch.Tensor | None,
+    v_slots: list[int],
+    v_weights: list[float],
+    x_slot: int,
+    x_weight: float,
+    slot_write: int,
+    dt: float,
+    out_scale: float,
+    out_dtype: torch.dtype,
+    euler: bool,
+) -> torch.Tensor:
+    """A skipped step with any estimator of :mod:`meancache.estimators`, written as weights.
+
+    ``v_hat = sum_j v_weights[j] * V[v_slots[j]] + x_weight * (x - xs[x_slot])``, summed in the order given, with
+    ``V = vc`` (the computed velocities) or ``V = vs`` (the ring) when ``vc`` is None; the latent term is left out
+    when ``x_weight == 0`` (so an unwritten ``xs[x_slot]`` is never read). Logs ``(x, v_hat)`` in ``slot_write``
+    and returns ``x + dt * v_hat`` in ``x.dtype`` (``euler``) or ``v_hat * out_scale`` in ``out_dtype``.
+
+    Args:
+        x: latent x_i, shape S, float16/bfloat16/float32/float64.
+        xs, vs: history ring ``(C, *S)`` in the ring dtype; updated in place.
+        vc: computed velocities ``(D, *S)`` in the ring dtype, or None to read velocities from ``vs``.
+        v_slots, v_weights: 1..4 rows of V and their weights (host ints and floats).
+        x_slot, x_weight: the latent term's ring slot and weight.
+        slot_write: ring slot of this step.
+        dt: ``sigma_next - sigma_now``.
+        out_scale, out_dtype: the returned estimate's scale and dtype (ignored with ``euler``).
+        euler: return the Euler step instead of the estimate.
+
+    Returns:
+        x_{i+1} (shape S, ``x.dtype``) or ``v_hat * out_scale`` (shape S, ``out_dtype``).
+
+    Example:
+        >>> import torch
+        >>> xs, vs, vc = torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[1.0] * 3, [2.0] * 3])
+        >>> weighted_step_ref(torch.zeros(3), xs, vs, vc, [0, 1], [-1.0, 2.0], 0, 0.0, 1, -0.5, 1.0,
+        ...                   torch.float32, True)
+        tensor([-1.5000, -1.5000, -1.5000])
+    """
+    source = vs if vc is None else vc
+    _check_slots("weighted_step_ref", xs, vs, x_slot=x_slot, slot_write=slot_write)
+    if len(v_slots) != len(v_weights) or not v_slots:
+        raise ValueError(
+            f"weighted_step_ref: {len(v_slots)} v_slots and {len(v_weights)} v_weights: need one weight per slot, "
+            "at least one"
+        )
+    for slot in v_slots:
+        if not 0 <= slot < source.shape[0]:
+            raise ValueError(f"weighted_step_ref: v_slots entry {slot}: must be in 0..{source.shape[0] - 1}")
+    x_r = x.to(xs.dtype)
+    v_hat = source[v_slots[0]] * v_weights[0]
+    for slot, w in zip(v_slots[1:], v_weights[1:]):
+        v_hat = v_hat + source[slot] * w
+    if x_weight != 0.0:
+        v_hat = v_hat + (x_r - xs[x_slot]) * x_weight
+    # v_hat is a fresh tensor, so the writes cannot disturb what it was computed from
+    xs[slot_write].copy_(x_r)
+    vs[slot_write].copy_(v_hat)
+    if euler:
+        return (x_r + dt * v_hat).to(x.dtype)
     return (v_hat * out_scale).to(out_dtype)
 
 

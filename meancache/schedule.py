@@ -8,6 +8,10 @@ included) and one window ``K`` per segment between two consecutive compute steps
 * ``K = 1`` plain reuse of the last velocity;
 * ``K = 2 .. 6`` the finite-difference JVP estimate over the last K logged steps.
 
+Each segment also names its estimator (``estimators``): ``"meancache"`` (the published estimator above, the
+default) or ``"extrapolate"``, where the segment's order is the polynomial order p = 1..3 of
+:func:`meancache.estimators.extrapolation_weights` (the last p + 1 computed velocities, averaged over each step).
+
 Published tables ship as JSON files in ``meancache/presets`` and load with :meth:`Schedule.preset`.
 """
 
@@ -27,6 +31,9 @@ from typing import Sequence
 import torch
 
 from ._limits import MAX_ORDER
+from .estimators import ESTIMATORS
+from .estimators import MAX_EXTRAPOLATION_ORDER
+from .estimators import estimator_label
 from .validation import is_int
 
 __all__ = ["MAX_ORDER", "MAX_STEPS", "SCHEDULE_FORMAT_VERSION", "Schedule", "StepPlan", "preset_names"]
@@ -40,8 +47,10 @@ logger = logging.getLogger("meancache")
 #: (about ``budget * (num_steps - budget)`` vectorised operations, largest at ``budget = num_steps / 2``) at a
 #: second or two. Without a bound, a file with ``"num_steps": 1000000000`` loads and then hangs in ``window``.
 MAX_STEPS = 10_000
-#: Version written into schedule files; :meth:`Schedule.from_json` rejects other versions.
-SCHEDULE_FORMAT_VERSION = 1
+#: Version written into schedule files. Version 2 adds each segment's estimator; :meth:`Schedule.from_json` reads
+#: versions 1 (every segment the published estimator) and 2, and rejects others.
+SCHEDULE_FORMAT_VERSION = 2
+_READ_VERSIONS = (1, 2)
 SCHEDULE_FORMAT = "meancache.schedule"
 PRESET_FORMAT = "meancache.preset"
 # Segments whose K is 0 ("chain") but that become longer than one step when a table is stretched to more steps
@@ -55,11 +64,18 @@ DEFAULT_MAX_SEGMENT = 8
 class StepPlan(NamedTuple):
     """What happens at one sampler step.
 
-    ``computed`` is True when the model runs; ``order`` is the window K of a skipped step (0 on computed steps).
+    ``computed`` is True when the model runs; ``order`` is the window K (meancache) or the polynomial order p
+    (extrapolate) of a skipped step, 0 on computed steps; ``estimator`` names the skipped step's estimator.
     """
 
     computed: bool
     order: int
+    estimator: str = "meancache"
+
+
+#: One letter per extrapolation order in :meth:`Schedule.pattern` (linear, quadratic, cubic), so that the string
+#: keeps one character per step next to the K digits of the published estimator.
+_ORDER_LETTERS = {1: "l", 2: "q", 3: "c"}
 
 
 class Schedule:
@@ -68,9 +84,12 @@ class Schedule:
     Args:
         compute_steps: strictly increasing step indices that evaluate the model; ``0`` and ``num_steps - 1`` must
             be included. Their count is the budget (2 <= budget <= num_steps).
-        orders: ``budget - 1`` windows K in ``0..6``, one per segment between consecutive compute steps.
-            ``K = 0`` is allowed only on 1-step segments.
+        orders: ``budget - 1`` ints, one per segment between consecutive compute steps: the window K in ``0..6``
+            of a meancache segment (``K = 0`` only on 1-step segments), the order p in ``1..3`` of an
+            extrapolate segment.
         num_steps: number of sampler steps N, 2 <= N <= :data:`MAX_STEPS`.
+        estimators: ``budget - 1`` names, ``"meancache"`` or ``"extrapolate"``, one per segment; None (the
+            default) makes every segment ``"meancache"``.
 
     Raises:
         ValueError: naming the field, the bad value and the rule, for every violated invariant.
@@ -80,11 +99,19 @@ class Schedule:
         >>> s = Schedule([0, 1, 4, 5], [0, 2, 0], num_steps=6)
         >>> s.budget, s.pattern()
         (4, ('CC..CC', '--22--'))
+        >>> Schedule([0, 3, 4], [1, 0], 5, estimators=["extrapolate", "meancache"]).labels
+        ('e1', 'K0')
     """
 
-    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_plan")
+    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_estimators", "_plan")
 
-    def __init__(self, compute_steps: Iterable[int], orders: Iterable[int], num_steps: int):
+    def __init__(
+        self,
+        compute_steps: Iterable[int],
+        orders: Iterable[int],
+        num_steps: int,
+        estimators: Iterable[str] | None = None,
+    ):
         _check_num_steps(num_steps)
         steps = _as_tuple(compute_steps, "compute_steps")
         ks = _as_tuple(orders, "orders")
@@ -117,7 +144,25 @@ class Schedule:
                 f"orders={list(ks)}: length {len(ks)} != budget - 1 = {budget - 1} (one K per segment between "
                 "consecutive compute steps)"
             )
-        for j, k in enumerate(ks):
+        if estimators is None:
+            names = ("meancache",) * len(ks)
+        else:
+            names = _as_tuple(estimators, "estimators")
+            if len(names) != len(ks):
+                raise ValueError(
+                    f"estimators={list(names)}: length {len(names)} != budget - 1 = {budget - 1} (one estimator per "
+                    "segment)"
+                )
+        for j, (name, k) in enumerate(zip(names, ks)):
+            if not isinstance(name, str) or name not in ESTIMATORS:
+                raise ValueError(f"estimators[{j}]={name!r}: must be one of {', '.join(ESTIMATORS)}")
+            if name == "extrapolate":
+                if not 1 <= k <= MAX_EXTRAPOLATION_ORDER:
+                    raise ValueError(
+                        f"orders[{j}]={k} on an extrapolate segment: the polynomial order p must be in "
+                        f"1..{MAX_EXTRAPOLATION_ORDER}"
+                    )
+                continue
             if not 0 <= k <= MAX_ORDER:
                 raise ValueError(f"orders[{j}]={k}: K must be in 0..{MAX_ORDER}")
             if k == 0 and steps[j + 1] - steps[j] > 1:
@@ -128,6 +173,7 @@ class Schedule:
         self._compute_steps = tuple(int(c) for c in steps)
         self._orders = tuple(int(k) for k in ks)
         self._num_steps = int(num_steps)
+        self._estimators = tuple(names)
         self._plan = None
 
     # -- read-only views ------------------------------------------------------------------------------------------
@@ -142,6 +188,21 @@ class Schedule:
         return self._orders
 
     @property
+    def estimators(self) -> tuple[str, ...]:
+        """One estimator name per segment, ``"meancache"`` or ``"extrapolate"`` (tuple of str, length budget - 1)."""
+        return self._estimators
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """One short label per segment: ``K<K>`` for meancache, ``e<p>`` for extrapolate.
+
+        Example:
+            >>> Schedule([0, 2, 3], [2, 0], num_steps=4).labels
+            ('K2', 'K0')
+        """
+        return tuple(estimator_label(e, k) for e, k in zip(self._estimators, self._orders))
+
+    @property
     def num_steps(self) -> int:
         """Number of sampler steps N."""
         return self._num_steps
@@ -153,27 +214,40 @@ class Schedule:
 
     @property
     def window(self) -> int:
-        """Largest K any skipped step uses (1 when nothing is skipped): the history entries a run needs."""
-        ks = [p.order for p in self.expand() if not p.computed]
+        """Largest K any meancache skipped step uses (1 when there is none): the history entries a run needs."""
+        ks = [p.order for p in self.expand() if not p.computed and p.estimator == "meancache"]
         return max(ks, default=1)
 
+    @property
+    def depth(self) -> int:
+        """Computed velocities a run keeps for extrapolation: the largest ``p + 1`` over extrapolate segments that
+        skip a step, 0 when there is none.
+
+        Example:
+            >>> Schedule([0, 3, 4], [2, 0], 5, estimators=["extrapolate", "meancache"]).depth
+            3
+        """
+        ps = [p.order for p in self.expand() if not p.computed and p.estimator == "extrapolate"]
+        return max(ps) + 1 if ps else 0
+
     def expand(self) -> tuple[StepPlan, ...]:
-        """Per-step view: one :class:`StepPlan` ``(computed, order)`` for each of the ``num_steps`` steps.
+        """Per-step view: one :class:`StepPlan` ``(computed, order, estimator)`` for each of the ``num_steps`` steps.
 
         Example:
             >>> Schedule([0, 3], [4], num_steps=4).expand()[1]
-            StepPlan(computed=False, order=4)
+            StepPlan(computed=False, order=4, estimator='meancache')
         """
         if self._plan is None:
             plan = [StepPlan(True, 0)] * self._num_steps
-            for a, b, k in zip(self._compute_steps, self._compute_steps[1:], self._orders):
+            for a, b, k, e in zip(self._compute_steps, self._compute_steps[1:], self._orders, self._estimators):
                 for i in range(a + 1, b):
-                    plan[i] = StepPlan(False, k)
+                    plan[i] = StepPlan(False, k, e)
             self._plan = tuple(plan)
         return self._plan
 
     def with_order(self, order: int) -> "Schedule":
-        """The same compute steps with K = ``order`` on every multi-step segment (1-step segments keep K = 0).
+        """The same compute steps with the published estimator and K = ``order`` on every multi-step segment
+        (1-step segments get K = 0).
 
         ``with_order(1)`` is plain reuse of the last computed velocity, the baseline MeanCache improves on.
 
@@ -189,21 +263,28 @@ class Schedule:
         return Schedule(steps, [order if b - a > 1 else 0 for a, b in zip(steps, steps[1:])], self._num_steps)
 
     def pattern(self) -> tuple[str, str]:
-        """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and K per skipped step (``-`` if computed).
+        """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and the estimator per skipped step (``-`` if
+        computed): the digit K for meancache, and ``l``/``q``/``c`` (linear, quadratic, cubic: ``e1``/``e2``/``e3``
+        of :attr:`labels`) for extrapolate, one character per step so the two strings line up.
 
         Example:
             >>> Schedule([0, 2, 3], [1, 0], num_steps=4).pattern()
             ('C.CC', '-1--')
+            >>> Schedule([0, 3, 5], [1, 2], 6, estimators=["extrapolate", "meancache"]).pattern()
+            ('C..C.C', '-ll-2-')
         """
         plan = self.expand()
-        return (
-            "".join("C" if p.computed else "." for p in plan),
-            "".join("-" if p.computed else str(p.order) for p in plan),
-        )
+
+        def mark(p: StepPlan) -> str:
+            if p.computed:
+                return "-"
+            return _ORDER_LETTERS[p.order] if p.estimator == "extrapolate" else str(p.order)
+
+        return "".join("C" if p.computed else "." for p in plan), "".join(mark(p) for p in plan)
 
     # -- equality and display -------------------------------------------------------------------------------------
     def _key(self):
-        return (self._compute_steps, self._orders, self._num_steps)
+        return (self._compute_steps, self._orders, self._num_steps, self._estimators)
 
     def __eq__(self, other):
         if not isinstance(other, Schedule):
@@ -214,10 +295,16 @@ class Schedule:
         return hash(self._key())
 
     def __repr__(self):
+        extra = "" if self.published else f", estimators={list(self._estimators)}"
         return (
             f"Schedule(compute_steps={list(self._compute_steps)}, orders={list(self._orders)}, "
-            f"num_steps={self._num_steps})"
+            f"num_steps={self._num_steps}{extra})"
         )
+
+    @property
+    def published(self) -> bool:
+        """Whether every segment uses the published MeanCache estimator."""
+        return all(e == "meancache" for e in self._estimators)
 
     # -- serialisation --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -228,6 +315,7 @@ class Schedule:
             "num_steps": self._num_steps,
             "compute_steps": list(self._compute_steps),
             "orders": list(self._orders),
+            "estimators": list(self._estimators),
         }
 
     def to_json(self) -> str:
@@ -242,7 +330,8 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data) -> "Schedule":
-        """Build from :meth:`to_dict` output, checking the format name and version."""
+        """Build from :meth:`to_dict` output, checking the format name and version (1 or 2; a version 1 file has
+        no ``estimators`` and loads as the published estimator on every segment)."""
         if not isinstance(data, dict):
             raise ValueError(f"schedule data={type(data).__name__}: must be a JSON object")
         fmt = data.get("format")
@@ -250,15 +339,20 @@ class Schedule:
             raise ValueError(f"format={fmt!r}: not a meancache schedule (expected {SCHEDULE_FORMAT!r})")
         version = data.get("version")
         # `true == 1` in Python, so the type is checked too: a JSON boolean is not a version number
-        if isinstance(version, bool) or version != SCHEDULE_FORMAT_VERSION:
+        if isinstance(version, bool) or version not in _READ_VERSIONS:
             raise ValueError(
-                f"version={version!r}: this meancache reads schedule format version {SCHEDULE_FORMAT_VERSION} "
-                "(an integer)"
+                f"version={version!r}: this meancache reads schedule format versions "
+                f"{', '.join(map(str, _READ_VERSIONS))} (an integer)"
             )
-        missing = [k for k in ("num_steps", "compute_steps", "orders") if k not in data]
+        fields = ("num_steps", "compute_steps", "orders") + (("estimators",) if version >= 2 else ())
+        missing = [k for k in fields if k not in data]
         if missing:
             raise ValueError(f"schedule data is missing field(s) {missing}")
-        return cls(data["compute_steps"], data["orders"], data["num_steps"])
+        if version == 1 and "estimators" in data:
+            raise ValueError("estimators in a version 1 schedule: per-segment estimators need version 2")
+        if version >= 2 and not isinstance(data["estimators"], list):
+            raise ValueError(f"estimators={data['estimators']!r}: must be a list of estimator names in version 2")
+        return cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"))
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
@@ -397,8 +491,8 @@ class Schedule:
         Rule: compute step ``c`` of an N-step schedule maps to the real position ``c * (M - 1) / (N - 1)`` on the
         M-step grid (first to first, last to last). The B positions are rounded to B distinct integers by an exact
         least-squares assignment (:func:`_place`), so the budget, the first and the last step are kept and the
-        order is preserved. Each new segment keeps the K of the segment it came from; a K = 0 segment stretched
-        beyond one step gets K = 2 (:data:`STRETCHED_CHAIN_ORDER`). When the budget exceeds M, every one of the M
+        order is preserved. Each new segment keeps the estimator and K (or order) of the segment it came from; a
+        K = 0 segment stretched beyond one step gets K = 2 (:data:`STRETCHED_CHAIN_ORDER`). When the budget exceeds M, every one of the M
         steps is computed (nothing is left to skip) and a warning is logged.
 
         Example:
@@ -420,7 +514,7 @@ class Schedule:
             STRETCHED_CHAIN_ORDER if k == 0 and b - a > 1 else k
             for a, b, k in zip(steps, steps[1:], self._orders)
         ]
-        return Schedule(steps, orders, num_steps)
+        return Schedule(steps, orders, num_steps, self._estimators)
 
 
 def fit_steps(schedule: Schedule, num_steps: int) -> Schedule:
@@ -553,13 +647,14 @@ def _preset_tables() -> dict:
             continue
         data = json.loads(entry.read_text(encoding="utf-8"))
         version = data.get("version")
-        if data.get("format") != PRESET_FORMAT or isinstance(version, bool) or version != 1:
-            raise ValueError(f"{entry.name}: not a meancache preset file of version 1")
+        if data.get("format") != PRESET_FORMAT or isinstance(version, bool) or version not in _READ_VERSIONS:
+            raise ValueError(f"{entry.name}: not a meancache preset file of version 1 or 2")
         n = data["num_steps"]
         by_budget = {}
         for key, table in data["schedules"].items():
             try:
-                by_budget[int(key)] = Schedule(table["compute_steps"], table["orders"], n)
+                # version 2 tables may name each segment's estimator, as schedule files do
+                by_budget[int(key)] = Schedule(table["compute_steps"], table["orders"], n, table.get("estimators"))
             except ValueError as exc:
                 raise ValueError(f"preset {entry.name}, budget {key}: {exc}") from None
         tables[data["name"]] = (n, by_budget)

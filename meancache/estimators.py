@@ -1,0 +1,138 @@
+"""The estimators a skipped step can use, written as host-side weights on stored rows.
+
+Every estimator is a linear combination of stored velocities plus, for MeanCache, one latent difference::
+
+    v_hat = sum_j w_j * V[slot_j]  +  x_weight * (x_i - xs[x_slot])
+
+with weights that depend only on sigmas. They are computed here, in float64 on the host, and one fused op
+(:func:`meancache.ops.weighted_step`) applies them, so nothing here touches a tensor.
+
+* ``meancache`` (window K = 0..6): the published estimator of algorithm.md §2.2,
+  ``v_hat = v_last - (v_start - (x_i - x_start) / D) / D * dt``. Its run-time path is the dedicated
+  ``skip_step``/``estimate`` op, exactly as in the official release; :func:`meancache_weights` restates it in the
+  weighted form above (used to hold the generic op to the published one).
+* ``extrapolate`` (order p = 1..3): the polynomial in sigma through the last p + 1 *computed* ``(sigma, v)`` pairs,
+  averaged exactly over the step ``[sigma_i, sigma_{i+1}]`` (:func:`extrapolation_weights`). Its weight on node j
+  is the mean of the Lagrange basis polynomial L_j over the step. p = 0 would be plain reuse, which MeanCache
+  K = 1 already is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+__all__ = [
+    "ESTIMATORS",
+    "MAX_EXTRAPOLATION_ORDER",
+    "MAX_GAIN",
+    "MAX_TERMS",
+    "estimator_label",
+    "extrapolation_weights",
+    "meancache_weights",
+]
+
+#: Names of the estimators a schedule segment can carry.
+ESTIMATORS = ("meancache", "extrapolate")
+#: Highest polynomial order of ``extrapolate`` (a cubic through 4 computed velocities).
+MAX_EXTRAPOLATION_ORDER = 3
+#: Most velocity terms one weighted step combines (the 4 nodes of a cubic).
+MAX_TERMS = MAX_EXTRAPOLATION_ORDER + 1
+#: Conditioning guard of :func:`extrapolation_weights`: the largest allowed ``sum_j |w_j|``, the factor by which
+#: the weights can amplify an error in the stored velocities. Plain reuse has gain 1; a line through two computed
+#: steps h apart, extrapolated to a step t*h past the newest, has gain 1 + 2t, so 32 still admits a line carried
+#: 15 node spacings ahead (longer than any segment the search allows, 8 steps, after two adjacent computes). A
+#: higher order, or nodes bunched close together near sigma = 0 (shifted grids), that would exceed it is lowered
+#: one order at a time until it fits.
+MAX_GAIN = 32.0
+
+# The two-point Gauss-Legendre rule integrates polynomials up to degree 3 exactly: the mean of a cubic over
+# [a, b] is the average of its values at the midpoint -/+ (b - a) / (2 * sqrt(3)).
+_GAUSS = 0.5 / math.sqrt(3.0)
+
+
+def estimator_label(estimator: str, order: int) -> str:
+    """Short name of a segment's estimator: ``K<order>`` for meancache, ``e<order>`` for extrapolate.
+
+    Example:
+        >>> estimator_label("meancache", 2), estimator_label("extrapolate", 1)
+        ('K2', 'e1')
+    """
+    return f"K{order}" if estimator == "meancache" else f"e{order}"
+
+
+def meancache_weights(inv_d: float, dt: float) -> tuple[float, float, float]:
+    """The published estimator as weights: ``(w_start, w_last, x_weight)`` with
+    ``v_hat = w_last * v_last + w_start * v_start + x_weight * (x_i - x_start)``.
+
+    Expanding ``v_last - (v_start - (x_i - x_start) * inv_d) * inv_d * dt`` gives ``w_last = 1``,
+    ``w_start = -dt * inv_d`` and ``x_weight = dt * inv_d**2``; ``inv_d`` and ``dt`` come from
+    :func:`meancache.reference.step_scalars`.
+
+    Example:
+        >>> meancache_weights(-2.0, -0.25)
+        (-0.5, 1.0, -1.0)
+    """
+    return -dt * inv_d, 1.0, dt * inv_d * inv_d
+
+
+def _lagrange_means(nodes: Sequence[float], sigma_now: float, sigma_next: float) -> list[float] | None:
+    """Mean of each Lagrange basis polynomial over ``[sigma_now, sigma_next]``, or None for repeated nodes."""
+    mid = 0.5 * (sigma_now + sigma_next)
+    half = _GAUSS * (sigma_next - sigma_now)
+    points = (mid - half, mid + half)
+    weights = []
+    for j, sj in enumerate(nodes):
+        total = 0.0
+        for g in points:
+            term = 1.0
+            for m, sm in enumerate(nodes):
+                if m != j:
+                    gap = sj - sm
+                    if gap == 0.0:
+                        return None
+                    # differences to the nodes, never monomial coefficients: stays accurate where sigma -> 0
+                    term *= (g - sm) / gap
+            total += term
+        weights.append(0.5 * total)
+    return weights
+
+
+def extrapolation_weights(
+    nodes: Sequence[float], sigma_now: float, sigma_next: float, order: int
+) -> tuple[int, tuple[float, ...]]:
+    """Weights of the ``extrapolate`` estimator of order ``order`` for the step ``sigma_now -> sigma_next``.
+
+    ``v_hat = sum_j w_j * v(nodes[-q-1+j])`` is the mean over the step of the degree-q polynomial in sigma through
+    the last ``q + 1`` computed ``(sigma, v)`` pairs, ``w_j = (1 / (sigma_next - sigma_now)) * integral of L_j``
+    (exact: a two-point Gauss-Legendre rule, exact up to degree 3; a zero-length step takes the value at
+    ``sigma_now``). ``q`` starts at ``min(order, len(nodes) - 1)`` (the nodes computed so far) and is lowered by
+    one while the nodes repeat a sigma or ``sum |w_j|`` exceeds :data:`MAX_GAIN` (the conditioning guard); q = 0 is
+    plain reuse of the newest computed velocity, weight 1. Host floats, float64.
+
+    Args:
+        nodes: sigmas of the computed steps so far, oldest first (only the last 4 are read); at least one.
+        sigma_now, sigma_next: the step being estimated.
+        order: the requested order p, 1..3.
+
+    Returns:
+        ``(q, weights)``: the order used and its ``q + 1`` weights for ``nodes[-q-1:]``, oldest first. They sum to 1.
+
+    Example:
+        >>> q, w = extrapolation_weights([1.0, 0.8], 0.6, 0.5, order=1)  # the line at the midpoint 0.55
+        >>> q, [round(x, 12) for x in w]
+        (1, [-1.25, 2.25])
+        >>> extrapolation_weights([0.8], 0.6, 0.5, order=2)  # one node so far: reuse
+        (0, (1.0,))
+    """
+    if not nodes:
+        raise ValueError("nodes=[]: extrapolation needs at least one computed step")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_EXTRAPOLATION_ORDER:
+        raise ValueError(f"order={order!r}: must be an int in 1..{MAX_EXTRAPOLATION_ORDER}")
+    q = min(order, len(nodes) - 1)
+    while q > 0:
+        weights = _lagrange_means([float(s) for s in nodes[-q - 1 :]], float(sigma_now), float(sigma_next))
+        if weights is not None and all(math.isfinite(w) for w in weights) and sum(map(abs, weights)) <= MAX_GAIN:
+            return q, tuple(weights)
+        q -= 1
+    return 0, (1.0,)
