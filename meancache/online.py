@@ -13,7 +13,13 @@ Rule (our own, documented here; the paper's schedules are offline):
    trajectory takes long segments, a changing one short ones), but never shorter than what the remaining budget
    needs to reach the last step: with ``R`` evaluations left after ``c`` and ``M`` steps to go,
    ``L >= ceil(M / R)``. The next computed step is ``c + L`` (the last step at the latest).
-4. Skipped steps use window ``K = 2`` (a damped first-order extrapolation, algorithm.md §2.3).
+4. Skipped steps extrapolate: the line in sigma through the last two computed velocities, averaged over each
+   step (``extrapolate`` of order 1, :mod:`meancache.estimators`). Measured against the former rule, MeanCache
+   window ``K = 2`` (a damped first-order extrapolation, algorithm.md §2.3), at budgets 10/17/25 of 50 steps:
+   on the digits model (100 held-out samples, PSNR against the full run) 36.7/45.2/49.0 dB against
+   35.1/42.1/48.6 dB; on three held-out Gaussian-mixture flows (shift 1, 2 and 3) a geometric-mean rel L2 of
+   0.118 against 0.148, better in 7 of 9 cases. Order 2 was 0.113 on the mixtures but 0.5-1.2 dB below order 1
+   on the digits model. ``estimator="meancache"`` keeps the former rule.
 
 So the run never makes more than ``budget`` model evaluations, and uses fewer when the trajectory is unstable
 only where the budget allows. One host read of ``s`` per computed step (a sync, unavoidable for a data-dependent
@@ -26,6 +32,9 @@ import math
 
 import torch
 
+from ._limits import MAX_ORDER
+from .estimators import ESTIMATORS
+from .estimators import MAX_EXTRAPOLATION_ORDER
 from .schedule import Schedule
 from .schedule import StepPlan
 
@@ -35,6 +44,8 @@ __all__ = ["OnlinePlan", "DEFAULT_TOLERANCE"]
 #: flow (shift-3 grid, 50 steps): it spends about the whole budget and beat Schedule.default at budgets 17 and 25.
 DEFAULT_TOLERANCE = 0.02
 ONLINE_ORDER = 2
+#: Polynomial order of online plans that extrapolate (``estimator="extrapolate"``).
+ONLINE_EXTRAPOLATION_ORDER = 1
 MAX_SEGMENT = 8
 
 
@@ -62,6 +73,9 @@ class OnlinePlan:
         tolerance: relative velocity change tolerated per skipped segment.
         group: ``torch.distributed`` process group whose ranks must take identical decisions (they compute one
             trajectory together, e.g. context parallelism), or None.
+        estimator: the skipped steps' estimator, ``"meancache"`` or ``"extrapolate"`` (rule 4).
+        order: its window K (meancache, 1..6) or polynomial order p (extrapolate, 1..3); default
+            :data:`ONLINE_ORDER` for meancache and :data:`ONLINE_EXTRAPOLATION_ORDER` for extrapolate.
 
     Example:
         >>> import torch
@@ -72,16 +86,26 @@ class OnlinePlan:
         >>> plan.known  # the next computed step: 4 steps later, as the remaining budget requires
         5
         >>> plan[3]
-        StepPlan(computed=False, order=2, estimator='meancache')
+        StepPlan(computed=False, order=1, estimator='extrapolate')
     """
 
-    def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE, group=None):
+    def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE, group=None,
+                 estimator: str = "extrapolate", order: int | None = None):
         if not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
         if isinstance(budget, bool) or not isinstance(budget, int) or not 2 <= budget:
             raise ValueError(f"budget={budget!r}: must be an int >= 2")
         if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
             raise ValueError(f"tolerance={tolerance!r}: must be a finite number > 0")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(ESTIMATORS)}")
+        if order is None:
+            order = ONLINE_ORDER if estimator == "meancache" else ONLINE_EXTRAPOLATION_ORDER
+        top = MAX_ORDER if estimator == "meancache" else MAX_EXTRAPOLATION_ORDER
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top:
+            raise ValueError(f"order={order!r}: the {estimator} estimator takes an int in 1..{top}")
+        self.estimator = estimator
+        self.order = order
         self.budget = min(budget, num_steps)
         self.num_steps = num_steps
         self.tolerance = float(tolerance)
@@ -104,7 +128,7 @@ class OnlinePlan:
 
     def fresh(self) -> "OnlinePlan":
         """An undecided plan with the same settings, for another trajectory."""
-        return OnlinePlan(self.budget, self.num_steps, self.tolerance, self.group)
+        return OnlinePlan(self.budget, self.num_steps, self.tolerance, self.group, self.estimator, self.order)
 
     def decided(self) -> bool:
         """Whether the plan reaches the last step, so :meth:`schedule` is complete."""
@@ -112,13 +136,13 @@ class OnlinePlan:
 
     @property
     def window(self) -> int:
-        """History entries a run needs (the window K of skipped steps)."""
-        return ONLINE_ORDER
+        """History entries a run needs (the window K of skipped steps; 1 when they extrapolate)."""
+        return self.order if self.estimator == "meancache" else 1
 
     @property
     def depth(self) -> int:
-        """Computed velocities kept for extrapolation: none (online plans use the published estimator)."""
-        return 0
+        """Computed velocities kept for extrapolation (p + 1), 0 with the published estimator."""
+        return self.order + 1 if self.estimator == "extrapolate" else 0
 
     def __getitem__(self, i: int) -> StepPlan:
         if not 0 <= i < self.num_steps:
@@ -127,7 +151,7 @@ class OnlinePlan:
             raise ValueError(f"step {i} is not planned yet (planned up to step {self.known}); observe() first")
         if i in self.computed:
             return StepPlan(True, 0)
-        return StepPlan(False, ONLINE_ORDER)
+        return StepPlan(False, self.order, self.estimator)
 
     def observe(self, step: int, v) -> None:
         """Record the velocity of computed ``step`` and plan the next segment when it is the latest one.
@@ -183,5 +207,7 @@ class OnlinePlan:
         steps = list(self.computed)
         if steps[-1] != self.num_steps - 1:
             raise ValueError(f"the run is not planned to its last step yet (planned up to {self.known})")
-        orders = [0 if b - a == 1 else ONLINE_ORDER for a, b in zip(steps, steps[1:])]
-        return Schedule(steps, orders, self.num_steps)
+        multi = [b - a > 1 for a, b in zip(steps, steps[1:])]
+        orders = [self.order if m else 0 for m in multi]
+        estimators = [self.estimator if m else "meancache" for m in multi]
+        return Schedule(steps, orders, self.num_steps, estimators)

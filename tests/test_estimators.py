@@ -330,3 +330,43 @@ def test_compiled_loop_with_extrapolation_has_no_graph_breaks_and_equals_eager()
     explanation = torch._dynamo.explain(run)(x)
     assert explanation.graph_break_count == 0
     assert torch.equal(torch.compile(run, fullgraph=True, backend="aot_eager")(x), run(x))
+
+
+# -- online plans extrapolate -------------------------------------------------------------------------------------
+
+
+def test_online_plan_extrapolates_and_reports_the_schedule_it_followed():
+    from meancache.online import OnlinePlan
+
+    field = SmoothField(8, seed=6)
+    x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    plan = OnlinePlan(6, N)
+    out = meancache.sample(field, x0, SIGMAS, plan)
+    followed = plan.schedule()
+    assert followed.budget <= 6 and set(followed.estimators) <= {"extrapolate", "meancache"}
+    assert all(e == "extrapolate" and o == 1 for e, o, a, b in zip(followed.estimators, followed.orders,
+                                                                    followed.compute_steps, followed.compute_steps[1:])
+               if b - a > 1)
+    # the same steps replayed as a static schedule give the same result, through the plain loop too
+    assert rel_err(out, meancache.sample(field, x0, SIGMAS, followed)) <= 1e-13
+    assert rel_err(out, plain_loop(field, x0, SIGMAS, followed)) <= 1e-12
+    # the former rule is one argument away
+    old = OnlinePlan(6, N, estimator="meancache")
+    meancache.sample(field, x0, SIGMAS, old)
+    assert set(old.schedule().labels) <= {"K0", "K2"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(estimator="taylor"), r"estimator='taylor': must be one of meancache, extrapolate"),
+        (dict(order=4), r"order=4: the extrapolate estimator takes an int in 1\.\.3"),
+        (dict(estimator="meancache", order=7), r"order=7: the meancache estimator takes an int in 1\.\.6"),
+        (dict(order=True), r"order=True"),
+    ],
+)
+def test_online_plan_rejects_bad_estimators(kwargs, match):
+    from meancache.online import OnlinePlan
+
+    with pytest.raises(ValueError, match=match):
+        OnlinePlan(6, N, **kwargs)
