@@ -97,7 +97,9 @@ class Stats:
         if self.latent_edits:
             lines.append(f"  latents changed from outside at {self.latent_edits} step(s); history re-anchored")
         if self.schedule is not None:
-            lines.append(f"  schedule: {self.schedule.pattern()[0]}  (K: {self.schedule.pattern()[1]})")
+            steps, marks = self.schedule.pattern()
+            what = "K" if self.schedule.published else "K, or l/q/c: extrapolate order 1/2/3"
+            lines.append(f"  schedule: {steps}  ({what}: {marks})")
         return "\n".join(lines)
 
 
