@@ -12,11 +12,17 @@ Path", PSSP). This module is our reconstruction of it (algorithm.md §8), in thr
 3. :func:`solve` finds the exact minimum of ``sum cost[a][b] ** gamma`` over paths from step 0 to step N-1 with
    exactly ``budget`` nodes, by dynamic programming over (step, evaluations used).
 
+With the polynomial estimators (``extrapolate``, ``predict``) searched too (the default), stages 2 and 3 are the joint search of
+:mod:`meancache.calibration.joint`: :func:`joint_costs` prices every segment with its best estimator given the
+compute steps before it (an extrapolation reads them), and :func:`joint_solve` is the exact budgeted path over
+states that hold those steps.
+
 :func:`calibrate` (this module, the front door) chains the three, from :mod:`meancache.calibration`, and returns :class:`~meancache.Schedule` objects, one per requested budget.
 """
 
 from __future__ import annotations
 
+from typing import Iterable
 from typing import Sequence
 
 from .calibration import COST_FLOOR  # noqa: F401
@@ -28,11 +34,19 @@ from .calibration import Recording
 from .calibration import record
 from .calibration import segment_costs  # noqa: F401
 from .calibration import solve  # noqa: F401
+from .calibration.joint import DEFAULT_ESTIMATORS
+from .calibration.joint import _check_estimators
+from .calibration.joint import _check_orders
+from .calibration.joint import joint_costs
+from .calibration.joint import joint_solve
 from .calibration.recording import _check_inputs
+from .calibration.replay import pick_by_replay
 from .calibration.recording import _pipeline_inputs
 from .calibration.search import _check_budgets
 from .calibration.search import _check_gamma
 from .calibration.search import _check_max_len
+from .estimators import MAX_EXTRAPOLATION_ORDER
+from .estimators import POLYNOMIAL_ESTIMATORS
 from .hooks import is_pipeline
 from .schedule import DEFAULT_MAX_SEGMENT
 from .schedule import Schedule
@@ -53,6 +67,9 @@ def calibrate(
     num_steps: int | None = None,
     gamma: float = DEFAULT_GAMMA,
     max_len: int = DEFAULT_MAX_SEGMENT,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+    extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
+    select: bool = True,
     progress: bool = True,
     **pipeline_kwargs,
 ) -> Schedule | list[Schedule]:
@@ -71,11 +88,29 @@ def calibrate(
         num_steps: optional check: must equal N of the grid or recording.
         gamma: peak-suppression exponent of :func:`solve` (default :data:`DEFAULT_GAMMA`).
         max_len: longest segment, in steps (default 8, the longest in the published tables).
+        estimators: the estimator families searched per segment, a non-empty tuple from ``("meancache",
+            "extrapolate", "predict")``. All three (the default): the joint search (:func:`joint_costs`,
+            :func:`joint_solve`) chooses the compute steps and each segment's estimator together, every window K
+            of the published estimator and every polynomial order p, ties going to meancache and smaller K, then
+            extrapolate, then predict, lower p first. ``("meancache",)``: the published estimator only
+            (:func:`segment_costs` and :func:`solve`, the search of the shipped presets).
+        extrapolation_orders: the orders p searched for ``extrapolate`` and ``predict`` segments (ints in 1..3,
+            default all). The
+            joint search's states hold the last ``max(p)`` compute steps, and pricing order p takes
+            ``O(N * max_len ** (p + 1))`` passes over the recording's ``P * D`` elements: with large latents,
+            ``(1,)`` or ``(1, 2)`` is much cheaper.
+        select: with both the published and the polynomial estimators in ``estimators``, also search the
+            polynomial ones alone and the published one alone, and keep per budget the schedule whose whole-run
+            replay on the recording ends closest to the reference (:func:`~meancache.calibration.replay.
+            pick_by_replay`): the segment costs replay each segment from the reference history, which flatters
+            long MeanCache windows by an amount that depends on the model (measured in
+            :mod:`meancache.calibration.replay`). False: the joint search's schedules as they are.
         progress: tqdm progress bar while recording.
 
     Returns:
-        A :class:`~meancache.Schedule` (int budget) or a list of them (list budget), with the best K of each
-        multi-step segment and K = 0 ("chain") on 1-step segments.
+        A :class:`~meancache.Schedule` (int budget) or a list of them (list budget), with the best estimator and
+        order of each multi-step segment (``schedule.estimators``, ``schedule.orders``) and ``("meancache", 0)``
+        ("chain") on 1-step segments.
 
     Raises:
         ValueError: naming the argument, its value and the rule, before any model evaluation.
@@ -86,7 +121,13 @@ def calibrate(
         ...                   sigmas=torch.linspace(1, 0, 11), max_len=4, progress=False)
         >>> [s.budget for s in sched], sched[0].num_steps
         ([4, 6], 10)
+        >>> set(sched[1].estimators) <= {"meancache", "extrapolate", "predict"}
+        True
     """
+    families = _check_estimators(estimators)
+    if not isinstance(select, bool):
+        raise ValueError(f"select={select!r}: must be True or False")
+    extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
     max_len = _check_max_len(max_len)
     gamma = _check_gamma(gamma)
     if not isinstance(progress, bool):
@@ -142,10 +183,24 @@ def calibrate(
         budgets, many = _check_budgets(budget, n, max_len)
     else:
         rec = record(target, inputs, sigmas, progress=progress)
+    schedules = _search(rec, budgets, families, gamma, max_len, extrapolation_orders)
+    polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
+    if select and "meancache" in families and polynomial:
+        others = [_search(rec, budgets, subset, gamma, max_len, extrapolation_orders)
+                  for subset in (polynomial, ("meancache",))]
+        schedules = [pick_by_replay(rec, candidates) for candidates in zip(schedules, *others)]
+    return schedules if many else schedules[0]
+
+
+def _search(rec: Recording, budgets: list[int], families, gamma, max_len, extrapolation_orders) -> list[Schedule]:
+    """One schedule per budget from the search over ``families``: the published one alone is the plain PSSP."""
+    if families != ("meancache",):
+        graph = joint_costs(rec, estimators=families, max_len=max_len, extrapolation_orders=extrapolation_orders)
+        return joint_solve(graph, budgets, gamma=gamma)
     cost, best_k = segment_costs(rec, max_len=max_len)
     schedules = []
     for b in budgets:
         steps = solve(cost, b, gamma=gamma, max_len=max_len)
         orders = [int(best_k[s, e]) if e - s > 1 else 0 for s, e in zip(steps, steps[1:])]
-        schedules.append(Schedule(steps, orders, n))
-    return schedules if many else schedules[0]
+        schedules.append(Schedule(steps, orders, rec.num_steps))
+    return schedules

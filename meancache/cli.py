@@ -3,12 +3,16 @@
     meancache calibrate --recording rec.pt --budget 10 17 25 --out schedules/
     meancache calibrate --flow gaussian-mixture --steps 50 --shift 3 --budget 10 --out schedules/
     meancache calibrate --model digits --steps 30 --budget 8 12 --out schedules/
+    meancache calibrate --recording rec.pt --budget 10 --estimators meancache --out schedules/
 
 Writes one schedule JSON per budget (``schedule-B<budget>.json``, readable with ``Schedule.load``) and one PNG
 plot per budget (``schedule-B<budget>.png``): the per-step velocity change of the recorded trajectories
-(instantaneous and average), the chosen compute steps with K per segment, and the predicted deviation of each
-chosen segment. ``--model digits`` records the embedded digits pipeline (its packaged weights, no download) on
-its calibration noise. Other pipelines are recorded from Python (``meancache.record(pipe, prompts, ...)``, then
+(instantaneous and average), the chosen compute steps with each segment's estimator (``K<window>`` published,
+``e<order>`` extrapolate, ``p<order>`` predict), and the predicted deviation of each chosen segment.
+``--estimators`` picks the estimator families searched (default all three: the joint search; ``meancache`` alone is
+the search of the shipped presets).
+``--model digits`` records the embedded digits pipeline (its packaged weights, no download) on its calibration
+noise. Other pipelines are recorded from Python (``meancache.record(pipe, prompts, ...)``, then
 ``Recording.save``), since loading one needs its weights and text encoders.
 """
 
@@ -25,7 +29,10 @@ from .calibrate import DEFAULT_GAMMA
 from .calibrate import Recording
 from .calibrate import calibrate
 from .calibrate import record
-from .calibrate import segment_costs
+from .calibration.joint import DEFAULT_ESTIMATORS
+from .calibration.joint import _check_estimators
+from .calibration.joint import schedule_costs
+from .estimators import ESTIMATORS
 from .schedule import DEFAULT_MAX_SEGMENT
 from .schedule import Schedule
 
@@ -62,12 +69,15 @@ def velocity_change(rec: Recording, window: int = 4) -> tuple[list[float], list[
 
 
 def plot_schedule(rec: Recording, schedule: Schedule, cost, path: str | pathlib.Path) -> None:
-    """Write a PNG: velocity change per step, compute steps and K, predicted deviation per chosen segment.
+    """Write a PNG: velocity change per step, compute steps and each segment's estimator, predicted deviation per
+    chosen segment.
 
     Args:
         rec: the recording the schedule was calibrated on.
         schedule: the chosen schedule (same number of steps as ``rec``).
-        cost: the ``(N, N)`` segment cost table of :func:`meancache.calibrate.segment_costs`.
+        cost: the ``(N, N)`` segment cost table of :func:`meancache.calibrate.segment_costs` (read at each
+            segment: right for a schedule of the published estimator with the table's best K), or None to price
+            each segment at its own estimator and order (:func:`meancache.calibration.schedule_costs`).
         path: output file.
 
     Example:
@@ -75,9 +85,11 @@ def plot_schedule(rec: Recording, schedule: Schedule, cost, path: str | pathlib.
         >>> from meancache.calibrate import segment_costs
         >>> rec = record(lambda x, s: torch.sin(3 * x) - 1, torch.randn(2, 4), torch.linspace(1, 0, 9).tolist(),
         ...              progress=False)
-        >>> sched = calibrate(rec, budget=4, max_len=4)
         >>> out = os.path.join(tempfile.mkdtemp(), "s.png")
-        >>> plot_schedule(rec, sched, segment_costs(rec, max_len=4)[0], out); os.path.getsize(out) > 1000
+        >>> plot_schedule(rec, calibrate(rec, budget=4, max_len=4), None, out); os.path.getsize(out) > 1000
+        True
+        >>> published = calibrate(rec, budget=4, max_len=4, estimators=("meancache",))
+        >>> plot_schedule(rec, published, segment_costs(rec, max_len=4)[0], out); os.path.getsize(out) > 1000
         True
     """
     import matplotlib
@@ -97,12 +109,13 @@ def plot_schedule(rec: Recording, schedule: Schedule, cost, path: str | pathlib.
     steps = schedule.compute_steps
     for c in steps:
         top.axvline(c, color="0.85", lw=0.8, zorder=0)
+    own = schedule_costs(rec, schedule) if cost is None else None
     mids, devs = [], []
-    for a, b, k in zip(steps, steps[1:], schedule.orders):
+    for j, (a, b, label) in enumerate(zip(steps, steps[1:], schedule.labels)):
         mids.append((a + b) / 2)
-        devs.append(float(cost[a][b]) if b - a > 1 else 0.0)
+        devs.append(0.0 if b - a == 1 else own[j] if own is not None else float(cost[a][b]))
         if b - a > 1:
-            bottom.annotate(f"K={k}", ((a + b) / 2, 0), textcoords="offset points", xytext=(0, 4), ha="center",
+            bottom.annotate(label, ((a + b) / 2, 0), textcoords="offset points", xytext=(0, 4), ha="center",
                             fontsize=7)
     bottom.bar(mids, devs, width=[b - a for a, b in zip(steps, steps[1:])], alpha=0.4, edgecolor="k",
                label="predicted deviation of the segment")
@@ -154,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
     cal.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="peak-suppression exponent")
     cal.add_argument("--max-len", type=int, default=DEFAULT_MAX_SEGMENT, help="longest segment in steps")
+    cal.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS),
+                     help="estimator families searched, comma-separated: meancache, extrapolate, predict (default all)")
     cal.add_argument("--steps", type=int, default=50, help="--flow, --model: sampler steps")
     cal.add_argument("--shift", type=float, default=3.0, help="--flow: time shift of the sigma grid")
     cal.add_argument("--dim", type=int, default=64, help="--flow: latent size")
@@ -175,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--out {args.out}: exists and is not a folder; give a folder (it is created if missing)")
     if args.recording is not None and args.recording.is_dir():
         return fail(f"--recording {args.recording}: is a folder; give the file written by Recording.save")
+    estimators = tuple(name.strip() for name in args.estimators.split(","))
+    try:  # the names now, not after minutes of recording
+        _check_estimators(estimators)
+    except ValueError:
+        return fail(f"--estimators {args.estimators}: must be a comma-separated list of {', '.join(ESTIMATORS)}")
     try:
         if args.recording is not None:
             rec = Recording.load(args.recording)
@@ -184,21 +204,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.inputs = 16 if args.inputs is None else args.inputs
             rec = _flow_recording(args)
-        schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len)
+        schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len,
+                              estimators=estimators)
     except ValueError as exc:
         return fail(str(exc))
     except OSError as exc:  # missing or unreadable file: the OS reason and the path, not a traceback
         return fail(_os_message(exc))
-    cost = None if args.no_plot else segment_costs(rec, max_len=args.max_len)[0]
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         for schedule in schedules:
             stem = args.out / f"schedule-B{schedule.budget}"
             schedule.save(stem.with_suffix(".json"))
-            if cost is not None:
-                plot_schedule(rec, schedule, cost, stem.with_suffix(".png"))
+            if not args.no_plot:  # each segment priced at its own estimator
+                plot_schedule(rec, schedule, None, stem.with_suffix(".png"))
             print(json.dumps({"budget": schedule.budget, "json": str(stem.with_suffix(".json")),
-                              "plot": None if cost is None else str(stem.with_suffix(".png")),
+                              "plot": None if args.no_plot else str(stem.with_suffix(".png")),
                               "pattern": schedule.pattern()[0]}))
     except OSError as exc:  # e.g. --out below a file, or not writable
         return fail(f"--out {args.out}: cannot write the results: {_os_message(exc)}")

@@ -30,7 +30,8 @@ from typing import Hashable
 import torch
 
 from . import ops
-from .estimators import extrapolation_weights
+from .estimators import POLYNOMIAL_ESTIMATORS
+from .estimators import polynomial_weights
 from .history import History
 from .schedule import Schedule
 
@@ -98,7 +99,7 @@ class Stats:
             lines.append(f"  latents changed from outside at {self.latent_edits} step(s); history re-anchored")
         if self.schedule is not None:
             steps, marks = self.schedule.pattern()
-            what = "K" if self.schedule.published else "K, or l/q/c: extrapolate order 1/2/3"
+            what = "K" if self.schedule.published else "K; l/q/c: extrapolate, L/Q/C: predict, order 1/2/3"
             lines.append(f"  schedule: {steps}  ({what}: {marks})")
         return "\n".join(lines)
 
@@ -193,10 +194,12 @@ class Trajectory:
         return k, g[i - k], g[i], g[i + 1]
 
     def _extrapolation(self, i: int, branch: Branch) -> tuple[list[int], tuple[float, ...]]:
-        """Slots in ``vc`` and weights of step ``i``'s extrapolation through the branch's kept computed steps."""
+        """Slots in ``vc`` and weights of step ``i``'s polynomial estimate through the branch's kept computed
+        steps."""
         nodes = branch.history.nodes
-        q, weights = extrapolation_weights([s for _, s in nodes], self.sigmas[i], self.sigmas[i + 1],
-                                           self.plan[i].order)
+        step = self.plan[i]
+        q, weights = polynomial_weights(step.estimator, [s for _, s in nodes], self.sigmas[i], self.sigmas[i + 1],
+                                        step.order)
         return [slot for slot, _ in nodes[-q - 1 :]], weights
 
     # -- the steps ------------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ class Trajectory:
         """Skipped step ``i``: estimate the average velocity, log it, return ``x_{i+1}`` (one op)."""
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
-        if self.plan[i].estimator == "extrapolate":
+        if self.plan[i].estimator in POLYNOMIAL_ESTIMATORS:
             slots, weights = self._extrapolation(i, b)
             out = ops.weighted_step(x, xs, vs, b.history.vc, i, slots, weights, dt=self.sigmas[i + 1] - self.sigmas[i])
         else:
@@ -235,7 +238,7 @@ class Trajectory:
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
         dtype = out_dtype or b.out_dtype or x.dtype
-        if self.plan[i].estimator == "extrapolate":
+        if self.plan[i].estimator in POLYNOMIAL_ESTIMATORS:
             slots, weights = self._extrapolation(i, b)
             out = ops.weighted_step(x, xs, vs, b.history.vc, i, slots, weights, dt=self.sigmas[i + 1] - self.sigmas[i],
                                     out_scale=out_scale, out_dtype=dtype, euler=False)

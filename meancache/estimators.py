@@ -15,6 +15,12 @@ with weights that depend only on sigmas. They are computed here, in float64 on t
   averaged exactly over the step ``[sigma_i, sigma_{i+1}]`` (:func:`extrapolation_weights`). Its weight on node j
   is the mean of the Lagrange basis polynomial L_j over the step. p = 0 would be plain reuse, which MeanCache
   K = 1 already is.
+* ``predict`` (order p = 1..3): the same polynomial evaluated at the step's start ``sigma_i``
+  (:func:`prediction_weights`): a prediction of the velocity the model would return there, which is what the
+  uncached Euler sampler uses. Averaging over the step approximates the exact flow of the ODE; the reference a user
+  compares with is the full Euler run, and on it the prediction is the closer estimate (measured on the digits
+  model, the shipped preset's compute steps, 100 held-out samples: 59.7 against 51.6 dB at B = 25, 52.2 against
+  50.5 dB at B = 17, 40.9 against 40.3 dB at B = 10, order 1). The calibration chooses between them per segment.
 """
 
 from __future__ import annotations
@@ -24,16 +30,22 @@ from typing import Sequence
 
 __all__ = [
     "ESTIMATORS",
+    "POLYNOMIAL_ESTIMATORS",
     "MAX_EXTRAPOLATION_ORDER",
     "MAX_GAIN",
     "MAX_TERMS",
     "estimator_label",
     "extrapolation_weights",
     "meancache_weights",
+    "polynomial_weights",
+    "prediction_weights",
 ]
 
 #: Names of the estimators a schedule segment can carry.
-ESTIMATORS = ("meancache", "extrapolate")
+ESTIMATORS = ("meancache", "extrapolate", "predict")
+#: The estimators that combine the last p + 1 computed velocities with polynomial weights (order p = 1..3).
+POLYNOMIAL_ESTIMATORS = ("extrapolate", "predict")
+_LABEL = {"meancache": "K", "extrapolate": "e", "predict": "p"}
 #: Highest polynomial order of ``extrapolate`` (a cubic through 4 computed velocities).
 MAX_EXTRAPOLATION_ORDER = 3
 #: Most velocity terms one weighted step combines (the 4 nodes of a cubic).
@@ -52,13 +64,14 @@ _GAUSS = 0.5 / math.sqrt(3.0)
 
 
 def estimator_label(estimator: str, order: int) -> str:
-    """Short name of a segment's estimator: ``K<order>`` for meancache, ``e<order>`` for extrapolate.
+    """Short name of a segment's estimator: ``K<order>`` for meancache, ``e<order>`` for extrapolate, ``p<order>``
+    for predict.
 
     Example:
-        >>> estimator_label("meancache", 2), estimator_label("extrapolate", 1)
-        ('K2', 'e1')
+        >>> estimator_label("meancache", 2), estimator_label("extrapolate", 1), estimator_label("predict", 2)
+        ('K2', 'e1', 'p2')
     """
-    return f"K{order}" if estimator == "meancache" else f"e{order}"
+    return f"{_LABEL[estimator]}{order}"
 
 
 def meancache_weights(inv_d: float, dt: float) -> tuple[float, float, float]:
@@ -136,3 +149,33 @@ def extrapolation_weights(
             return q, tuple(weights)
         q -= 1
     return 0, (1.0,)
+
+
+def prediction_weights(nodes: Sequence[float], sigma_now: float, order: int) -> tuple[int, tuple[float, ...]]:
+    """Weights of the ``predict`` estimator: the degree-q polynomial through the last ``q + 1`` computed
+    ``(sigma, v)`` pairs, evaluated at ``sigma_now``, with the order and the guard of
+    :func:`extrapolation_weights` (its zero-length step).
+
+    Example:
+        >>> q, w = prediction_weights([1.0, 0.5], 0.25, order=1)  # the line through the two nodes, at 0.25
+        >>> q, [round(x, 12) for x in w]
+        (1, [-0.5, 1.5])
+    """
+    return extrapolation_weights(nodes, sigma_now, sigma_now, order)
+
+
+def polynomial_weights(
+    estimator: str, nodes: Sequence[float], sigma_now: float, sigma_next: float, order: int
+) -> tuple[int, tuple[float, ...]]:
+    """The weights of a polynomial estimator (``"extrapolate"`` or ``"predict"``) for the step
+    ``sigma_now -> sigma_next``: the one call the engine and the calibration both make.
+
+    Example:
+        >>> polynomial_weights("predict", [0.8], 0.6, 0.5, 1)
+        (0, (1.0,))
+    """
+    if estimator == "predict":
+        return prediction_weights(nodes, sigma_now, order)
+    if estimator == "extrapolate":
+        return extrapolation_weights(nodes, sigma_now, sigma_next, order)
+    raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(POLYNOMIAL_ESTIMATORS)}")

@@ -13,13 +13,21 @@ Rule (our own, documented here; the paper's schedules are offline):
    trajectory takes long segments, a changing one short ones), but never shorter than what the remaining budget
    needs to reach the last step: with ``R`` evaluations left after ``c`` and ``M`` steps to go,
    ``L >= ceil(M / R)``. The next computed step is ``c + L`` (the last step at the latest).
-4. Skipped steps extrapolate: the line in sigma through the last two computed velocities, averaged over each
-   step (``extrapolate`` of order 1, :mod:`meancache.estimators`). Measured against the former rule, MeanCache
-   window ``K = 2`` (a damped first-order extrapolation, algorithm.md §2.3), at budgets 10/17/25 of 50 steps:
-   on the digits model (100 held-out samples, PSNR against the full run) 36.7/45.2/49.0 dB against
-   35.1/42.1/48.6 dB; on three held-out Gaussian-mixture flows (shift 1, 2 and 3) a geometric-mean rel L2 of
-   0.118 against 0.148, better in 7 of 9 cases. Order 2 was 0.113 on the mixtures but 0.5-1.2 dB below order 1
-   on the digits model. ``estimator="meancache"`` keeps the former rule.
+4. Skipped steps predict the velocity: the parabola in sigma through the last three computed velocities,
+   evaluated at the step's start (``predict`` of order 2, :mod:`meancache.estimators`). Measured at budgets
+   10/17/25 of 50 steps against the former rule (MeanCache window ``K = 2``, a damped first-order extrapolation,
+   algorithm.md §2.3) and the other candidates:
+
+   ==================================  ================  ===================  ===============  ===============
+   held-out case                       meancache K = 2   extrapolate p = 1    predict p = 1    predict p = 2
+   ==================================  ================  ===================  ===============  ===============
+   digits model, PSNR dB (B=10/17/25)  35.1/42.1/48.6    36.7/45.2/49.0       37.4/46.6/53.2   37.0/47.4/53.7
+   3 mixture flows, geo-mean rel L2    0.148             0.118                0.079            0.030
+   ==================================  ================  ===================  ===============  ===============
+
+   (digits: 100 samples of the demo's noise against the full run; mixtures: Gaussian-mixture flows of 24-32
+   dimensions on grids of shift 1, 2 and 3, 2048 samples each, none of them used to design anything else; predict
+   p = 2 is the best in all 9 mixture cases.) ``estimator="meancache"`` keeps the former rule.
 
 So the run never makes more than ``budget`` model evaluations, and uses fewer when the trajectory is unstable
 only where the budget allows. One host read of ``s`` per computed step (a sync, unavoidable for a data-dependent
@@ -44,8 +52,8 @@ __all__ = ["OnlinePlan", "DEFAULT_TOLERANCE"]
 #: flow (shift-3 grid, 50 steps): it spends about the whole budget and beat Schedule.default at budgets 17 and 25.
 DEFAULT_TOLERANCE = 0.02
 ONLINE_ORDER = 2
-#: Polynomial order of online plans that extrapolate (``estimator="extrapolate"``).
-ONLINE_EXTRAPOLATION_ORDER = 1
+#: Polynomial order of online plans with a polynomial estimator (``"predict"``, the default, or ``"extrapolate"``).
+ONLINE_POLYNOMIAL_ORDER = 2
 MAX_SEGMENT = 8
 
 
@@ -73,9 +81,10 @@ class OnlinePlan:
         tolerance: relative velocity change tolerated per skipped segment.
         group: ``torch.distributed`` process group whose ranks must take identical decisions (they compute one
             trajectory together, e.g. context parallelism), or None.
-        estimator: the skipped steps' estimator, ``"meancache"`` or ``"extrapolate"`` (rule 4).
-        order: its window K (meancache, 1..6) or polynomial order p (extrapolate, 1..3); default
-            :data:`ONLINE_ORDER` for meancache and :data:`ONLINE_EXTRAPOLATION_ORDER` for extrapolate.
+        estimator: the skipped steps' estimator, ``"predict"`` (default), ``"extrapolate"`` or ``"meancache"``
+            (rule 4).
+        order: its window K (meancache, 1..6) or polynomial order p (1..3); default :data:`ONLINE_ORDER` for
+            meancache and :data:`ONLINE_POLYNOMIAL_ORDER` otherwise.
 
     Example:
         >>> import torch
@@ -86,11 +95,11 @@ class OnlinePlan:
         >>> plan.known  # the next computed step: 4 steps later, as the remaining budget requires
         5
         >>> plan[3]
-        StepPlan(computed=False, order=1, estimator='extrapolate')
+        StepPlan(computed=False, order=2, estimator='predict')
     """
 
     def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE, group=None,
-                 estimator: str = "extrapolate", order: int | None = None):
+                 estimator: str = "predict", order: int | None = None):
         if not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
         if isinstance(budget, bool) or not isinstance(budget, int) or not 2 <= budget:
@@ -100,8 +109,8 @@ class OnlinePlan:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(ESTIMATORS)}")
         if order is None:
-            order = ONLINE_ORDER if estimator == "meancache" else ONLINE_EXTRAPOLATION_ORDER
-        top = MAX_ORDER if estimator == "meancache" else MAX_EXTRAPOLATION_ORDER
+            order = ONLINE_ORDER if estimator == "meancache" else ONLINE_POLYNOMIAL_ORDER
+        top = MAX_ORDER if estimator == "meancache" else MAX_EXTRAPOLATION_ORDER  # predict: as extrapolate
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top:
             raise ValueError(f"order={order!r}: the {estimator} estimator takes an int in 1..{top}")
         self.estimator = estimator
@@ -142,7 +151,7 @@ class OnlinePlan:
     @property
     def depth(self) -> int:
         """Computed velocities kept for extrapolation (p + 1), 0 with the published estimator."""
-        return self.order + 1 if self.estimator == "extrapolate" else 0
+        return 0 if self.estimator == "meancache" else self.order + 1
 
     def __getitem__(self, i: int) -> StepPlan:
         if not 0 <= i < self.num_steps:

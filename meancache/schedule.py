@@ -9,8 +9,9 @@ included) and one window ``K`` per segment between two consecutive compute steps
 * ``K = 2 .. 6`` the finite-difference JVP estimate over the last K logged steps.
 
 Each segment also names its estimator (``estimators``): ``"meancache"`` (the published estimator above, the
-default) or ``"extrapolate"``, where the segment's order is the polynomial order p = 1..3 of
-:func:`meancache.estimators.extrapolation_weights` (the last p + 1 computed velocities, averaged over each step).
+default), ``"extrapolate"`` or ``"predict"``, where the segment's order is the polynomial order p = 1..3 of
+:mod:`meancache.estimators` (the polynomial through the last p + 1 computed velocities, averaged over each step or
+evaluated at its start).
 
 Published tables ship as JSON files in ``meancache/presets`` and load with :meth:`Schedule.preset`.
 """
@@ -33,6 +34,7 @@ import torch
 from ._limits import MAX_ORDER
 from .estimators import ESTIMATORS
 from .estimators import MAX_EXTRAPOLATION_ORDER
+from .estimators import POLYNOMIAL_ESTIMATORS
 from .estimators import estimator_label
 from .validation import is_int
 
@@ -73,9 +75,10 @@ class StepPlan(NamedTuple):
     estimator: str = "meancache"
 
 
-#: One letter per extrapolation order in :meth:`Schedule.pattern` (linear, quadratic, cubic), so that the string
+#: One letter per polynomial order in :meth:`Schedule.pattern` (linear, quadratic, cubic), lower case for
+#: extrapolate (the mean over the step) and upper case for predict (the value at its start), so that the string
 #: keeps one character per step next to the K digits of the published estimator.
-_ORDER_LETTERS = {1: "l", 2: "q", 3: "c"}
+_ORDER_LETTERS = {"extrapolate": {1: "l", 2: "q", 3: "c"}, "predict": {1: "L", 2: "Q", 3: "C"}}
 
 
 class Schedule:
@@ -86,10 +89,10 @@ class Schedule:
             be included. Their count is the budget (2 <= budget <= num_steps).
         orders: ``budget - 1`` ints, one per segment between consecutive compute steps: the window K in ``0..6``
             of a meancache segment (``K = 0`` only on 1-step segments), the order p in ``1..3`` of an
-            extrapolate segment.
+            extrapolate or predict segment.
         num_steps: number of sampler steps N, 2 <= N <= :data:`MAX_STEPS`.
-        estimators: ``budget - 1`` names, ``"meancache"`` or ``"extrapolate"``, one per segment; None (the
-            default) makes every segment ``"meancache"``.
+        estimators: ``budget - 1`` names, ``"meancache"``, ``"extrapolate"`` or ``"predict"``, one per segment;
+            None (the default) makes every segment ``"meancache"``.
 
     Raises:
         ValueError: naming the field, the bad value and the rule, for every violated invariant.
@@ -156,11 +159,11 @@ class Schedule:
         for j, (name, k) in enumerate(zip(names, ks)):
             if not isinstance(name, str) or name not in ESTIMATORS:
                 raise ValueError(f"estimators[{j}]={name!r}: must be one of {', '.join(ESTIMATORS)}")
-            if name == "extrapolate":
+            if name in POLYNOMIAL_ESTIMATORS:
                 if not 1 <= k <= MAX_EXTRAPOLATION_ORDER:
                     raise ValueError(
-                        f"orders[{j}]={k} on an extrapolate segment: the polynomial order p must be in "
-                        f"1..{MAX_EXTRAPOLATION_ORDER}"
+                        f"orders[{j}]={k}: the polynomial order p of the {name} segment {steps[j]}->{steps[j + 1]} "
+                        f"must be in 1..{MAX_EXTRAPOLATION_ORDER}"
                     )
                 continue
             if not 0 <= k <= MAX_ORDER:
@@ -189,12 +192,13 @@ class Schedule:
 
     @property
     def estimators(self) -> tuple[str, ...]:
-        """One estimator name per segment, ``"meancache"`` or ``"extrapolate"`` (tuple of str, length budget - 1)."""
+        """One estimator name per segment, ``"meancache"``, ``"extrapolate"`` or ``"predict"`` (tuple of str,
+        length budget - 1)."""
         return self._estimators
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """One short label per segment: ``K<K>`` for meancache, ``e<p>`` for extrapolate.
+        """One short label per segment: ``K<K>`` for meancache, ``e<p>`` for extrapolate, ``p<p>`` for predict.
 
         Example:
             >>> Schedule([0, 2, 3], [2, 0], num_steps=4).labels
@@ -220,14 +224,14 @@ class Schedule:
 
     @property
     def depth(self) -> int:
-        """Computed velocities a run keeps for extrapolation: the largest ``p + 1`` over extrapolate segments that
-        skip a step, 0 when there is none.
+        """Computed velocities a run keeps for the polynomial estimators: the largest ``p + 1`` over extrapolate and
+        predict segments that skip a step, 0 when there is none.
 
         Example:
             >>> Schedule([0, 3, 4], [2, 0], 5, estimators=["extrapolate", "meancache"]).depth
             3
         """
-        ps = [p.order for p in self.expand() if not p.computed and p.estimator == "extrapolate"]
+        ps = [p.order for p in self.expand() if not p.computed and p.estimator in POLYNOMIAL_ESTIMATORS]
         return max(ps) + 1 if ps else 0
 
     def expand(self) -> tuple[StepPlan, ...]:
@@ -264,8 +268,9 @@ class Schedule:
 
     def pattern(self) -> tuple[str, str]:
         """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and the estimator per skipped step (``-`` if
-        computed): the digit K for meancache, and ``l``/``q``/``c`` (linear, quadratic, cubic: ``e1``/``e2``/``e3``
-        of :attr:`labels`) for extrapolate, one character per step so the two strings line up.
+        computed): the digit K for meancache, ``l``/``q``/``c`` (linear, quadratic, cubic: ``e1``/``e2``/``e3`` of
+        :attr:`labels`) for extrapolate and ``L``/``Q``/``C`` (``p1``/``p2``/``p3``) for predict, one character per
+        step so the two strings line up.
 
         Example:
             >>> Schedule([0, 2, 3], [1, 0], num_steps=4).pattern()
@@ -278,7 +283,7 @@ class Schedule:
         def mark(p: StepPlan) -> str:
             if p.computed:
                 return "-"
-            return _ORDER_LETTERS[p.order] if p.estimator == "extrapolate" else str(p.order)
+            return _ORDER_LETTERS[p.estimator][p.order] if p.estimator in _ORDER_LETTERS else str(p.order)
 
         return "".join("C" if p.computed else "." for p in plan), "".join(mark(p) for p in plan)
 

@@ -504,16 +504,18 @@ def test_segment_costs_do_not_depend_on_the_thread_count():
 
 
 def test_calibrate_is_deterministic_and_consistent():
+    # the published estimator's search (the joint search, the default, is checked in test_joint_search.py)
+    mc = dict(estimators=("meancache",))
     flow = GaussianMixtureFlow(dim=16, components=6, seed=3, spread=3.0)
     sigmas = shifted_sigmas(50, 3.0)
     inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(11))
-    first = meancache.calibrate(flow, inputs, budget=[10, 17, 25], sigmas=sigmas, progress=False)
-    second = meancache.calibrate(flow, inputs.clone(), budget=[10, 17, 25], sigmas=sigmas, progress=False)
+    first = meancache.calibrate(flow, inputs, budget=[10, 17, 25], sigmas=sigmas, progress=False, **mc)
+    second = meancache.calibrate(flow, inputs.clone(), budget=[10, 17, 25], sigmas=sigmas, progress=False, **mc)
     assert first == second
     rec = meancache.record(flow, inputs, sigmas, progress=False)
-    assert meancache.calibrate(rec, budget=[10, 17, 25]) == first
-    assert [meancache.calibrate(rec, budget=b) for b in (10, 17, 25)] == first
-    assert meancache.calibrate(rec, budget=(17,), num_steps=50) == [first[1]]
+    assert meancache.calibrate(rec, budget=[10, 17, 25], **mc) == first
+    assert [meancache.calibrate(rec, budget=b, **mc) for b in (10, 17, 25)] == first
+    assert meancache.calibrate(rec, budget=(17,), num_steps=50, **mc) == [first[1]]
     cost, best_k = segment_costs(rec)
     for sched, budget in zip(first, (10, 17, 25)):
         assert isinstance(sched, Schedule) and sched.budget == budget and sched.num_steps == 50
@@ -522,7 +524,8 @@ def test_calibrate_is_deterministic_and_consistent():
             assert k == (0 if b - a == 1 else int(best_k[a, b]))
     # a larger gamma reaches a path whose worst segment is no worse
     peak = lambda s: max(cost[a, b].item() for a, b in zip(s.compute_steps, s.compute_steps[1:]))  # noqa: E731
-    assert peak(meancache.calibrate(rec, budget=10, gamma=8.0)) <= peak(meancache.calibrate(rec, budget=10, gamma=1.0))
+    peaked, flat = (meancache.calibrate(rec, budget=10, gamma=g, **mc) for g in (8.0, 1.0))
+    assert peak(peaked) <= peak(flat)
 
 
 # The two analytic flows of the quality comparison (also in bench/bench_quality.py): separated Gaussian mixtures,

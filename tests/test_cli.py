@@ -107,3 +107,28 @@ def test_binary_recording_is_an_error_line(tmp_path, capsys):
     assert cli.main(["calibrate", "--recording", str(path), "--budget", "3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meancache calibrate: error: ") and str(path) in err
+
+
+def test_calibrate_estimators_option(tmp_path, capsys):
+    """--estimators: every family by default (the joint search), or some; a bad name is an error line."""
+    flow = GaussianMixtureFlow(dim=8, components=4, seed=2)
+    rec = record(flow, torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), shifted_sigmas(16).tolist(),
+                 progress=False)
+    rec.save(tmp_path / "rec.pt")
+    import meancache
+
+    for option, estimators in ([], ("meancache", "extrapolate", "predict")), (["--estimators", "meancache"], ("meancache",)), (
+        ["--estimators", "extrapolate, meancache"], ("meancache", "extrapolate")
+    ):
+        out = tmp_path / f"out{len(option)}{len(estimators)}"
+        assert cli.main(["calibrate", "--recording", str(tmp_path / "rec.pt"), "--budget", "5", "--out", str(out),
+                         *option]) == 0
+        line = json.loads(capsys.readouterr().out)
+        assert Schedule.load(line["json"]) == meancache.calibrate(rec, budget=5, estimators=estimators)
+        assert (out / "schedule-B5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "extrapolate" in Schedule.load(tmp_path / "out22" / "schedule-B5.json").estimators
+    assert Schedule.load(tmp_path / "out21" / "schedule-B5.json").published
+    assert cli.main(["calibrate", "--recording", str(tmp_path / "rec.pt"), "--budget", "5", "--out", str(tmp_path),
+                     "--estimators", "meancache,jvp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meancache calibrate: error: --estimators meancache,jvp: must be") and "Traceback" not in err

@@ -18,6 +18,8 @@ from meancache import Schedule
 from meancache.estimators import MAX_GAIN
 from meancache.estimators import extrapolation_weights
 from meancache.estimators import meancache_weights
+from meancache.estimators import polynomial_weights
+from meancache.estimators import prediction_weights
 from meancache.flows import shifted_sigmas
 from meancache.history import History
 from meancache.reference import average_velocity
@@ -140,10 +142,13 @@ def test_format_v2_round_trip_and_v1_files_load_unchanged(tmp_path):
     "kwargs,match",
     [
         (dict(estimators=["extrapolate"] * 2), r"estimators=\['extrapolate', 'extrapolate'\]: length 2 != budget - 1 = 3"),
-        (dict(estimators=["meancache", "taylor", "meancache"]), r"estimators\[1\]='taylor': must be one of meancache, extrapolate"),
+        (dict(estimators=["meancache", "taylor", "meancache"]),
+         r"estimators\[1\]='taylor': must be one of meancache, extrapolate, predict"),
+        (dict(estimators=["meancache", "predict", "meancache"], orders=[0, 5, 0]),
+         r"orders\[1\]=5: the polynomial order p of the predict segment 1->4 must be in 1\.\.3"),
         (dict(estimators=["meancache", "extrapolate", "meancache"], orders=[0, 4, 0]),
-         r"orders\[1\]=4 on an extrapolate segment: the polynomial order p must be in 1\.\.3"),
-        (dict(estimators=["meancache", "extrapolate", "meancache"], orders=[0, 0, 0]), r"orders\[1\]=0 on an extrapolate"),
+         r"orders\[1\]=4: the polynomial order p of the extrapolate segment 1->4 must be in 1\.\.3"),
+        (dict(estimators=["meancache", "extrapolate", "meancache"], orders=[0, 0, 0]), r"orders\[1\]=0: the polynomial order p of the extrapolate"),
         (dict(estimators="meancache"), r"estimators='meancache': must be a sequence"),
     ],
 )
@@ -180,7 +185,7 @@ def test_resampling_keeps_each_segments_estimator():
 
 def plain_loop(fn, x, sigmas, schedule):
     """The schedule run by hand in float64 with full, unbounded logs: MeanCache windows as the official loop, the
-    extrapolation from every computed velocity so far (nodes chosen by extrapolation_weights from that list)."""
+    polynomial estimators from every computed velocity so far (nodes chosen by polynomial_weights from that list)."""
     compute, _ = restatement.expand_official(list(schedule.compute_steps), list(schedule.orders), len(sigmas) - 1)
     plan = schedule.expand()
     log = []  # (x_i, v_i) of every step
@@ -191,8 +196,9 @@ def plain_loop(fn, x, sigmas, schedule):
         if compute[i]:
             v = fn(x, sigmas[i]).to(torch.float64)
             computed.append((sigmas[i], v))
-        elif plan[i].estimator == "extrapolate":
-            q, w = extrapolation_weights([s for s, _ in computed], sigmas[i], sigmas[i + 1], plan[i].order)
+        elif plan[i].estimator != "meancache":
+            q, w = polynomial_weights(plan[i].estimator, [s for s, _ in computed], sigmas[i], sigmas[i + 1],
+                                      plan[i].order)
             v = sum(wj * vj for wj, (_, vj) in zip(w, computed[-q - 1 :]))
         else:
             k = min(plan[i].order, i)
@@ -260,7 +266,7 @@ def test_pipeline_front_end_matches_a_plain_scheduler(name):
     from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
     n = 8
-    sched = Schedule([0, 1, 4, 7], [0, 1, 2], n, estimators=["meancache", "extrapolate", "meancache"])
+    sched = Schedule([0, 1, 4, 6, 7], [0, 1, 2, 0], n, estimators=["meancache", "extrapolate", "predict", "meancache"])
 
     class PlainRule(FlowMatchEulerDiscreteScheduler):
         """The rule restated inside a scheduler of a never-accelerated pipeline (its transformer still runs)."""
@@ -277,8 +283,9 @@ def test_pipeline_front_end_matches_a_plain_scheduler(name):
             if plan.computed:
                 v = model_output.to(torch.float32)
                 self._computed.append((sig[i], v))
-            elif plan.estimator == "extrapolate":
-                q, w = extrapolation_weights([s for s, _ in self._computed], sig[i], sig[i + 1], plan.order)
+            elif plan.estimator != "meancache":
+                q, w = polynomial_weights(plan.estimator, [s for s, _ in self._computed], sig[i], sig[i + 1],
+                                          plan.order)
                 v = sum(wj * vj for wj, (_, vj) in zip(w, self._computed[-q - 1 :]))
             else:
                 k = min(plan.order, i)
@@ -343,9 +350,9 @@ def test_online_plan_extrapolates_and_reports_the_schedule_it_followed():
     plan = OnlinePlan(6, N)
     out = meancache.sample(field, x0, SIGMAS, plan)
     followed = plan.schedule()
-    assert followed.budget <= 6 and set(followed.estimators) <= {"extrapolate", "meancache"}
-    assert all(e == "extrapolate" and o == 1 for e, o, a, b in zip(followed.estimators, followed.orders,
-                                                                    followed.compute_steps, followed.compute_steps[1:])
+    assert followed.budget <= 6 and set(followed.estimators) <= {"predict", "meancache"}
+    assert all(e == "predict" and o == 2 for e, o, a, b in zip(followed.estimators, followed.orders,
+                                                               followed.compute_steps, followed.compute_steps[1:])
                if b - a > 1)
     # the same steps replayed as a static schedule give the same result, through the plain loop too
     assert rel_err(out, meancache.sample(field, x0, SIGMAS, followed)) <= 1e-13
@@ -359,8 +366,9 @@ def test_online_plan_extrapolates_and_reports_the_schedule_it_followed():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(estimator="taylor"), r"estimator='taylor': must be one of meancache, extrapolate"),
-        (dict(order=4), r"order=4: the extrapolate estimator takes an int in 1\.\.3"),
+        (dict(estimator="taylor"), r"estimator='taylor': must be one of meancache, extrapolate, predict"),
+        (dict(order=4), r"order=4: the predict estimator takes an int in 1\.\.3"),
+        (dict(estimator="extrapolate", order=0), r"order=0: the extrapolate estimator takes an int in 1\.\.3"),
         (dict(estimator="meancache", order=7), r"order=7: the meancache estimator takes an int in 1\.\.6"),
         (dict(order=True), r"order=True"),
     ],
@@ -370,3 +378,43 @@ def test_online_plan_rejects_bad_estimators(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         OnlinePlan(6, N, **kwargs)
+
+
+# -- predict: the polynomial at the step's start -------------------------------------------------------------------
+
+
+def test_prediction_is_the_polynomial_at_the_step_start():
+    nodes = [0.9, 0.6, 0.45, 0.3]
+    for order in (1, 2, 3):
+        q, w = prediction_weights(nodes, 0.2, order)
+        used = nodes[-q - 1 :]
+        assert q == order
+        for degree in range(order + 1):
+            def poly(s):
+                return (s - 0.1) ** degree + 0.5 * s
+            assert sum(wj * poly(s) for wj, s in zip(w, used)) == pytest.approx(poly(0.2), rel=1e-12, abs=1e-12)
+    assert polynomial_weights("predict", nodes, 0.2, 0.1, 2) == prediction_weights(nodes, 0.2, 2)
+    assert polynomial_weights("extrapolate", nodes, 0.2, 0.1, 2) == extrapolation_weights(nodes, 0.2, 0.1, 2)
+    with pytest.raises(ValueError, match="estimator='meancache': must be one of extrapolate, predict"):
+        polynomial_weights("meancache", nodes, 0.2, 0.1, 2)
+
+
+def test_prediction_of_a_field_linear_in_sigma_reproduces_the_full_euler_run():
+    a, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    sched = Schedule([0, 1, 9, 19], [0, 1, 3], N, estimators=["meancache", "predict", "predict"])
+    assert sched.pattern()[1] == "--LLLLLLL-CCCCCCCCC-" and sched.labels == ("K0", "p1", "p3") and sched.depth == 4
+    x0 = torch.zeros(6, dtype=torch.float64)
+    field = lambda x, s: a + b * s  # noqa: E731
+    out = meancache.sample(field, x0, SIGMAS, sched)
+    assert rel_err(out, meancache.sample(field, x0, SIGMAS, Schedule.full(N))) <= 1e-13
+
+
+def test_predict_runs_through_every_backend_path_like_the_plain_loop():
+    field = SmoothField(8, seed=7)
+    sched = Schedule(MIXED.compute_steps, MIXED.orders, N, ["meancache", "predict", "predict", "extrapolate",
+                                                            "predict"])
+    x0 = torch.randn(2, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    out = meancache.sample(field, x0, SIGMAS, sched)
+    assert rel_err(out, plain_loop(field, x0, SIGMAS, sched)) <= 1e-12
+    assert rel_err(out, meancache.sample(field, x0, SIGMAS, MIXED)) > 1e-6
+    assert Schedule.from_json(sched.to_json()) == sched and sched.resample(40).estimators == sched.estimators

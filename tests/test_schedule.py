@@ -35,7 +35,7 @@ DEFAULT_STEPS = (8, 20, 28, 30, 50, 100)
 
 # the published (official) presets; meancache's own calibrated `digits` preset is tested in tests/test_digits.py
 PRESETS = [(name, budget) for name, budgets in sorted(preset_names().items()) if name in PUBLISHED for budget in budgets]
-OWN_PRESETS = {"digits"}
+OWN_PRESETS = {"digits", "digits-joint"}
 PRESET_IDS = [f"{name}-B{budget}" for name, budget in PRESETS]
 PRESET_RESAMPLES = [(name, budget, m) for name, budget in PRESETS for m in RESAMPLE_STEPS]
 PRESET_RESAMPLE_IDS = [f"{name}-B{budget}-to{m}" for name, budget, m in PRESET_RESAMPLES]

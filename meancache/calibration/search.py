@@ -5,6 +5,7 @@ run-time estimator from the reference state (:func:`segment_costs`), then find t
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -105,15 +106,44 @@ def segment_costs(
         raise ValueError(f"orders={list(orders)!r}: must be a non-empty collection of ints in 1..{MAX_ORDER}")
 
     n = recording.num_steps
-    sig = recording.sigmas
     cost = torch.full((n, n), math.inf, dtype=torch.float64)
     best_k = torch.zeros((n, n), dtype=torch.int64)
     for a in range(n - 1):
         cost[a, a + 1] = 0.0
     length = min(max_len, n - 1)
-    starts = n - 2  # segments of >= 2 steps start at a = 0 .. n-3 (they end at b <= n-1)
-    if length < 2 or starts < 1:
+    if length < 2 or n - 2 < 1:
         return cost, best_k
+    per_k = _per_order_costs(recording, max_len, ks)
+    # the smallest K whose cost is within COST_RTOL of the least: differences below it are rounding, not signal
+    least = per_k.min(dim=0).values
+    tied = per_k <= least + COST_RTOL * least
+    pick = tied.to(torch.int8).argmax(dim=0)  # first True: the smallest K among the tied ones
+    chosen = per_k.gather(0, pick[None]).squeeze(0)
+    k_of = torch.tensor(ks, dtype=torch.int64)[pick]
+    for seg in range(2, length + 1):
+        a = torch.arange(0, n - seg)
+        found = torch.isfinite(least[a, seg])
+        a = a[found]
+        cost[a, a + seg] = chosen[a, seg]
+        best_k[a, a + seg] = k_of[a, seg]
+    return cost, best_k
+
+
+def _noise_floor(lat: torch.Tensor) -> torch.Tensor:
+    """``COST_FLOOR`` times the mean ``|x_i|`` over inputs and elements, per step ``i`` (float64, ``(N + 1,)``).
+
+    ``lat`` is the recording's latents as ``(P, N + 1, D)``."""
+    return torch.tensor([COST_FLOOR * lat[:, i].double().abs().mean().item() for i in range(lat.shape[1])])
+
+
+def _per_order_costs(recording: Recording, max_len: int, ks: list[int]) -> torch.Tensor:
+    """Banded per-K costs of :func:`segment_costs` before the choice of K: ``per_k[j, a, L]`` is the cost of
+    ``a -> a + L`` with window ``ks[j]`` (float64 ``(len(ks), N, min(max_len, N - 1) + 1)``; ``inf`` where there
+    is no such segment, for ``L < 2``, and for every K but the smallest at ``a = 0``)."""
+    n = recording.num_steps
+    sig = recording.sigmas
+    length = min(max_len, n - 1)
+    starts = n - 2  # segments of >= 2 steps start at a = 0 .. n-3 (they end at b <= n-1)
 
     p = recording.num_inputs
     lat = recording.latents.reshape(p, n + 1, -1)
@@ -122,7 +152,7 @@ def segment_costs(
     # per-K costs of every segment, banded: per_k[j, a, L] is the cost of a -> a + L with window ks[j]
     per_k = torch.full((len(ks), n, length + 1), math.inf, dtype=torch.float64)
     # mean |x_i| over inputs and elements: the scale of the noise floor (COST_FLOOR)
-    floor = torch.tensor([COST_FLOOR * lat[:, i].double().abs().mean().item() for i in range(n + 1)])
+    floor = _noise_floor(lat)
     # sigmas padded past the end: replays of late starts run past step n-1 (results discarded); dt = 0 there
     sigp = torch.tensor(sig + [sig[-1]] * (length + 1), dtype=torch.float64)
     # held per chunk of A start steps, as (P, A, D) float64: 2 * length replay entries, a few temporaries, and the
@@ -174,19 +204,7 @@ def segment_costs(
                     err = torch.where(err <= floor[bv], 0.0, err)
                     h = sigma_a[ok] - sigp[bv]
                     per_k[kj, av, t + 1] = torch.where(h > 0, err / torch.where(h > 0, h, 1.0), err)
-    # the smallest K whose cost is within COST_RTOL of the least: differences below it are rounding, not signal
-    least = per_k.min(dim=0).values
-    tied = per_k <= least + COST_RTOL * least
-    pick = tied.to(torch.int8).argmax(dim=0)  # first True: the smallest K among the tied ones
-    chosen = per_k.gather(0, pick[None]).squeeze(0)
-    k_of = torch.tensor(ks, dtype=torch.int64)[pick]
-    for seg in range(2, length + 1):
-        a = torch.arange(0, n - seg)
-        found = torch.isfinite(least[a, seg])
-        a = a[found]
-        cost[a, a + seg] = chosen[a, seg]
-        best_k[a, a + seg] = k_of[a, seg]
-    return cost, best_k
+    return per_k
 
 
 def _check_gamma(gamma) -> float:

@@ -1,0 +1,561 @@
+"""The joint schedule search: which steps to compute *and* which estimator each segment uses (meancache window K,
+or the polynomial estimators ``extrapolate`` / ``predict`` of order p), found together by an exact dynamic
+programme.
+
+Why a new search. An ``extrapolate`` or ``predict`` segment ``a -> b`` of order p estimates its skipped steps from
+the velocities of the last ``p + 1`` *computed* steps of the path (:func:`meancache.estimators.polynomial_weights`),
+so its cost
+depends on the compute steps before ``a``, not on ``(a, b)`` alone as a meancache segment's does. The plain
+budgeted path of :func:`~meancache.calibration.search.solve` cannot price it.
+
+The stages, all deterministic on every machine for the same recording (same tolerance rules as
+:mod:`~meancache.calibration.search`):
+
+1. :func:`extrapolation_costs` prices extrapolate (or predict) segments given their nodes, batched.
+2. :func:`joint_costs` enumerates the states of the exact DP (the last ``depth + 1`` compute steps of a path,
+   ``depth`` = the highest extrapolation order searched) and every segment leaving them, and gives each segment
+   its best estimator: the least cost over the meancache windows (:func:`segment_costs`' replay) and the
+   polynomial orders, ties (within :data:`COST_RTOL`) going to meancache before extrapolate before predict,
+   smaller K and lower p first.
+3. :func:`joint_solve` is the budgeted shortest path over those states: exact, because a state holds every compute
+   step a later segment's cost can read.
+
+:func:`schedule_costs` prices the segments of a given schedule (each with its own estimator): the objective the
+search minimises, for checks, plots and brute force.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+from typing import Sequence
+
+import torch
+
+from ..estimators import ESTIMATORS
+from ..estimators import MAX_EXTRAPOLATION_ORDER
+from ..estimators import POLYNOMIAL_ESTIMATORS
+from ..estimators import polynomial_weights
+from ..schedule import DEFAULT_MAX_SEGMENT
+from ..schedule import MAX_ORDER
+from ..schedule import Schedule
+from ..validation import is_int
+from .recording import Recording
+from .recording import record  # noqa: F401  (the doctests build recordings with it)
+from .search import COST_RTOL
+from .search import DEFAULT_GAMMA
+from .search import _check_budget
+from .search import _check_gamma
+from .search import _check_max_len
+from .search import _noise_floor
+from .search import _per_order_costs
+
+__all__ = ["JointCosts", "extrapolation_costs", "joint_costs", "joint_solve", "schedule_costs"]
+
+#: Estimators :func:`joint_costs` searches by default: all of them.
+DEFAULT_ESTIMATORS = ESTIMATORS
+# Working-set cap of extrapolation_costs: the deviation rows (segments x lengths, P * D float64 each: 20 kB on the
+# digits model) formed by one matrix product. Large chunks keep the number of tensor calls low: each parallel call
+# pays a thread synchronisation, which dominates on a busy machine.
+_ROW_CHUNK_BYTES = 64 * 2**20
+
+
+def _check_estimators(estimators) -> tuple[str, ...]:
+    """The estimator names as a tuple in the preference order of the ties (meancache, extrapolate, predict)."""
+    rule = f"must be a non-empty tuple or list of names from {ESTIMATORS}"
+    if isinstance(estimators, (str, bytes)) or not isinstance(estimators, (tuple, list)):
+        raise ValueError(f"estimators={estimators!r}: {rule}, e.g. ('meancache',)")
+    bad = [e for e in estimators if not isinstance(e, str) or e not in ESTIMATORS]
+    if not estimators or bad:
+        raise ValueError(f"estimators={estimators!r}: {rule}" + (f"; {bad[0]!r} is not one" if bad else ""))
+    return tuple(e for e in ESTIMATORS if e in estimators)
+
+
+def _check_orders(orders, name: str, largest: int) -> list[int]:
+    rule = f"must be a non-empty collection of ints in 1..{largest}"
+    if isinstance(orders, (str, bytes)):
+        raise ValueError(f"{name}={orders!r}: {rule}")
+    try:
+        values = list(orders)
+    except TypeError:
+        raise ValueError(f"{name}={orders!r}: {rule}") from None
+    if not values or not all(is_int(k) and 1 <= k <= largest for k in values):
+        raise ValueError(f"{name}={values!r}: {rule}")
+    return sorted({int(k) for k in values})
+
+
+def _check_recording(recording) -> Recording:
+    if not isinstance(recording, Recording):
+        raise ValueError(f"recording is a {type(recording).__name__}: must be a meancache.Recording")
+    return recording
+
+
+# -- extrapolate segment costs ---------------------------------------------------------------------------------------
+
+
+def _as_nodes(nodes, n: int) -> torch.Tensor:
+    """``nodes`` as an int64 ``(S, m)`` tensor, checked: each row ``-1`` padding, then strictly increasing steps."""
+    try:
+        t = torch.as_tensor(nodes)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"nodes={type(nodes).__name__}: must be an (S, m) table of ints (step indices)") from None
+    if t.dim() != 2 or t.shape[1] < 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"nodes has shape {tuple(t.shape)} and dtype {t.dtype}: must be an (S, m >= 1) table of ints, one row "
+            "per segment: its compute steps up to the segment start, oldest first, -1 on the left where absent"
+        )
+    t = t.to(torch.int64)
+    if t.shape[0] == 0:
+        return t
+    a = t[:, -1]
+    if bool(((a < 0) | (a > n - 1)).any()):
+        raise ValueError(f"nodes: the last column (the segment start a) must be in 0..{n - 1} for a recording of "
+                         f"{n} steps")
+    prev, cur = t[:, :-1], t[:, 1:]
+    present = prev >= 0
+    if bool((t < -1).any()) or bool((present & (cur <= prev)).any()):
+        raise ValueError("nodes: each row must be -1 entries (absent) followed by strictly increasing step indices")
+    return t
+
+
+def extrapolation_costs(
+    recording: Recording, nodes, *, order: int, max_len: int = DEFAULT_MAX_SEGMENT, estimator: str = "extrapolate"
+) -> torch.Tensor:
+    """Deviation cost of ``extrapolate`` (or ``predict``: ``estimator=``) segments of order ``order``, given their
+    nodes: one row per segment start.
+
+    Row ``s`` of ``nodes`` holds the compute steps of a path up to and including the segment start ``a`` (the
+    last column), oldest first, ``-1`` on the left where the path has fewer (only the last ``order + 1`` are
+    read, as at run time). Each skipped step ``i`` (``sigma_i -> sigma_{i+1}``) estimates
+    ``v_hat_i = sum_j w_j(i) v_{c_j}`` with exactly the run-time call
+    ``polynomial_weights(estimator, [sigma_c for c in row], sigma_i, sigma_{i+1}, order)``; the velocities at the nodes
+    are the recording's (the replay from the reference, as :func:`segment_costs`). So
+
+        ``x^_b = x_{a+1} + sum_{i=a+1}^{b-1} (sigma_{i+1} - sigma_i) v_hat_i = x_{a+1} + sum_j W_j v_{c_j}``
+
+    with host float64 coefficients ``W_j = sum_i dt_i w_j(i)``: no latent is replayed. ``x_{a+1}`` is the
+    recording's (``x_a + dt_a v_a`` up to its float32 rounding), the start :func:`segment_costs` uses too, so that
+    an extrapolation lowered to reuse and meancache K = 1 price the same estimate the same. The cost is the one of
+    :func:`segment_costs`: ``mean|x^_b - x_b| / (sigma_a - sigma_b)`` (mean over elements, then inputs; undivided
+    if the sigmas are equal), in float64, 0 below :data:`COST_FLOOR` times the mean ``|x_b|``.
+
+    Batched: the rows sharing a start ``a`` are priced by one matrix product of their coefficients with the
+    recording's velocity rows (float64), all lengths at once. The cost is O(S * L * P * D) arithmetic plus S * L
+    calls of :func:`~meancache.estimators.polynomial_weights`.
+
+    Args:
+        recording: a :class:`Recording` with N steps.
+        nodes: ``(S, m)`` int table (tensor or nested lists), ``m >= 1``; each row ``-1`` padding, then strictly
+            increasing steps; its last entry ``a`` in ``0..N-1``.
+        order: the requested order p, 1..3 (the estimators' conditioning guard may lower it per step).
+        max_len: longest segment priced, in steps.
+        estimator: ``"extrapolate"`` (the polynomial's mean over each step) or ``"predict"`` (its value at the
+            step's start).
+
+    Returns:
+        float64 ``(S, min(max_len, N - 1) + 1)``: ``[s, L]`` is the cost of ``a_s -> a_s + L``; ``0`` for
+        ``L = 1`` (nothing is estimated), ``inf`` for ``L = 0`` and where ``a_s + L > N - 1``.
+
+    Example:
+        >>> import torch
+        >>> rec = record(lambda x, s: 1 + 2 * s * x, torch.ones(2, 3), [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
+        ...              progress=False)
+        >>> c = extrapolation_costs(rec, [[-1, 0], [0, 1]], order=1, max_len=3)
+        >>> c.shape, c[0, :2].tolist(), bool(c[1, 3] > 0), c[1, 3].item() == float("inf")
+        (torch.Size([2, 4]), [inf, 0.0], True, False)
+    """
+    recording = _check_recording(recording)
+    max_len = _check_max_len(max_len)
+    if not is_int(order) or not 1 <= order <= MAX_EXTRAPOLATION_ORDER:
+        raise ValueError(f"order={order!r}: must be an int in 1..{MAX_EXTRAPOLATION_ORDER}")
+    if estimator not in POLYNOMIAL_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(POLYNOMIAL_ESTIMATORS)}")
+    n = recording.num_steps
+    table = _as_nodes(nodes, n)
+    length = min(max_len, n - 1)
+    out = torch.full((table.shape[0], length + 1), math.inf, dtype=torch.float64)
+    if table.shape[0] == 0:
+        return out
+    out[table[:, -1] <= n - 2, 1] = 0.0
+    if length < 2:
+        return out
+    sig = recording.sigmas
+    p = recording.num_inputs
+    lat = recording.latents.reshape(p, n + 1, -1)
+    d = lat.shape[-1]
+    floor = _noise_floor(lat)
+    # rows by step, (steps, P * D) float64: a segment reads its nodes' velocity rows and two latent rows
+    lat64 = lat.double().transpose(0, 1).reshape(n + 1, p * d)
+    vel64 = recording.velocities.reshape(p, n, -1).double().transpose(0, 1).reshape(n, p * d)
+    m = table.shape[1]
+    rows_per_chunk = max(1, _ROW_CHUNK_BYTES // (p * d * 8))
+    starts = table[:, -1]
+    with torch.no_grad():
+        for a in sorted(set(starts.tolist())):
+            reach = min(length, n - 1 - a)  # longest segment from a
+            if reach < 2:
+                continue
+            which = (starts == a).nonzero().flatten()
+            sub = table[which]
+            steps = range(a + 1, a + reach)  # the skipped steps of the longest segment, I = reach - 1 of them
+            # weights per (row, step, node column), right-aligned on the row's last q + 1 nodes
+            flat: list[float] = []
+            for row in sub.tolist():
+                present = [sig[c] for c in row if c >= 0]
+                for i in steps:
+                    q, w = polynomial_weights(estimator, present, sig[i], sig[i + 1], order)
+                    flat.extend([0.0] * (m - q - 1))
+                    flat.extend(w)
+            dt = torch.tensor([sig[i + 1] - sig[i] for i in steps], dtype=torch.float64)
+            weights = torch.tensor(flat, dtype=torch.float64).view(len(sub), len(steps), m) * dt[None, :, None]
+            cum = weights.cumsum(dim=1)  # [:, t] is W_j of the segment a -> a + t + 2
+            ends = torch.arange(a + 2, a + reach + 1)
+            base = lat64[a + 1][None, :] - lat64[ends]  # x_{a+1} - x_b, (I, P * D)
+            # coefficients on the velocity rows lo..a, so that one matrix product forms every deviation; absent
+            # columns carry weight 0 exactly and add it to row lo
+            lo = int(sub[sub >= 0].min())
+            span = a - lo + 1
+            coef = torch.zeros(len(sub), len(steps), span, dtype=torch.float64)
+            coef.scatter_add_(2, (sub - lo).clamp(min=0)[:, None, :].expand(-1, len(steps), -1), cum)
+            rows = vel64[lo : a + 1]
+            err = torch.empty(len(sub), len(steps), dtype=torch.float64)
+            chunk = max(1, rows_per_chunk // len(steps))
+            for c0 in range(0, len(sub), chunk):
+                c1 = min(len(sub), c0 + chunk)
+                # x^_b - x_b = (x_{a+1} - x_b) + sum_j W_j v_{c_j}
+                dev = (coef[c0:c1].reshape(-1, span) @ rows).view(c1 - c0, len(steps), p * d)
+                dev += base[None]
+                err[c0:c1] = dev.abs_().view(c1 - c0, len(steps), p, d).mean(dim=-1).mean(dim=-1)
+            err = torch.where(err <= floor[ends][None, :], 0.0, err)
+            h = torch.tensor([sig[a] - sig[b] for b in ends.tolist()], dtype=torch.float64)[None, :]
+            out[which, 2 : reach + 1] = torch.where(h > 0, err / torch.where(h > 0, h, 1.0), err)
+    return out
+
+
+# -- the states of the exact DP --------------------------------------------------------------------------------------
+
+
+def _keys(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """One int64 per window, increasing with the window read oldest node first (``-1`` smallest)."""
+    key = torch.zeros(windows.shape[0], dtype=torch.int64)
+    for col in range(windows.shape[1]):
+        key = key * (n + 1) + (windows[:, col] + 1)
+    return key
+
+
+def _windows(n: int, max_len: int, depth: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(c_{-depth}, .., c_{-1}, a)`` a path from step 0 can end with, ``a <= last``: gaps of at most
+    ``max_len``, and ``-1`` (absent) entries only before step 0. Sorted by :func:`_keys`; returns (windows, keys)."""
+    w = torch.arange(0, last + 1, dtype=torch.int64)[:, None]
+    for _ in range(depth):
+        oldest = w[:, 0]
+        start = oldest <= 0  # the path begins at step 0: nothing before it
+        parts = [torch.cat([torch.full((int(start.sum()), 1), -1, dtype=torch.int64), w[start]], dim=1)]
+        for g in range(1, max_len + 1):
+            ok = oldest >= g
+            parts.append(torch.cat([(oldest[ok] - g)[:, None], w[ok]], dim=1))
+        w = torch.cat(parts)
+    keys = _keys(w, n)
+    order = torch.argsort(keys)
+    return w[order], keys[order]
+
+
+class JointCosts:
+    """The graph of the joint search, from :func:`joint_costs`: states, and segments priced with their best
+    estimator. Read by :func:`joint_solve`; independent of gamma and of the budget, so one serves every budget.
+
+    Attributes:
+        num_steps: N of the recording.
+        max_len: longest segment, in steps.
+        depth: compute steps before the current one that a state holds (the highest extrapolation order searched;
+            0 when only meancache is searched).
+        estimators: the estimator families searched, in tie-preference order.
+        states: int64 ``(S, depth + 1)``: ``(c_{-depth}, .., c_{-1}, a)``, oldest first, ``-1`` where the path has
+            fewer compute steps; sorted.
+        src, dst, length: int64 ``(E,)``: the segment ``a -> a + length`` from state ``src`` to state ``dst``,
+            sorted by ``dst``, then by the oldest step of ``src`` (the tie order of :func:`joint_solve`).
+        cost: float64 ``(E,)``: the segment's cost with its best estimator (0 on 1-step segments, ``inf`` for a
+            missing segment).
+        estimator: int64 ``(E,)``: index into :data:`meancache.estimators.ESTIMATORS` of that estimator.
+        order: int64 ``(E,)``: its K (meancache; 0 on 1-step segments) or p (extrapolate, predict).
+    """
+
+    __slots__ = ("num_steps", "max_len", "depth", "estimators", "states", "src", "dst", "length", "cost",
+                 "estimator", "order")
+
+    def __init__(self, num_steps, max_len, depth, estimators, states, src, dst, length, cost, estimator, order):
+        self.num_steps = num_steps
+        self.max_len = max_len
+        self.depth = depth
+        self.estimators = estimators
+        self.states = states
+        self.src = src
+        self.dst = dst
+        self.length = length
+        self.cost = cost
+        self.estimator = estimator
+        self.order = order
+
+    def __repr__(self):
+        return (f"JointCosts(num_steps={self.num_steps}, max_len={self.max_len}, depth={self.depth}, "
+                f"estimators={self.estimators}, states={self.states.shape[0]}, segments={self.src.shape[0]})")
+
+
+def joint_costs(
+    recording: Recording,
+    *,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+    max_len: int = DEFAULT_MAX_SEGMENT,
+    orders: Iterable[int] = range(1, MAX_ORDER + 1),
+    extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
+) -> JointCosts:
+    """States and priced segments of the joint search over compute steps and per-segment estimators.
+
+    A state is the last ``depth + 1`` compute steps of a path, ``depth`` the highest extrapolation order searched
+    (an order-p segment ``a -> b`` reads the p compute steps before ``a``): every segment leaving a state then has
+    one cost, so the DP of :func:`joint_solve` is exact. Each segment of at least 2 steps takes the least cost over
+    the candidates: every meancache window K in ``orders`` (cost from the replay of :func:`segment_costs`, which
+    depends on ``(a, b)`` only; from step 0 only the smallest K, as there) and, for extrapolate and predict, every
+    order p in ``extrapolation_orders`` (:func:`extrapolation_costs`, with the state's nodes). **Ties:** the first
+    candidate, in the order meancache K ascending, extrapolate p ascending, predict p ascending, whose cost is
+    within :data:`COST_RTOL` of the
+    least (so a lowered or coinciding extrapolation never displaces the published estimator, and rounding never
+    decides). 1-step segments are chains: cost 0, ``("meancache", 0)``.
+
+    Size: about ``N * max_len ** depth`` states and ``max_len`` times as many segments; the extrapolation costs
+    take ``O(N * max_len ** (p + 1))`` weight calls and passes over the recording's ``P * D`` elements per order p
+    (the digits model, N = 50, P * D = 2560, max_len = 10, p <= 3: about 7 s of CPU time, nearly all of it order
+    3; N = 100: 8 s with max_len = 8, 18 s with max_len = 10). Restrict ``extrapolation_orders`` for large
+    latents.
+
+    Args:
+        recording: a :class:`Recording` with N steps.
+        estimators: families searched, a non-empty tuple from ``("meancache", "extrapolate", "predict")``.
+        max_len: longest segment, in steps.
+        orders: meancache windows K searched (ints in 1..6).
+        extrapolation_orders: polynomial orders p searched for extrapolate and predict (ints in 1..3).
+
+    Returns:
+        A :class:`JointCosts`.
+
+    Example:
+        >>> import torch
+        >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(3, 4), torch.linspace(1, 0, 9),
+        ...              progress=False)
+        >>> g = joint_costs(rec, max_len=4)
+        >>> g.depth, g.states.shape[1], bool((g.cost[g.length == 1] == 0).all())
+        (3, 4, True)
+    """
+    recording = _check_recording(recording)
+    families = _check_estimators(estimators)
+    max_len = _check_max_len(max_len)
+    ks = _check_orders(orders, "orders", MAX_ORDER)
+    ps = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
+    n = recording.num_steps
+    if n > 1 and (n + 1) ** (MAX_EXTRAPOLATION_ORDER + 1) >= 2**62:
+        raise ValueError(f"num_steps={n}: too many steps for the joint search's state keys")
+    polynomial = [f for f in POLYNOMIAL_ESTIMATORS if f in families]
+    depth = max(ps) if polynomial else 0
+    length = min(max_len, n - 1)
+    states, keys = _windows(n, max_len, depth, n - 1)
+    # segments: every state with a <= n - 2, every length that stays inside the trajectory
+    src_parts, len_parts = [], []
+    a_of = states[:, -1]
+    for seg in range(1, length + 1):
+        ok = (a_of + seg <= n - 1).nonzero().flatten()
+        src_parts.append(ok)
+        len_parts.append(torch.full_like(ok, seg))
+    src = torch.cat(src_parts)
+    seg_len = torch.cat(len_parts)
+    a_e = a_of[src]
+    dst_windows = torch.cat([states[src, 1:], (a_e + seg_len)[:, None]], dim=1)
+    dst = torch.searchsorted(keys, _keys(dst_windows, n))
+    # tie order: by destination, then by the predecessor's oldest step (the only one the destination lacks)
+    rank = torch.argsort(dst * (n + 2) + (states[src, 0] + 1))
+    src, seg_len, dst, a_e = src[rank], seg_len[rank], dst[rank], a_e[rank]
+
+    # candidate costs, one column each, in tie-preference order
+    columns, labels = [], []
+    if "meancache" in families:
+        if length >= 2 and n >= 3:
+            per_k = _per_order_costs(recording, max_len, ks)
+            for j, k in enumerate(ks):
+                columns.append(per_k[j, a_e, seg_len])
+                labels.append((ESTIMATORS.index("meancache"), k))
+    for family in polynomial:
+        for p in ps:
+            windows, wkeys = _windows(n, max_len, p, n - 2)
+            table = extrapolation_costs(recording, windows, order=p, max_len=max_len, estimator=family)
+            multi = seg_len >= 2
+            column = torch.full(seg_len.shape, math.inf, dtype=torch.float64)
+            suffix = states[src[multi], -(p + 1) :]  # the last p + 1 compute steps: what order p reads
+            wanted = _keys(suffix, n)
+            row = torch.searchsorted(wkeys, wanted).clamp(max=len(wkeys) - 1)
+            if not torch.equal(wkeys[row], wanted):  # every suffix of a state is a window: a bug if not
+                raise RuntimeError("joint_costs: a state's last compute steps are missing from the priced windows")
+            column[multi] = table[row, seg_len[multi]]
+            columns.append(column)
+            labels.append((ESTIMATORS.index(family), p))
+    cost = torch.full(seg_len.shape, math.inf, dtype=torch.float64)
+    est = torch.zeros_like(seg_len)
+    ords = torch.zeros_like(seg_len)
+    if columns:
+        cand = torch.stack(columns, dim=1)  # (E, C)
+        least = cand.min(dim=1, keepdim=True).values
+        tied = cand <= least + COST_RTOL * least
+        pick = tied.to(torch.int8).argmax(dim=1)  # the first candidate within the tolerance of the least
+        cost = cand.gather(1, pick[:, None]).squeeze(1)
+        est = torch.tensor([e for e, _ in labels], dtype=torch.int64)[pick]
+        ords = torch.tensor([k for _, k in labels], dtype=torch.int64)[pick]
+    chain = seg_len == 1
+    cost[chain] = 0.0
+    est[chain] = ESTIMATORS.index("meancache")
+    ords[chain] = 0
+    missing = ~torch.isfinite(cost)
+    est[missing] = ESTIMATORS.index("meancache")
+    ords[missing] = 0
+    return JointCosts(n, max_len, depth, families, states, src, dst, seg_len, cost, est, ords)
+
+
+def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> Schedule | list[Schedule]:
+    """The cheapest schedule with exactly ``budget`` compute steps over the graph of :func:`joint_costs`.
+
+    Minimises ``sum cost ** gamma`` over the path's segments, each at its best estimator given the compute steps
+    before it, by dynamic programming over (state, evaluations used): ``D[m+1][s'] = min D[m][s] + w(s -> s')``.
+    A state holds the last ``depth + 1`` compute steps, all a segment's cost reads, so the DP is **exact**: no
+    approximation of the history. **Ties**, as in :func:`solve` (values within ``max(1, gamma) *``
+    :data:`COST_RTOL` of the least are tied, so that rounding never decides): at each state the predecessor with the
+    smallest oldest step wins; at the last step, among the final states within the tolerance of the least, the one
+    whose compute steps, read backwards from the end, are smallest (smallest predecessor of ``N - 1`` first). The
+    value returned is within a factor ``(1 + max(1, gamma) * COST_RTOL) ** budget`` of the exact optimum. With
+    ``depth = 0`` (meancache only) this is :func:`solve`'s recursion and tie rule.
+
+    Args:
+        costs: the graph, from :func:`joint_costs`.
+        budget: compute steps B (the first and last included), an int, or a list of them: one forward pass serves
+            every budget.
+        gamma: peak-suppression exponent, > 0.
+
+    Returns:
+        A :class:`~meancache.Schedule` with ``estimators`` and ``orders`` per segment (1-step segments
+        ``("meancache", 0)``), or a list of them for a list of budgets.
+
+    Raises:
+        ValueError: on a bad budget or gamma, or when no path has a finite cost.
+
+    Example:
+        >>> import torch
+        >>> line = lambda x, sigma: 0.5 + 2.0 * sigma + 0 * x  # a velocity linear in sigma: a line predicts it
+        >>> rec = record(line, torch.zeros(2, 3), torch.linspace(1, 0, 9), progress=False)
+        >>> s = joint_solve(joint_costs(rec, max_len=4), 4)
+        >>> s.compute_steps, s.estimators, s.orders
+        ((0, 1, 3, 7), ('meancache', 'predict', 'predict'), (0, 1, 1))
+        >>> [s.budget for s in joint_solve(joint_costs(rec, max_len=4), [3, 5])]
+        [3, 5]
+    """
+    if not isinstance(costs, JointCosts):
+        raise ValueError(f"costs is a {type(costs).__name__}: must be the JointCosts of joint_costs()")
+    gamma = _check_gamma(gamma)
+    n = costs.num_steps
+    many = isinstance(budget, (list, tuple))
+    if many and not budget:
+        raise ValueError("budget=[]: give an int or a non-empty list of ints")
+    budgets = [_check_budget(b, n, costs.max_len) for b in (budget if many else [budget])]
+    tol = COST_RTOL * max(1.0, gamma)
+    inf = math.inf
+    weight = torch.where(torch.isfinite(costs.cost), costs.cost.pow(gamma), inf)
+    num_states = costs.states.shape[0]
+    num_edges = costs.src.shape[0]
+    # Dense predecessor table: row s lists the segments into state s, in tie order (they are sorted by destination,
+    # then by the predecessor's oldest step, the only step the destination does not hold); padding points at a
+    # dummy segment from a dummy state, both of value inf.
+    rank = torch.arange(num_edges) - torch.searchsorted(costs.dst, costs.dst)
+    width = int(rank.max()) + 1 if num_edges else 1
+    pred = torch.full((num_states, width), num_edges, dtype=torch.int64)
+    pred[costs.dst, rank] = torch.arange(num_edges)
+    pred_src = torch.cat([costs.src, torch.tensor([num_states])])[pred]
+    pred_weight = torch.cat([weight, torch.tensor([inf], dtype=torch.float64)])[pred]
+    start = int(torch.nonzero((costs.states[:, -1] == 0) & (costs.states[:, :-1] < 0).all(dim=1))[0])
+    value = torch.full((num_states + 1,), inf, dtype=torch.float64)  # the last entry is the dummy state
+    value[start] = 0.0
+    finals = (costs.states[:, -1] == n - 1).nonzero().flatten()
+    back: list[torch.Tensor] = []  # back[m - 2][s]: the column of pred[s] on the path with m compute steps
+    at_end = {1: value[finals].clone()}
+    for m in range(2, max(budgets) + 1):
+        cand = value[pred_src] + pred_weight  # (states, width)
+        least = cand.amin(dim=1, keepdim=True)
+        # the first predecessor within the tolerance of the least (an unreachable state keeps inf)
+        pick = (cand <= least + tol * least).to(torch.int8).argmax(dim=1, keepdim=True)
+        value[:num_states] = cand.gather(1, pick).squeeze(1)
+        back.append(pick.squeeze(1))
+        at_end[m] = value[finals].clone()
+
+    schedules = []
+    for b in budgets:
+        vals = at_end[b]
+        best = float(vals.min()) if vals.numel() else inf
+        if best == inf:
+            raise ValueError(
+                f"budget={b}, num_steps={n}, max_len={costs.max_len}: no path with finite cost (every way to place "
+                "the compute steps uses a missing segment)"
+            )
+        tied = finals[vals <= best + tol * best].tolist()
+        # smallest compute steps read backwards from the end: c_{-1} first, then c_{-2}, ...
+        state = min(tied, key=lambda s: costs.states[s].flip(0).tolist())
+        steps, ests, ords = [n - 1], [], []
+        for m in range(b, 1, -1):
+            e = int(pred[state, int(back[m - 2][state])])
+            state = int(costs.src[e])
+            steps.append(int(costs.states[state, -1]))
+            ests.append(ESTIMATORS[int(costs.estimator[e])])
+            ords.append(int(costs.order[e]))
+        schedules.append(Schedule(steps[::-1], ords[::-1], n, estimators=ests[::-1]))
+    return schedules if many else schedules[0]
+
+
+def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
+    """The cost of each segment of ``schedule``, at its own estimator and order: what the searches minimise
+    (``sum cost ** gamma``), for checks, plots and brute force.
+
+    A meancache segment is priced by :func:`segment_costs`' replay with its K (from step 0 too), an extrapolate or
+    predict segment by :func:`extrapolation_costs` with the schedule's compute steps up to its start; 1-step
+    segments cost 0.
+
+    Args:
+        recording: a :class:`Recording` with the schedule's N steps.
+        schedule: a :class:`~meancache.Schedule`.
+
+    Returns:
+        ``budget - 1`` floats, one per segment.
+
+    Example:
+        >>> import torch
+        >>> from meancache import Schedule
+        >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(3, 4), torch.linspace(1, 0, 9),
+        ...              progress=False)
+        >>> c = schedule_costs(rec, Schedule([0, 1, 4, 7], [0, 2, 1], 8, estimators=["meancache", "meancache",
+        ...                                                                       "extrapolate"]))
+        >>> len(c), c[0], c[1] > 0, c[2] > 0
+        (3, 0.0, True, True)
+    """
+    recording = _check_recording(recording)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule is a {type(schedule).__name__}: must be a meancache.Schedule")
+    n = recording.num_steps
+    if schedule.num_steps != n:
+        raise ValueError(f"schedule.num_steps={schedule.num_steps} != the recording's {n} steps")
+    steps = schedule.compute_steps
+    longest = max(b - a for a, b in zip(steps, steps[1:]))
+    out: list[float] = []
+    per_k: dict[int, torch.Tensor] = {}
+    for j, (a, b, k, e) in enumerate(zip(steps, steps[1:], schedule.orders, schedule.estimators)):
+        if b - a == 1:
+            out.append(0.0)
+        elif e == "meancache":
+            if k not in per_k:
+                per_k[k] = _per_order_costs(recording, longest, [k])[0]
+            out.append(float(per_k[k][a, b - a]))
+        else:
+            nodes = [-1] * max(0, k + 1 - (j + 1)) + list(steps[max(0, j - k) : j + 1])
+            out.append(float(extrapolation_costs(recording, [nodes], order=k, max_len=b - a, estimator=e)[0, b - a]))
+    return out
