@@ -10,6 +10,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace meancache {
 
@@ -25,5 +26,14 @@ at::Tensor compute_step_cuda(const at::Tensor& x, const at::Tensor& v, at::Tenso
 at::Tensor estimate_cuda(const at::Tensor& x, at::Tensor& xs, at::Tensor& vs, int64_t slot_start,
                          int64_t slot_last, int64_t slot_write, double inv_d, double dt, double out_scale,
                          c10::ScalarType out_dtype);
+
+// Skipped step with any estimator as host weights (meancache/estimators.py): v̂ = Σ_t v_weights[t]·V[v_slots[t]]
+// (1..4 terms, in that order) + x_weight·(x - xs[x_slot]) (left out, xs[x_slot] unread, when x_weight == 0), with
+// V = vc (a (D, *latent_shape) float32 stack of computed velocities) or vs when vc is empty; log (x, v̂) into
+// slot_write; return x + dt·v̂ in x's dtype (euler; out_dtype ignored) or v̂·out_scale in out_dtype.
+at::Tensor weighted_step_cuda(const at::Tensor& x, at::Tensor& xs, at::Tensor& vs, const std::optional<at::Tensor>& vc,
+                              at::IntArrayRef v_slots, at::ArrayRef<double> v_weights, int64_t x_slot,
+                              double x_weight, int64_t slot_write, double dt, double out_scale,
+                              c10::ScalarType out_dtype, bool euler);
 
 }  // namespace meancache

@@ -16,12 +16,18 @@ TORCH_LIBRARY_FRAGMENT(meancache, m) {
   m.def(
       "_estimate_cuda(Tensor x, Tensor(a!) xs, Tensor(b!) vs, int slot_start, int slot_last, int slot_write, "
       "float inv_d, float dt, float out_scale, ScalarType out_dtype) -> Tensor");
+  // vc is only read (no alias annotation); v_slots index vc when given, else vs.
+  m.def(
+      "_weighted_step_cuda(Tensor x, Tensor(a!) xs, Tensor(b!) vs, Tensor? vc, int[] v_slots, float[] v_weights, "
+      "int x_slot, float x_weight, int slot_write, float dt, float out_scale, ScalarType out_dtype, bool euler) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(meancache, CUDA, m) {
   m.impl("_skip_step_cuda", &meancache::skip_step_cuda);
   m.impl("_compute_step_cuda", &meancache::compute_step_cuda);
   m.impl("_estimate_cuda", &meancache::estimate_cuda);
+  m.impl("_weighted_step_cuda", &meancache::weighted_step_cuda);
 }
 
 // Python needs a PyInit__C to import the .so as meancache._C; the module itself is empty (the ops live in

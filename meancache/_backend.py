@@ -29,14 +29,20 @@ BACKENDS = ("cuda", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+#: The private ops the compiled extension registers (csrc/torch_bindings.cpp).
+_CUDA_OPS = ("_skip_step_cuda", "_compute_step_cuda", "_estimate_cuda", "_weighted_step_cuda")
+
+
 @functools.lru_cache(maxsize=None)
 def _load_extension() -> tuple[bool, str]:
     try:
         importlib.import_module("meancache._C")
     except (ImportError, OSError) as exc:
         return False, f"meancache._C did not load ({type(exc).__name__}: {exc})"
-    if not hasattr(torch.ops.meancache, "_skip_step_cuda"):
-        return False, "meancache._C loaded but registered no ops"
+    missing = [n for n in _CUDA_OPS if not hasattr(torch.ops.meancache, n)]
+    if missing:
+        # an extension built from older sources: rebuild it (pip install -e . or make setup)
+        return False, f"meancache._C loaded but lacks {missing}; rebuild it from this source tree"
     return True, "compiled extension meancache._C"
 
 

@@ -312,7 +312,7 @@ def test_extra_memory_is_the_kept_computed_velocities_whatever_n():
     x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
     for n in (20, 200):
         grid = shifted_sigmas(n).tolist()
-        published = Schedule.default(8, n)
+        published = Schedule.default(8, n, "meancache")
         for sched, depth in ((published, 0), (Schedule(published.compute_steps, [1 if o == 0 else 3 for o in
                                                                                      published.orders], n,
                                                        ["extrapolate"] * (published.budget - 1)), 4)):
@@ -418,3 +418,13 @@ def test_predict_runs_through_every_backend_path_like_the_plain_loop():
     assert rel_err(out, plain_loop(field, x0, SIGMAS, sched)) <= 1e-12
     assert rel_err(out, meancache.sample(field, x0, SIGMAS, MIXED)) > 1e-6
     assert Schedule.from_json(sched.to_json()) == sched and sched.resample(40).estimators == sched.estimators
+
+
+@pytest.mark.parametrize("budget", [6, 10, 25])
+def test_the_digits_joint_preset_runs_like_the_plain_loop(budget):
+    sched = Schedule.preset("digits-joint", budget)
+    assert not sched.published
+    field = SmoothField(8, seed=budget)
+    x0 = torch.randn(3, 8, generator=torch.Generator().manual_seed(budget), dtype=torch.float64)
+    grid = shifted_sigmas(50, shift=3.0).tolist()
+    assert rel_err(meancache.sample(field, x0, grid, sched), plain_loop(field, x0, grid, sched)) <= 1e-12

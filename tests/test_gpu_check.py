@@ -71,10 +71,11 @@ def test_dry_run_collects_what_the_gpu_run_would_call(dry_run):
     assert all(n > 0 for n in counts.values()), counts
     assert counts["collect gpu-kernels"] > 500
     assert any("tests/test_gpu_kernels.py" in c for c in stages["correctness"]["commands"])
-    # the headline: one case per provider; the per-op runs: the rest of the 96 cases
+    # the headline: one case per provider; the per-op runs: the rest of the 192 cases (6 ops: the 3 fused steps and
+    # weighted_step with the published weights, 2 and 4 extrapolation terms)
     assert stages["bench-headline"]["checks"][0]["detail"] == f"{len(gc.PROVIDERS)} cases"
     per_op = [int(c["detail"].split()[0]) for c in stages["bench"]["checks"]]
-    assert len(per_op) == len(gc.BENCH_OPS) and sum(per_op) + len(gc.PROVIDERS) == 96, per_op
+    assert len(per_op) == len(gc.BENCH_OPS) and sum(per_op) + len(gc.PROVIDERS) == 192, per_op
     assert all("--benchmark-json=" in c for c in stages["bench"]["commands"])
     # the build would target the local GPU only, with the machine's cores
     build = stages["build"]

@@ -11,6 +11,12 @@ ring, with the write slot poisoned (NaN) beforehand so an element the kernel for
 per-dtype tolerances against the reference, the output's error against float64 must be at most twice that of eager
 PyTorch doing the math in the latent dtype (the rule of tests/test_ops.py).
 
+meancache::weighted_step (a skipped step with any estimator, as host weights) gets the same treatment in its own
+section: the published estimator as weights and the 2- and 4-term extrapolations from a separate stack of computed
+velocities, at the benchmark shapes, tails, misaligned storage (the stack included), every output dtype, a latent
+term left out (its ring row NaN, which must not be read), the written row aliasing every row read, a CUDA graph and
+the current stream. Its float64 truth is tests/test_weighted_step.py's.
+
 Skipped without a CUDA device; tools/gpu_check.py (`make gpu-check`) runs this file on a GPU machine. There it sets
 GPU_CHECK_EXPECT_EXTENSION=1 after building meancache._C, and test_auto_backend_on_cuda then fails unless the
 automatic backend choice picks the extension.
@@ -27,10 +33,13 @@ import pytest
 import torch
 from op_truth import SIGMAS
 from op_truth import truth as formula
+from test_weighted_step import weighted_truth
 
 import meancache
 from meancache import _backend
 from meancache import ops
+from meancache.estimators import extrapolation_weights
+from meancache.estimators import meancache_weights
 from meancache.flows import shifted_sigmas
 from meancache.reference import step_scalars
 
@@ -401,3 +410,227 @@ def test_sampling_loop_matches_reference(backend, dtype, monkeypatch):
     assert out.dtype == dtype
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+# -- weighted_step: every backend x dtype x form against the reference -------------------------------------------
+
+W_INV_D, W_DT = step_scalars(*SIGMAS)
+W_COMPUTED = 4  # rows of the computed-velocity stack vc
+_W_NODES = (1.0, 0.95, 0.86, 0.78)  # sigmas of the computed steps before SIGMAS[1] -> SIGMAS[2]
+
+
+def _w_extrapolation(order):
+    q, weights = extrapolation_weights(_W_NODES, SIGMAS[1], SIGMAS[2], order)
+    assert q == order
+    return list(weights)
+
+
+# form: (reads vc, v_slots, v_weights, x_slot, x_weight) for step 9 of a 6-slot ring (writes slot 3; with K = 4 the
+# window starts at slot 5 and the newest entry is slot 2)
+_W_START, _W_LAST, _W_X = meancache_weights(W_INV_D, W_DT)
+WEIGHTED_FORMS = {
+    "published": (False, [5, 2], [_W_START, _W_LAST], 5, _W_X),   # 2 ring terms + the latent term: skip_step's work
+    "e2-vc": (True, [2, 3], _w_extrapolation(1), 4, 0.0),         # a line through the newest 2 computed velocities
+    "e4-vc": (True, [0, 1, 2, 3], _w_extrapolation(3), 4, 0.0),   # a cubic through 4, no latent term
+    "e4-vs-latent": (False, [0, 1, 5, 2], _w_extrapolation(3), 4, _W_X),  # 4 ring terms and a latent term
+}
+
+
+def _w_call(backend, x, xs, vs, vc, form, monkeypatch, step=9, euler=True, out_dtype=None):
+    uses_vc, v_slots, v_weights, x_slot, x_weight = WEIGHTED_FORMS[form]
+    monkeypatch.setenv("MEANCACHE_BACKEND", backend)
+    return ops.weighted_step(x, xs, vs, vc if uses_vc else None, step, v_slots, v_weights, x_slot, x_weight, W_DT,
+                             out_scale=-1.0, out_dtype=out_dtype, euler=euler)
+
+
+def _w_check(form, backend, x, xs, vs, vc, monkeypatch, euler=True, out_dtype=None, step=9):
+    """weighted_step ``form`` under ``backend`` against the reference and float64 (tests/test_weighted_step.py), on
+    copies of the ring that keep its storage offset: the written row poisoned when nothing reads it, the latent row
+    poisoned when its term is left out (it must then be neither read nor written)."""
+    uses_vc, v_slots, v_weights, x_slot, x_weight = WEIGHTED_FORMS[form]
+    vc = vc if uses_vc else None
+    c = xs.shape[0]
+    write = step % c
+    xs, vs = _copy_keeping_offset(xs), _copy_keeping_offset(vs)
+    unread = x_slot if x_weight == 0.0 and x_slot != write else None
+    if unread is not None:
+        xs[unread] = float("nan")
+    if (uses_vc or write not in v_slots) and (x_weight == 0.0 or x_slot != write):
+        xs[write], vs[write] = float("nan"), float("nan")
+    x_before, vc_before = x.clone(), None if vc is None else vc.clone()
+    runs = []
+    for which in (backend, "torch"):
+        a, b = _copy_keeping_offset(xs), _copy_keeping_offset(vs)
+        runs.append((_w_call(which, x, a, b, vc, form, monkeypatch, step, euler, out_dtype), a, b))
+    (out, xs_b, vs_b), (ref, xs_r, vs_r) = runs
+    want = x.dtype if euler or out_dtype is None else out_dtype
+    assert out.shape == x.shape and out.dtype == want and out.device == x.device
+    assert torch.equal(x, x_before), "the op wrote into its input latent"
+    assert vc is None or torch.equal(vc, vc_before), "the op wrote into vc"
+    keep = [r for r in range(c) if r != unread]
+    assert torch.isfinite(out).all() and torch.isfinite(vs_b).all() and torch.isfinite(xs_b[keep]).all(), \
+        "an element was left unwritten (NaN poison), read from an unread row, or overflowed"
+    if unread is not None:
+        assert torch.isnan(xs_b[unread]).all(), "the unread latent row was written"
+    torch.testing.assert_close(out, ref, **TOL[want])
+    torch.testing.assert_close(xs_b, xs_r, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vs_b, vs_r, rtol=1e-5, atol=1e-5)
+    args = (vc, v_slots, v_weights, x_slot, x_weight, write, W_DT, -1.0, euler)
+    truth, _, vs_t = weighted_truth(x, xs, vs, *args)
+    eager, _, _ = weighted_truth(x, xs, vs, *args, math_dtype=x.dtype)
+    err = (out.double() - truth).abs().max().item()
+    err_eager = (eager.to(want).double() - truth).abs().max().item()
+    assert err <= 2 * err_eager + 1e-6, (err, err_eager)
+    assert (vs_b.double() - vs_t).abs().max().item() <= 1e-4
+
+
+def _w_inputs(shape, dtype, seed, capacity=6, x_offset=0, ring_offset=0, vc_offset=0):
+    g = _generator(seed)
+    x = _rand(shape, dtype, g, x_offset)
+    xs = _rand((capacity, *shape), torch.float32, g, ring_offset)
+    vs = _rand((capacity, *shape), torch.float32, g, ring_offset)
+    vc = _rand((W_COMPUTED, *shape), torch.float32, g, vc_offset)
+    return x, xs, vs, vc
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", list(BENCH_SHAPES.values()), ids=list(BENCH_SHAPES))
+@pytest.mark.parametrize("form", list(WEIGHTED_FORMS))
+def test_weighted_bench_shapes(form, shape, dtype, backend, monkeypatch):
+    _w_check(form, backend, *_w_inputs(shape, dtype, seed=20), monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("n", TAIL_SIZES)
+@pytest.mark.parametrize("form", ["published", "e4-vc"])
+def test_weighted_tail_sizes(form, n, dtype, backend, monkeypatch):
+    _w_check(form, backend, *_w_inputs((n,), dtype, seed=n + 1), monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("form, where", [(f, w) for f in ("published", "e4-vc", "e4-vs-latent")
+                                         for w in ("x", "ring", "vc", "all") if w != "vc" or f == "e4-vc"])
+def test_weighted_misaligned_storage(form, where, dtype, backend, monkeypatch):
+    # (4, 1024): whole 16-byte groups, so only the storage offset keeps the kernels off the vector path
+    offsets = dict(x_offset=int(where in ("x", "all")), ring_offset=int(where in ("ring", "all")),
+                   vc_offset=int(where in ("vc", "all")))
+    x, xs, vs, vc = _w_inputs((4, 1024), dtype, seed=21, **offsets)
+    if offsets["vc_offset"]:
+        assert vc.data_ptr() % 16 != 0
+    _w_check(form, backend, x, xs, vs, vc, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("form", ["published", "e2-vc"])
+def test_weighted_estimate_output_dtypes(form, dtype, out_dtype, backend, monkeypatch):
+    x, xs, vs, vc = _w_inputs((3, 4099), dtype, seed=22)
+    _w_check(form, backend, x, xs, vs, vc, monkeypatch, euler=False, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_weighted_non_contiguous_latent(layout, dtype, backend, monkeypatch):
+    g = _generator(23)
+    x = _layout(_rand((2145,), dtype, g), layout)
+    assert not x.is_contiguous()
+    xs, vs = _rand((6, *x.shape), torch.float32, g), _rand((6, *x.shape), torch.float32, g)
+    vc = _rand((W_COMPUTED, *x.shape), torch.float32, g)
+    _w_check("e4-vs-latent", backend, x, xs, vs, vc, monkeypatch)
+    _w_check("e2-vc", backend, x, xs, vs, vc, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("euler", [True, False], ids=["euler", "estimate"])
+@pytest.mark.parametrize("capacity, n_terms", [(c, t) for c in range(1, 7) for t in range(1, 5)])
+def test_weighted_aliased_ring_slots(capacity, n_terms, euler, backend, monkeypatch):
+    # step 2C writes slot 0, which is also the first term's row and the latent row: every input of an element must
+    # be read before its row is overwritten
+    step = 2 * capacity
+    v_slots = [t % capacity for t in range(n_terms)]
+    weights = [0.75, -1.3, 2.1, -0.55][:n_terms]
+    g = _generator(24 + capacity)
+    x = _rand((5, 1031), torch.float32, g)
+    xs, vs = _rand((capacity, 5, 1031), torch.float32, g), _rand((capacity, 5, 1031), torch.float32, g)
+    truth, xs_t, vs_t = weighted_truth(x, xs, vs, None, v_slots, weights, 0, _W_X, 0, W_DT, -1.0, euler)
+    a, b = xs.clone(), vs.clone()
+    monkeypatch.setenv("MEANCACHE_BACKEND", backend)
+    out = ops.weighted_step(x, a, b, None, step, v_slots, weights, 0, _W_X, W_DT, out_scale=-1.0, euler=euler)
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.double(), xs_t, rtol=0, atol=0)
+    torch.testing.assert_close(b.double(), vs_t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_weighted_published_form_matches_skip_step(dtype, backend, monkeypatch):
+    # the published estimator through weighted_step against skip_step on the same backend (float32 rounding order
+    # apart: tests/test_weighted_step.py states the tolerance)
+    x, xs, vs, _ = _w_inputs((8, 4099), dtype, seed=25)
+    monkeypatch.setenv("MEANCACHE_BACKEND", backend)
+    a, b = xs.clone(), vs.clone()
+    published = ops.skip_step(x, a, b, 9, 4, *SIGMAS)
+    c, d = xs.clone(), vs.clone()
+    weighted = _w_call(backend, x, c, d, None, "published", monkeypatch)
+    torch.testing.assert_close(weighted, published, **TOL[dtype])
+    assert torch.equal(c, a)
+    torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-5)
+
+
+def _w_loop(x, xs, vs, vc, steps=8):
+    """A few weighted steps reading vc and the ring (published form once the window is there): graph material."""
+    for i in range(steps):
+        if i >= 4:
+            start, last = (i - 4) % xs.shape[0], (i - 1) % xs.shape[0]
+            x = ops.weighted_step(x, xs, vs, None, i, [start, last], [_W_START, _W_LAST], start, _W_X, W_DT)
+        else:
+            x = ops.weighted_step(x, xs, vs, vc, i, [0, 1, 2, 3], WEIGHTED_FORMS["e4-vc"][2], 0, 0.0, W_DT)
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_cuda_graph_replay(backend, monkeypatch):
+    monkeypatch.setenv("MEANCACHE_BACKEND", backend)
+    g = _generator(26)
+    static = [_rand(s, torch.float32, g) for s in ((2, 4096), (6, 2, 4096), (6, 2, 4096), (W_COMPUTED, 2, 4096))]
+    initial = [t.clone() for t in static]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (kernel compilation, SM count), as capture requires
+        _w_loop(*[t.clone() for t in static])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _w_loop(*static)
+    for _ in range(2):  # replays on fresh inputs equal eager runs on them, bit for bit
+        fresh = [torch.randn(t.shape, generator=g, device="cuda") for t in initial]
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = _w_loop(*[t.clone() for t in fresh])
+        assert torch.equal(static_out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_runs_on_the_current_stream(backend, monkeypatch):
+    # the inputs are written on a side stream behind a 25 ms spin: launched on any other stream, the op would read
+    # them (NaN) before they are written
+    src = _w_inputs((8, 4099), torch.bfloat16, seed=27)
+    expected = _w_call("torch", src[0], src[1].clone(), src[2].clone(), src[3], "e4-vs-latent", monkeypatch)
+    x, xs, vs, vc = (torch.full_like(t, float("nan")) for t in src)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        for dst, s in zip((x, xs, vs, vc), src):
+            dst.copy_(s)
+        out = _w_call(backend, x, xs, vs, vc, "e4-vs-latent", monkeypatch)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected, **TOL[torch.bfloat16])

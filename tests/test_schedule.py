@@ -64,7 +64,7 @@ def assert_valid(s: Schedule) -> None:
     assert len(ks) == len(st) - 1
     assert all(0 <= k <= MAX_ORDER for k in ks)
     assert all(k >= 1 for a, b, k in segments(s) if b - a > 1), "K=0 on a segment that skips steps"
-    assert Schedule(st, ks, n) == s
+    assert Schedule(st, ks, n, s.estimators) == s
 
 
 def random_schedule(rng: random.Random, max_steps: int = 60) -> Schedule:
@@ -464,8 +464,12 @@ def test_default_valid_for_every_budget(n):
         assert_valid(s)
         assert s.budget == budget and s.num_steps == n
         assert Schedule.default(budget, n) == s  # deterministic
-        # segments near the end that skip steps use a JVP window
-        for a, b, k in segments(s):
+        # the measured default estimator: predict of order 1 wherever a step is skipped
+        assert all((e, k) == ("predict", 1) for (a, b, k), e in zip(segments(s), s.estimators) if b - a > 1)
+        # the same steps with the published estimator: segments near the end that skip steps use a JVP window
+        published = Schedule.default(budget, n, "meancache")
+        assert published.compute_steps == s.compute_steps and published.published
+        for a, b, k in segments(published):
             if a / (n - 1) >= 0.85 and b - a > 1:
                 assert k >= 2, (budget, a, b, k)
         # at most 8 steps apart wherever the budget can span the steps with such segments
@@ -477,7 +481,7 @@ def test_default_valid_for_every_budget(n):
 @pytest.mark.parametrize("budget", [10, 13, 17, 20, 25], ids=lambda b: f"B{b}")
 def test_default_shape_at_50(budget):
     n = 50
-    s = Schedule.default(budget, n)
+    s = Schedule.default(budget, n, "meancache")
     segs = segments(s)
     lengths = [b - a for a, b, _ in segs]
     middle = [b - a for a, b, _ in segs if 0.2 <= a / (n - 1) < 0.85]
@@ -502,6 +506,20 @@ def test_default_longest_segment_at_most_8(budget):
 
 def test_default_docstring_example():
     assert Schedule.default(10, 50).compute_steps == (0, 2, 5, 7, 11, 19, 27, 35, 43, 49)
+
+
+def test_default_estimator_and_order_choices():
+    steps = Schedule.default(12, 40).compute_steps
+    for estimator, order, want in [("extrapolate", None, 1), ("predict", 2, 2), ("meancache", 3, 3)]:
+        s = Schedule.default(12, 40, estimator, order)
+        assert s.compute_steps == steps
+        assert {(e, k) for (a, b, k), e in zip(segments(s), s.estimators) if b - a > 1} == {(estimator, want)}
+    with pytest.raises(ValueError, match="estimator='jvp': must be one of meancache, extrapolate, predict"):
+        Schedule.default(12, 40, "jvp")
+    with pytest.raises(ValueError, match=r"order=4: the predict estimator takes an int in 1\.\.3"):
+        Schedule.default(12, 40, order=4)
+    with pytest.raises(ValueError, match=r"order=0: the meancache estimator takes an int in 1\.\.6"):
+        Schedule.default(12, 40, "meancache", 0)
 
 
 @pytest.mark.parametrize(

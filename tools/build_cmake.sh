@@ -76,7 +76,7 @@ import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])
-for name in ("_skip_step_cuda", "_compute_step_cuda", "_estimate_cuda"):
+for name in ("_skip_step_cuda", "_compute_step_cuda", "_estimate_cuda", "_weighted_step_cuda"):
     assert hasattr(torch.ops.meancache, name), name
 PY
 echo "build_cmake.sh: OK: $LIB and $BUILD_DIR/compile_commands.json ($(( $(date +%s) - start )) s)"

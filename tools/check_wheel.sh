@@ -109,7 +109,8 @@ venv = os.path.realpath(sys.argv[1])
 for module in (meancache, meancache._C):
     path = os.path.realpath(module.__file__)
     assert path.startswith(venv + os.sep), f"{module.__name__} imported from {path}, not from the fresh venv"
-missing = [n for n in ("_skip_step_cuda", "_compute_step_cuda", "_estimate_cuda") if not hasattr(torch.ops.meancache, n)]
+missing = [n for n in ("_skip_step_cuda", "_compute_step_cuda", "_estimate_cuda", "_weighted_step_cuda")
+           if not hasattr(torch.ops.meancache, n)]
 assert not missing, f"torch.ops.meancache lacks {missing}"
 print(f"check_wheel.sh: imported meancache {meancache.__version__} with torch {torch.__version__}; ops registered")
 PY

@@ -4,13 +4,17 @@
 // decisions of launch_elementwise (utils.cuh: vector path iff op.aligned(), grid size, tail) mirrored below. Each
 // case is compared bit for bit with a plain loop of the formulas: it checks indexing, the vector path's alignment
 // condition (op.aligned() against the offsets the case chose) and its scalar tail, the grid-stride loop (a 1-SM grid
-// forces several iterations), and aliased ring slots (slot_write == slot_start or slot_last). It says nothing about
-// device-only behaviour (FMA contraction, real 128-bit transactions, races); those need a GPU. It also checks
-// bytes_overlap, the range test behind the launchers' aliasing checks.
+// forces several iterations), and aliased ring slots (slot_write == slot_start or slot_last). The weighted step is
+// swept the same way over 1..4 terms read from vs or from a separate vc, with and without the latent term (its row
+// poisoned with NaN when the term is left out, which a read would carry into the result), the write row aliasing a
+// term's row and the latent row, and both outputs (Euler step, scaled estimate). It says nothing about device-only
+// behaviour (FMA contraction, real 128-bit transactions, races); those need a GPU. It also checks bytes_overlap, the
+// range test behind the launchers' aliasing checks.
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -179,6 +183,116 @@ void sweep() {
   }
 }
 
+// -- weighted_step (csrc/weighted_step.cu) ---------------------------------------------------------------------
+
+// Rows one weighted step reads and writes: ring capacity C, rows D of vc (0: no vc, the terms read vs), the terms'
+// slots, the latent row and whether the latent term is there, and the row written.
+struct WCase { int64_t C, D; int n_terms; int64_t slots[4]; int64_t x_slot; bool has_x; int64_t write; };
+
+template <typename T, typename O, bool kEuler>
+void run_weighted_case(int64_t n, const WCase& c, int x_off, int ring_off, int vc_off, int out_off) {
+  ++cases;
+  Buf<T> x(n, x_off);
+  Buf<float> xs(c.C * n, ring_off), vs(c.C * n, ring_off), vc(c.D * n, vc_off);
+  Buf<O> out(n, out_off);
+  for (int64_t e = 0; e < n; ++e) x.p[e] = static_cast<T>(rnd());
+  for (int64_t e = 0; e < c.C * n; ++e) { xs.p[e] = rnd(); vs.p[e] = rnd(); }
+  for (int64_t e = 0; e < c.D * n; ++e) vc.p[e] = rnd();
+  // Without the latent term its row must not be read: NaN there would reach v_hat (0 * NaN is NaN).
+  if (!c.has_x)
+    for (int64_t e = 0; e < n; ++e) xs.p[c.x_slot * n + e] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t e = 0; e < n; ++e) out.p[e] = static_cast<O>(kSentinel);
+  std::vector<float> xs0(xs.p, xs.p + c.C * n), vs0(vs.p, vs.p + c.C * n);
+  const float* v_src = c.D > 0 ? vc.p : vs.p;  // V as the kernel reads it
+  std::vector<float> v0(v_src, v_src + (c.D > 0 ? c.D : c.C) * n);
+  const float w[4] = {0.75f, -1.3f, 2.1f, -0.55f};
+  const float x_weight = c.has_x ? -3.7f : 0.f, dt = -0.05f, scale = -1.f;
+
+  // Expected values: the formula of csrc/weighted_step.cu (and meancache/reference.py), element by element.
+  std::vector<float> exs = xs0, evs = vs0;
+  std::vector<O> eout(n);
+  for (int64_t e = 0; e < n; ++e) {
+    const float xi = static_cast<float>(x.p[e]);
+    float vh = v0[c.slots[0] * n + e] * w[0];
+    for (int t = 1; t < c.n_terms; ++t) vh = vh + v0[c.slots[t] * n + e] * w[t];
+    if (c.has_x) vh = vh + (xi - xs0[c.x_slot * n + e]) * x_weight;
+    exs[c.write * n + e] = xi; evs[c.write * n + e] = vh;
+    eout[e] = kEuler ? static_cast<O>(xi + dt * vh) : static_cast<O>(vh * scale);
+  }
+
+  // The vector path needs every row the kernel touches aligned: x, out, the written rows, each term's row and the
+  // latent row when it is read (an unread row does not count).
+  auto aligned_at = [](int64_t elems, size_t size) { return elems * (int64_t)size % kVecBytes == 0; };
+  const int v_base_off = c.D > 0 ? vc_off : ring_off;
+  bool want_vec = aligned_at(x_off, sizeof(T)) && aligned_at(out_off, sizeof(O)) &&
+                  aligned_at(ring_off + c.write * n, sizeof(float));
+  for (int t = 0; t < c.n_terms; ++t) want_vec = want_vec && aligned_at(v_base_off + c.slots[t] * n, sizeof(float));
+  if (c.has_x) want_vec = want_vec && aligned_at(ring_off + c.x_slot * n, sizeof(float));
+
+  // The operands as weighted_step_cuda builds them.
+  WeightedRows r{};
+  for (int t = 0; t < c.n_terms; ++t) { r.v_rows[t] = v_src + c.slots[t] * n; r.w[t] = w[t]; }
+  r.n_terms = c.n_terms;
+  r.xs_x = c.has_x ? xs.p + c.x_slot * n : nullptr;
+  r.x_weight = x_weight;
+  r.xs_write = xs.p + c.write * n;
+  r.vs_write = vs.p + c.write * n;
+  r.dt = dt;
+  r.out_scale = scale;
+  const WeightedStepOp<T, O, kEuler> op{x.p, out.p, n, r};
+  const bool aligned = op.aligned();
+  EXPECT(aligned == want_vec, "weighted euler=%d x=%s o=%s n=%lld C=%lld D=%lld terms=%d write=%lld off=(%d,%d,%d,%d): "
+         "aligned() is %d, expected %d", kEuler, tname<T>(), tname<O>(), (long long)n, (long long)c.C,
+         (long long)c.D, c.n_terms, (long long)c.write, x_off, ring_off, vc_off, out_off, aligned, want_vec);
+  if (aligned != want_vec) return;
+  vec_cases += emulate_launch(op);
+
+  int64_t bad = 0, first = -1;
+  for (int64_t e = 0; e < c.C * n; ++e)
+    if (!same_bits(xs.p[e], exs[e]) || !same_bits(vs.p[e], evs[e])) { if (first < 0) first = e; ++bad; }
+  for (int64_t e = 0; e < n; ++e)
+    if (!same_bits(out.p[e], eout[e])) { if (first < 0) first = c.C * n + e; ++bad; }
+  for (int64_t e = 0; e < c.D * n; ++e)  // vc is read only
+    if (!same_bits(vc.p[e], v0[e])) { if (first < 0) first = c.C * n + n + e; ++bad; }
+  EXPECT(bad == 0, "weighted euler=%d x=%s o=%s n=%lld C=%lld D=%lld terms=%d x_slot=%lld has_x=%d write=%lld "
+         "off=(%d,%d,%d,%d) vec=%d sm=%d: %lld mismatches, first at %lld", kEuler, tname<T>(), tname<O>(),
+         (long long)n, (long long)c.C, (long long)c.D, c.n_terms, (long long)c.x_slot, c.has_x, (long long)c.write,
+         x_off, ring_off, vc_off, out_off, want_vec, g_sm, (long long)bad, (long long)first);
+}
+
+template <typename T, typename O, bool kEuler>
+void sweep_weighted() {
+  const int64_t ns[] = {1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 31, 32, 33, 255, 256, 257, 1000, 1001, 2048, 4101,
+                        16384 + 7, 70000};
+  // 1..4 terms from vs and from vc, with and without the latent term, and the written row aliasing a term's row or
+  // the latent row (vs only: vc is never written, and the launchers refuse a vc over the written row).
+  const WCase configs[] = {
+      {1, 0, 1, {0}, 0, true, 0},            // C = 1: the term, the latent row and the written row are one row
+      {3, 0, 2, {0, 2}, 0, true, 0},         // the published form on a full ring: write == window start == x_slot
+      {3, 0, 2, {1, 2}, 1, true, 2},         // write == the newest entry's row
+      {6, 0, 3, {5, 4, 3}, 0, false, 3},     // no latent term (xs[0] is NaN), write == a term's row
+      {6, 0, 4, {0, 1, 2, 3}, 3, true, 3},   // 4 terms from vs, write == the last term's row and x_slot
+      {6, 0, 2, {0, 4}, 1, true, 4},         // the latent row apart from every other row (its alignment counts)
+      {6, 6, 1, {5}, 2, false, 0},           // vc: 1 term, no latent term (xs[2] is NaN)
+      {3, 2, 2, {0, 1}, 2, false, 1},        // vc: 2 terms, no latent term
+      {1, 3, 3, {0, 1, 2}, 0, true, 0},      // vc: 3 terms, C = 1 (x_slot == write)
+      {2, 4, 4, {3, 2, 1, 0}, 1, true, 1},   // vc: 4 terms in reverse row order, x_slot == write
+      {4, 1, 1, {0}, 3, true, 0},            // vc: 1 term, the latent row apart from the written one
+  };
+  // Misalignment offsets in elements of (x, ring base, vc base, out): each one alone forces the scalar path;
+  // {0,4,0,0}, {0,0,4,0} and {8,4,4,8} keep the bases aligned (rows then depend on n). The vc offsets only where
+  // there is a vc.
+  const int offs[][4] = {{0, 0, 0, 0}, {1, 0, 0, 0}, {0, 1, 0, 0}, {0, 0, 1, 0}, {0, 0, 0, 1}, {0, 4, 0, 0},
+                         {0, 0, 4, 0}, {8, 4, 4, 8}};
+  for (int sm : {1, 132}) {
+    g_sm = sm;
+    for (int64_t n : ns)
+      for (const auto& c : configs)
+        for (const auto& o : offs)
+          if (c.D > 0 || o[2] == 0) run_weighted_case<T, O, kEuler>(n, c, o[0], o[1], o[2], o[3]);
+  }
+}
+
 // bytes_overlap (utils.cuh) decides the host launchers' aliasing checks (x or v against the ring row being written,
 // xs against vs); the launchers themselves need tensors and a GPU, so the range test is checked here on its own.
 void check_bytes_overlap() {
@@ -213,6 +327,10 @@ int main() {
   sweep<2, float, float, float>(); sweep<2, float, float, H>(); sweep<2, float, float, B>();
   sweep<2, H, H, float>(); sweep<2, H, H, H>(); sweep<2, H, H, B>();
   sweep<2, B, B, float>(); sweep<2, B, B, H>(); sweep<2, B, B, B>();
+  sweep_weighted<float, float, true>(); sweep_weighted<H, H, true>(); sweep_weighted<B, B, true>();
+  sweep_weighted<float, float, false>(); sweep_weighted<float, H, false>(); sweep_weighted<float, B, false>();
+  sweep_weighted<H, float, false>(); sweep_weighted<H, H, false>(); sweep_weighted<H, B, false>();
+  sweep_weighted<B, float, false>(); sweep_weighted<B, H, false>(); sweep_weighted<B, B, false>();
   printf("%d cases (%d on the vector path), %d failures\n", cases, vec_cases, failures);
   return failures != 0;
 }

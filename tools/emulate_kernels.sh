@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and run tools/emulate_kernels.cpp: the CUDA kernels of csrc/ run on the CPU, every grid thread in turn,
 # compared bit for bit with a plain loop (see the comment at the top of the .cpp). Needs g++ and the torch and CUDA
-# headers, no GPU. About half a minute on 2 cores.
+# headers, no GPU. About a minute on 2 cores.
 #
 # Environment: PYTHON (default .venv/bin/python; its torch provides headers and libc10), CXX (default g++),
 # CUDA_HOME (default /usr/local/cuda; only its headers are used, for uint4).
@@ -25,7 +25,7 @@ trap 'rm -rf "$TMP"' EXIT
 import pathlib
 import sys
 
-names = ("skip_step", "compute_step", "estimate")
+names = ("skip_step", "compute_step", "estimate", "weighted_step")
 found = sorted(p.stem for p in pathlib.Path("csrc").glob("*.cu"))
 if found != sorted(names):
     sys.exit(f"emulate_kernels.sh: csrc/*.cu is {found}, the emulation covers {sorted(names)}: update both scripts")

@@ -11,10 +11,10 @@ one stage still leaves the others' results):
                   torch's JIT builder (tools/gpu_checks/build_jit.py); if that fails too, the reason is recorded
                   and the run goes on with Triton and the reference.
   correctness     pytest: every op x backend (cuda, triton, torch) against the reference on the GPU
-                  (tests/test_gpu_kernels.py, tests/test_ops.py, tests/test_backend.py, the GPU tests of
-                  tests/test_compile.py): fp16/bf16/fp32/fp64, bench shapes, tails, misaligned storage,
-                  non-contiguous inputs, aliased ring slots, a 50-step loop in a CUDA graph, a side stream,
-                  torch.compile(fullgraph=True) of a loop.
+                  (tests/test_gpu_kernels.py, tests/test_ops.py, tests/test_weighted_step.py,
+                  tests/test_backend.py, the GPU tests of tests/test_compile.py): fp16/bf16/fp32/fp64, bench
+                  shapes, tails, misaligned storage, non-contiguous inputs, aliased ring slots, a 50-step loop in a
+                  CUDA graph, a side stream, torch.compile(fullgraph=True) of a loop.
   sanitizer       compute-sanitizer --tool memcheck over tools/gpu_checks/sanitize_ops.py (each CUDA op once).
   bench-headline  bench/bench_ops.py for skip_step on the 720p video latent, bf16: every provider.
   e2e             FLUX.1 transformer at real size, random weights, bf16, 1024x1024, 50 steps: full vs B = 10/17/25
@@ -75,13 +75,17 @@ BENCH_CASE_TIMEOUT_S = 180
 # One pytest run each, with a junit report each: a run killed at the stage timeout loses its own results only.
 CORRECTNESS_RUNS = {
     "gpu-kernels": ("tests/test_gpu_kernels.py",),
-    "ops": ("tests/test_ops.py",),
+    "ops": ("tests/test_ops.py", "tests/test_weighted_step.py"),
     "backend-compile": ("tests/test_backend.py",
                         "tests/test_compile.py::test_cuda_graph_capture_and_replay_of_a_sampling_loop",
                         "tests/test_compile.py::test_non_default_stream"),
 }
 BENCH_FILE = "bench/bench_ops.py"
-BENCH_OPS = ("skip_step", "compute_step", "estimate")
+# Each op id of bench/bench_ops.py, one pytest run each (`-k op`): no id may be a substring of another, or one run
+# would also select the other's cases. The weighted_step rows are split three ways (published weights, 2- and
+# 4-term extrapolation) for the same reason.
+BENCH_OPS = ("skip_step", "compute_step", "estimate", "weighted_step_published", "weighted_step_e2",
+             "weighted_step_e4")
 PROVIDERS = ("torch_ref", "torch_compile", "triton", "cuda")
 HEADLINE = {"op": "skip_step", "shape": "video-720p", "dtype": "bf16"}
 # pytest ids of the headline cases: run by id, and left out of the per-op runs of stage `bench` with --deselect

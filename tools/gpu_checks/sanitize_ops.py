@@ -5,13 +5,17 @@ a scalar tail, the scalar path of a misaligned latent or ring, a grid-stride loo
 the grid covers), a ring whose write slot is the window start, and a single element. Every result is compared with
 the pure-torch reference, so a run that the sanitizer passes is also a correct one. Inputs are random, never zeros.
 
+``weighted_step`` runs twice: with the published estimator as weights (2 terms read from the ring plus the latent
+term, the Euler step) and with 4 terms read from a separate stack of computed velocities, no latent term (its ring
+row unread) and the scaled estimate as output.
+
 With ``--device cpu`` the small cases run on the reference backend (the two grid-stride cases, sized for a GPU, are
 left out): the CPU dry run uses that to keep this script working without a GPU.
 
 Example (on a GPU machine, from the repository root):
     $ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 97 \\
           python tools/gpu_checks/sanitize_ops.py --backends cuda
-    sanitize_ops: cuda: 45 cases, 0 mismatches
+    sanitize_ops: cuda: 105 cases, 0 mismatches
 """
 
 from __future__ import annotations
@@ -27,10 +31,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from meancache import ops  # noqa: E402
+from meancache.estimators import meancache_weights  # noqa: E402
+from meancache.reference import step_scalars  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 SIGMAS = (0.92, 0.71, 0.66)
+OPS = ("skip_step", "compute_step", "estimate", "weighted_step", "weighted_step_vc")
+# the 4-term weights of weighted_step_vc (a cubic's, summing to 1) and its stack of computed velocities
+VC_WEIGHTS = [-0.24, 1.13, -2.61, 2.72]
+VC_ROWS = 4
 CPU_MAX_NUMEL = 100_000
 # name: (latent shape, storage offset of x and of the ring in elements, ring capacity, step, k)
 CASES = {
@@ -66,6 +76,7 @@ def run_case(op: str, name: str, dtype: torch.dtype, device: str, backend: str) 
     v = _tensor(shape, dtype, device, offset, g)
     xs = _tensor((capacity, *shape), torch.float32, device, ring_offset, g)
     vs = _tensor((capacity, *shape), torch.float32, device, ring_offset, g)
+    vc = _tensor((VC_ROWS, *shape), torch.float32, device, offset, g)
     results = []
     for which in (backend, "torch"):
         os.environ["MEANCACHE_BACKEND"] = which
@@ -77,8 +88,16 @@ def run_case(op: str, name: str, dtype: torch.dtype, device: str, backend: str) 
             out = ops.skip_step(x, a, b, step, k, *SIGMAS)
         elif op == "compute_step":
             out = ops.compute_step(x, v, a, b, step, SIGMAS[1], SIGMAS[2])
-        else:
+        elif op == "estimate":
             out = ops.estimate(x, a, b, step, k, *SIGMAS, out_scale=-1.0)
+        elif op == "weighted_step":  # the published estimator as weights: what skip_step computes
+            start, last = (step - k) % capacity, (step - 1) % capacity
+            inv_d, dt = step_scalars(*SIGMAS)
+            w_start, w_last, x_weight = meancache_weights(inv_d, dt)
+            out = ops.weighted_step(x, a, b, None, step, [start, last], [w_start, w_last], start, x_weight, dt)
+        else:  # 4 terms from vc in reverse order, no latent term, the scaled estimate in float32
+            out = ops.weighted_step(x, a, b, vc, step, [3, 2, 1, 0], VC_WEIGHTS, (step + 1) % capacity, 0.0,
+                                    SIGMAS[2] - SIGMAS[1], out_scale=-1.0, out_dtype=torch.float32, euler=False)
         results.append((out.float(), a, b))
     os.environ.pop("MEANCACHE_BACKEND", None)
     (out, a, b), (ref, ra, rb) = results
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for backend in backends:
         cases = mismatches = 0
-        for op in ("skip_step", "compute_step", "estimate"):
+        for op in OPS:
             for dtype in DTYPES.values():
                 for name, (shape, *_) in CASES.items():
                     if args.device == "cpu" and _numel(shape) > CPU_MAX_NUMEL:
