@@ -25,3 +25,14 @@ def truth(op, x, v, xs, vs, step=9, k=4, math_dtype=torch.float64):
     v_hat = vsd[last] - (vsd[start] - (xd - xsd[start]) * inv_d) * inv_d * dt
     xsd[write], vsd[write] = xd, v_hat
     return (xd + dt * v_hat if op == "skip_step" else -v_hat), xsd, vsd
+
+
+def random_latent(shape, dtype, device, g: torch.Generator, strided: bool = False) -> torch.Tensor:
+    """A random latent from ``g``: contiguous, or (``strided``) a slice of a wider tensor, not contiguous, as a
+    caller's view of packed latents would be."""
+    if strided:
+        wide = torch.randn(*shape[:-1], shape[-1] + 5, generator=g).to(dtype=dtype, device=device)
+        x = wide[..., 2 : 2 + shape[-1]]
+        assert not x.is_contiguous()
+        return x
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_truth import random_latent
 from op_truth import SIGMAS
 from op_truth import truth as formula
 
@@ -53,13 +54,7 @@ def _device(backend):
 
 def _inputs(shape, dtype, device, capacity=6, seed=0, strided=False):
     g = torch.Generator().manual_seed(seed)
-    if strided:
-        # a slice of a wider tensor: not contiguous, as a caller's view of packed latents would be
-        wide = torch.randn(*shape[:-1], shape[-1] + 5, generator=g).to(dtype=dtype, device=device)
-        x = wide[..., 2 : 2 + shape[-1]]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+    x = random_latent(shape, dtype, device, g, strided)
     xs = torch.randn((capacity, *shape), generator=g).to(device)
     vs = torch.randn((capacity, *shape), generator=g).to(device)
     v = torch.randn(shape, generator=g).to(dtype=torch.bfloat16 if dtype == torch.float32 else torch.float32,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_truth import random_latent
 from op_truth import SIGMAS
 from op_truth import truth as formula
 from test_ops import BACKENDS
@@ -62,12 +63,7 @@ X_SLOT = 4  # the latent term's row: read by no velocity term and not the writte
 def _inputs(shape, dtype, device, seed=0, capacity=CAPACITY, strided=False, math=torch.float32):
     """``(x, xs, vs, vc)``: random latent (optionally a non-contiguous view), ring and computed-velocity stack."""
     g = torch.Generator().manual_seed(seed)
-    if strided:
-        wide = torch.randn(*shape[:-1], shape[-1] + 5, generator=g).to(dtype=dtype, device=device)
-        x = wide[..., 2 : 2 + shape[-1]]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+    x = random_latent(shape, dtype, device, g, strided)
     xs = torch.randn((capacity, *shape), generator=g).to(device=device, dtype=math)
     vs = torch.randn((capacity, *shape), generator=g).to(device=device, dtype=math)
     vc = torch.randn((COMPUTED, *shape), generator=g).to(device=device, dtype=math)

@@ -60,3 +60,16 @@ def check_launch(fn: str, x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor, v
     for name, slot in slots.items():
         if not 0 <= slot < xs.shape[0]:
             raise ValueError(f"{fn}: {name}={slot}: must be in 0..{xs.shape[0] - 1} (xs.shape[0]={xs.shape[0]})")
+
+
+@triton.jit
+def log_and_output(xs_ptr, vs_ptr, out_ptr, write, offs, mask, x, v_hat, dt, out_scale, EULER: tl.constexpr,
+                   RNE_BF16: tl.constexpr):
+    """The common end of the skipped-step kernels: log ``(x, v_hat)`` in ring row ``write`` (an int64 element
+    offset), then store the Euler step ``x + dt * v_hat`` (EULER) or the estimate ``v_hat * out_scale``."""
+    tl.store(xs_ptr + write + offs, x, mask=mask)
+    tl.store(vs_ptr + write + offs, v_hat, mask=mask)
+    if EULER:
+        tl.store(out_ptr + offs, cast_out(x + dt * v_hat, out_ptr, RNE_BF16), mask=mask)
+    else:
+        tl.store(out_ptr + offs, cast_out(v_hat * out_scale, out_ptr, RNE_BF16), mask=mask)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ._common import BLOCK
 from ._common import NUM_WARPS
-from ._common import cast_out
+from ._common import log_and_output
 from ._common import check_launch
 from ._common import grid
 from ._common import round_bf16_by_hand
@@ -39,12 +39,7 @@ def _estimator_kernel(x_ptr, xs_ptr, vs_ptr, out_ptr, n, slot_start, slot_last, 
     jvp = (v0 - avg) * inv_d
     v_hat = v_last - jvp * dt
     # every input of this element is in registers before the write, so slot_write may alias slot_start/slot_last
-    tl.store(xs_ptr + write + offs, x, mask=mask)
-    tl.store(vs_ptr + write + offs, v_hat, mask=mask)
-    if EULER:
-        tl.store(out_ptr + offs, cast_out(x + dt * v_hat, out_ptr, RNE_BF16), mask=mask)
-    else:
-        tl.store(out_ptr + offs, cast_out(v_hat * out_scale, out_ptr, RNE_BF16), mask=mask)
+    log_and_output(xs_ptr, vs_ptr, out_ptr, write, offs, mask, x, v_hat, dt, out_scale, EULER, RNE_BF16)
 
 
 def launch_estimator(x, xs, vs, slot_start, slot_last, slot_write, inv_d, dt, out_scale, out_dtype, euler):

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._common import BLOCK
 from ._common import NUM_WARPS
-from ._common import cast_out
+from ._common import log_and_output
 from ._common import check_launch
 from ._common import grid
 from ._common import round_bf16_by_hand
@@ -48,13 +48,8 @@ def _weighted_step_kernel(x_ptr, xs_ptr, vs_ptr, v_ptr, out_ptr, n, s0, s1, s2, 
         x_old = tl.load(xs_ptr + x_slot.to(tl.int64) * n + offs, mask=mask)
         v_hat = v_hat + (x - x_old) * x_weight
     # every input of this element is in registers before the writes, so slot_write may be a row read above
-    write = slot_write.to(tl.int64) * n
-    tl.store(xs_ptr + write + offs, x, mask=mask)
-    tl.store(vs_ptr + write + offs, v_hat, mask=mask)
-    if EULER:
-        tl.store(out_ptr + offs, cast_out(x + dt * v_hat, out_ptr, RNE_BF16), mask=mask)
-    else:
-        tl.store(out_ptr + offs, cast_out(v_hat * out_scale, out_ptr, RNE_BF16), mask=mask)
+    log_and_output(xs_ptr, vs_ptr, out_ptr, slot_write.to(tl.int64) * n, offs, mask, x, v_hat, dt, out_scale, EULER,
+                   RNE_BF16)
 
 
 def _check_terms(x: torch.Tensor, vs: torch.Tensor, vc: torch.Tensor | None, v_slots: list[int],
