@@ -162,7 +162,7 @@ def preset_document(schedules: list[Schedule], name: str = PRESET_NAME) -> dict:
     version 1 when every segment uses the published estimator, else version 2 with each table's ``estimators``.
 
     >>> from meancache import Schedule
-    >>> doc = preset_document([Schedule.default(4, 10)])
+    >>> doc = preset_document([Schedule.default(4, 10, "meancache")])
     >>> doc["name"], doc["version"], doc["num_steps"], list(doc["schedules"])
     ('digits', 1, 10, ['4'])
     >>> preset_document([Schedule([0, 3, 4], [1, 0], 5, ["predict", "meancache"])], "x")["schedules"]["3"]
