@@ -1,20 +1,31 @@
-"""``make demo``: MeanCache on the embedded digits model, side by side with diffusers' own caches.
+"""``make demo``: MeanCache on the embedded digits model, side by side with fewer-step solvers and diffusers' caches.
 
 One fixed batch of digits (sample j asks for digit ``j % 10`` and starts from noise seed j) goes through every
 method in the same run, on the same inputs:
 
 * the full 50-step sampler (the reference of PSNR and SSIM);
-* at each budget B (10, 17, 25 evaluations): MeanCache with the calibrated ``digits`` preset (a live calibration on
-  separate seeds when the step count or budget has no preset), plain reuse (the same compute steps, K = 1), B
-  uniform Euler steps, and diffusers' ``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig`` and ``MagCacheConfig``
-  tuned to about B full evaluations (:mod:`meancache.examples.peer_caches`).
+* at each budget B (6, 10, 17, 25 full evaluations):
+
+  - ``MeanCache (calibrated)``: the joint calibration, where each segment uses the published estimator (window K),
+    ``extrapolate`` (the polynomial through the last p + 1 computed velocities, averaged over the step) or
+    ``predict`` (the same polynomial at the step's start), p = 1..3: the ``digits-joint`` preset where it is
+    shipped, else :func:`meancache.calibrate` with its default estimators now, on the calibration seeds 10000+;
+  - ``MeanCache (published)``: the published estimator alone on calibrated steps (the shipped ``digits`` preset;
+    B = 6, which it lacks, calibrated now with ``estimators=("meancache",)``), so the gain of the joint search
+    shows;
+  - ``plain reuse``: the published row's compute steps with K = 1 (reuse of the last computed velocity);
+  - ``Euler`` and ``AB2``: B uniform steps of the pipeline's own grid, Euler or variable-step Adams-Bashforth 2
+    (:func:`ab2_scheduler`);
+  - diffusers' ``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig`` and ``MagCacheConfig`` tuned to about B full
+    evaluations (:mod:`meancache.examples.peer_caches`; a row's note says when a peer's settings cannot reach B).
 
 It prints one table (full evaluations, wall time, speedup, PSNR and SSIM against the full run, class accuracy by an
-independent classifier) and writes ``demo.png``: one row per method, the same seeds in every column. Run
-``python -m meancache.examples.demo --help`` for options.
+independent classifier), each row's schedule or setting, and writes ``demo.png`` (:func:`save_figure`): PSNR
+against full evaluations, one line per method, above the samples of the most aggressive budget, each method's row
+followed by its amplified difference from the full run. Run ``python -m meancache.examples.demo --help`` for options.
 
 **Wall times.** Every method is set up first (schedules, the peers' tuning runs), then one untimed warm-up run, then
-``--repeats`` rounds (3 by default), each running every row once in table order (:func:`time_interleaved`), so a
+``--repeats`` rounds (2 by default), each running every row once in table order (:func:`time_interleaved`), so a
 burst of load from another process hits all rows alike instead of one. A row's wall time is its best (fastest)
 round: other processes only ever slow a run down, so the best round is the nearest to the time on a quiet machine.
 The median and the worst round are printed beside it as the spread. Speedups are the full run's best over the
@@ -32,6 +43,7 @@ other process paused. The probe catches a busy machine at the start; load that s
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -48,18 +60,34 @@ import torch
 
 from ..api import accelerate
 from ..api import disable
+from ..calibrate import calibrate
+from ..schedule import DEFAULT_MAX_SEGMENT
+from ..schedule import Schedule
+from ..schedule import preset_names
 from .image_metrics import mean_psnr
 from .image_metrics import psnr
 from .image_metrics import ssim
 from .peer_caches import count_evaluations
-from ..schedule import Schedule
-from ..schedule import preset_names
 
 __all__ = [
-    "DemoRow", "format_table", "main", "pick_threads", "run_demo", "save_grid", "time_interleaved", "timing_note",
+    "DemoRow", "ab2_scheduler", "format_notes", "format_table", "main", "pick_threads", "run_demo", "save_figure",
+    "time_interleaved", "timing_note",
 ]
 
-DEFAULT_BUDGETS = (10, 17, 25)
+#: Full evaluations compared in ``make demo``; 6 of 50 is where the methods separate most.
+DEFAULT_BUDGETS = (6, 10, 17, 25)
+#: Timed rounds of ``make demo`` (``--repeats``); 2 keeps the 33 rows under two minutes on two cores.
+DEFAULT_REPEATS = 2
+#: The preset of the joint calibration (both estimators), shipped by the lead when measured.
+JOINT_PRESET = "digits-joint"
+CALIBRATED = "MeanCache (calibrated)"
+PUBLISHED = "MeanCache (published)"
+#: Row names per budget, in table order (the last three only with the peers).
+METHODS = (CALIBRATED, PUBLISHED, "plain reuse", "Euler", "AB2", "FirstBlockCache", "TaylorSeer", "MagCache")
+#: Samples per row of the picture: one of each digit.
+DEFAULT_COLUMNS = 10
+#: Factor on |method - full| in the picture's difference maps (pixel values in [0, 1], clipped at 1).
+DIFF_GAIN = 8.0
 PROBE_STEPS = 4  # sampler steps of one run of the ``--threads auto`` probe
 
 
@@ -188,13 +216,17 @@ def pick_threads(
 
 @dataclass
 class _Method:
-    """One row to time: ``steps`` sampler steps with ``setup`` (a cache switched on around the run) in effect."""
+    """One row to time: ``steps`` sampler steps with ``setup`` (a cache switched on around the run) in effect.
+
+    ``peer`` marks a diffusers cache, whose evaluation count is only as close to ``budget`` as its knobs allow.
+    """
 
     name: str
     budget: int | None
     steps: int
     note: str = ""
     setup: Callable = nullcontext
+    peer: bool = False
 
 
 @contextmanager
@@ -215,18 +247,145 @@ def _diffusers_cache(pipe, config):
         pipe.transformer.disable_cache()
 
 
-def _schedules(pipe, budgets, steps: int, guidance: float) -> tuple[dict, str]:
-    """Calibrated schedules per budget: the shipped ``digits`` preset, or a live calibration on other seeds."""
+@contextmanager
+def _scheduler(pipe, scheduler):
+    """``pipe.scheduler`` replaced by ``scheduler`` for the duration (the AB2 rows), the original put back after."""
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+@functools.lru_cache(maxsize=None)
+def _ab2_class():
+    # built on first use: diffusers is optional for ``import meancache`` and for this module's import
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+    class AB2FlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+        """``FlowMatchEulerDiscreteScheduler`` whose ``step`` is variable-step Adams-Bashforth 2 (first step Euler)."""
+
+        _ab2_last = None  # (velocity, step size) of the previous step of this run, float32
+
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            self._ab2_last = None  # every pipeline call sets its timesteps: a new run starts with an Euler step
+
+        def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            i = self.step_index
+            h = self.sigmas[i + 1] - self.sigmas[i]
+            # the same float32 arithmetic as the Euler step it replaces, so the first step is bit-identical to it
+            v = model_output.to(torch.float32)
+            slope = v
+            if self._ab2_last is not None:
+                v_last, h_last = self._ab2_last
+                # the velocity's linear trend through the last two steps, extrapolated to this step's midpoint
+                slope = v + (h / (2 * h_last)) * (v - v_last)
+            prev = (sample.to(torch.float32) + h * slope).to(model_output.dtype)
+            self._ab2_last = (v, h)
+            self._step_index += 1
+            return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    return AB2FlowMatchScheduler
+
+
+def ab2_scheduler(scheduler):
+    """An Adams-Bashforth 2 twin of a diffusers ``FlowMatchEulerDiscreteScheduler`` (same config, same grid).
+
+    Its ``step`` takes ``x_{i+1} = x_i + h_i (v_i + (h_i / (2 h_{i-1})) (v_i - v_{i-1}))`` with ``h_i = sigma_{i+1}
+    - sigma_i`` (variable steps; the first step of each run is Euler), one model evaluation per step, in float32
+    like the Euler step it replaces; latents keep the model's dtype. Put it in ``pipe.scheduler`` and call the
+    pipeline with ``num_inference_steps=B``: B evaluations on the pipeline's own B-step grid.
+
+    Args:
+        scheduler: the pipeline's ``FlowMatchEulerDiscreteScheduler`` (only its config is read; it is not changed).
+            The deterministic Euler path only: ``stochastic_sampling`` and ``per_token_timesteps`` are not supported.
+
+    Returns:
+        A new scheduler (a ``FlowMatchEulerDiscreteScheduler`` subclass) with the same config; ``step`` takes and
+        returns latents of any shape, e.g. ``(B, 16, 4)`` on the digits model.
+
+    Example::
+
+        >>> from meancache.examples.digits import load_pipeline
+        >>> from meancache.examples.digits.model import sample_noise
+        >>> pipe = load_pipeline(); pipe.set_progress_bar_config(disable=True)
+        >>> euler = pipe([1, 2], num_inference_steps=1, latents=sample_noise([0, 1]), output_type="latent").images
+        >>> pipe.scheduler = ab2_scheduler(pipe.scheduler)
+        >>> ab2 = pipe([1, 2], num_inference_steps=1, latents=sample_noise([0, 1]), output_type="latent").images
+        >>> torch.equal(ab2, euler)  # one step: AB2's first step is Euler's
+        True
+    """
+    return _ab2_class().from_config(scheduler.config)
+
+
+def _max_segment(budget: int, steps: int) -> int:
+    """Longest segment :func:`meancache.calibrate` must allow for ``budget`` computes to span ``steps`` steps: the
+    default 8, more where fewer segments cannot reach the last step otherwise (6 of 50 needs 10).
+
+    >>> _max_segment(10, 50), _max_segment(6, 50)
+    (8, 10)
+    """
+    return max(DEFAULT_MAX_SEGMENT, math.ceil((steps - 1) / (budget - 1)))
+
+
+def _calibrated(recording, budgets, **kwargs) -> dict:
+    """``{budget: Schedule}`` from :func:`meancache.calibrate` on ``recording``, one search per longest segment."""
+    groups: dict[int, list[int]] = {}
+    for b in budgets:
+        groups.setdefault(_max_segment(b, recording.num_steps), []).append(b)
+    found = {}
+    for max_len, group in groups.items():
+        found.update(zip(group, calibrate(recording, budget=group, max_len=max_len, **kwargs)))
+    return found
+
+
+def _schedules(pipe, budgets, steps: int, guidance: float) -> tuple[dict, str, dict, str]:
+    """``(joint, joint origin, published, published origin)``: the two calibrated MeanCache schedules per budget.
+
+    Each comes from its shipped preset where that has the budget (at the preset's 50 steps): ``digits-joint`` for
+    the joint search, ``digits`` for the published estimator. A budget without one is calibrated now, on the
+    calibration seeds (10000+, never the demo's), from one recording shared by both.
+    """
     from .digits.calibration import PRESET_NAME
     from .digits.calibration import PRESET_STEPS
-    from .digits.calibration import calibrate_digits
+    from .digits.calibration import calibration_recording
 
-    shipped = preset_names().get(PRESET_NAME, [])
-    if steps == PRESET_STEPS and all(b in shipped for b in budgets):
-        return {b: Schedule.preset(PRESET_NAME, b, num_steps=steps) for b in budgets}, "shipped digits preset"
-    # run_demo has checked every budget is below the step count
-    found = calibrate_digits(pipe, budgets, num_steps=steps, guidance_scale=guidance)
-    return dict(zip(budgets, found)), "calibrated now on seeds 10000+"
+    shipped = preset_names()
+    recording = []  # recorded on first need, at most once
+
+    def rec():
+        if not recording:
+            recording.append(calibration_recording(pipe, num_steps=steps, guidance_scale=guidance))
+        return recording[0]
+
+    def pick(preset: str, **search) -> tuple[dict, str]:
+        have = shipped.get(preset, []) if steps == PRESET_STEPS else []
+        found = {b: Schedule.preset(preset, b, num_steps=steps) for b in budgets if b in have}
+        missing = [b for b in budgets if b not in found]
+        if missing:
+            found.update(_calibrated(rec(), missing, **search))
+        parts = []
+        if len(missing) < len(budgets):
+            parts.append(f"{preset} preset" + (f" (B={', '.join(str(b) for b in budgets if b in have)})"
+                                                 if missing else ""))
+        if missing:
+            parts.append(f"calibrated now on seeds 10000+ (B={', '.join(map(str, missing))})")
+        return found, "; ".join(parts)
+
+    joint, joint_origin = pick(JOINT_PRESET)  # calibrate's default: both estimators
+    published, published_origin = pick(PRESET_NAME, estimators=("meancache",))
+    return joint, joint_origin, published, published_origin
+
+
+def _schedule_note(schedule: Schedule) -> str:
+    """A schedule as the note of its row: the two pattern strings of :meth:`Schedule.pattern`."""
+    steps, estimators = schedule.pattern()
+    return f"{steps} / {estimators}"
 
 
 def run_demo(
@@ -235,7 +394,7 @@ def run_demo(
     num_steps: int = 50,
     budgets=DEFAULT_BUDGETS,
     guidance: float | None = None,
-    repeats: int = 3,
+    repeats: int = DEFAULT_REPEATS,
     peers: bool = True,
     threads: int | str | None = None,
     log=print,
@@ -256,14 +415,18 @@ def run_demo(
         log: progress messages (``print`` by default).
         timer: the clock of the timed runs (``time.perf_counter``).
 
+    Returns:
+        :class:`DemoRow` s: the full run, then per budget (in the order given) the rows of :data:`METHODS`
+        (the peers only with ``peers=True``). Images ``(10 * samples_per_class, 8, 8)`` float32 in [0, 1].
+
     Example::
 
         >>> rows = run_demo(samples_per_class=1, num_steps=8, budgets=[4], peers=False, repeats=2,
         ...                 log=lambda *a: None)
         >>> [r.method for r in rows]
-        ['full', 'MeanCache', 'plain reuse', 'Euler']
-        >>> rows[1].evaluations, len(rows[1].times)
-        (4, 2)
+        ['full', 'MeanCache (calibrated)', 'MeanCache (published)', 'plain reuse', 'Euler', 'AB2']
+        >>> [r.evaluations for r in rows], len(rows[1].times)
+        ([8, 4, 4, 4, 4, 4], 2)
     """
     from .digits import load_pipeline
     from .digits.classifier import DigitClassifier
@@ -311,22 +474,28 @@ def run_demo(
 
     # every method set up (and every peer tuned) before any timing
     methods = [_Method("full", None, num_steps)]
-    schedules, origin = _schedules(pipe, budgets, num_steps, guidance)
-    log(f"MeanCache schedules: {origin}")
+    joint, joint_origin, published, published_origin = _schedules(pipe, budgets, num_steps, guidance)
+    log(f"MeanCache (calibrated) schedules: {joint_origin}")
+    log(f"MeanCache (published) schedules: {published_origin}")
+    ab2 = ab2_scheduler(pipe.scheduler)
     memo: dict = {}  # the peers' tuning runs on this one batch, shared across budgets
     for b in budgets:
-        sched = schedules[b]
-        methods.append(_Method("MeanCache", b, num_steps, sched.pattern()[0], lambda s=sched: _meancache(pipe, s)))
-        plain = sched.with_order(1)
-        methods.append(_Method("plain reuse", b, num_steps, "", lambda s=plain: _meancache(pipe, s)))
-        methods.append(_Method("Euler", b, b, f"{b} uniform steps"))
+        for name, sched in ((CALIBRATED, joint[b]), (PUBLISHED, published[b])):
+            methods.append(_Method(name, b, num_steps, _schedule_note(sched), lambda s=sched: _meancache(pipe, s)))
+        plain = published[b].with_order(1)
+        methods.append(_Method("plain reuse", b, num_steps, _schedule_note(plain), lambda s=plain: _meancache(pipe, s)))
+        methods.append(_Method("Euler", b, b, f"{b} uniform steps of the pipeline's grid"))
+        methods.append(_Method("AB2", b, b, f"{b} uniform steps, Adams-Bashforth 2 (first step Euler)",
+                               lambda: _scheduler(pipe, ab2)))
         if peers:
             from .peer_caches import PEERS
 
             for peer in PEERS:
                 config, note = peer.tune(pipe, labels, noise, num_steps, guidance, b, memo=memo)
                 log(f"  {peer.name:<15} B={b:<3} tuned: {note}")
-                methods.append(_Method(peer.name, b, num_steps, note, lambda c=config: _diffusers_cache(pipe, c)))
+                methods.append(
+                    _Method(peer.name, b, num_steps, note, lambda c=config: _diffusers_cache(pipe, c), peer=True)
+                )
 
     def same(first, later):
         return first[1] == later[1] and torch.equal(first[0], later[0])
@@ -344,6 +513,9 @@ def run_demo(
     rows = []
     for i, (m, (images, evals), ts) in enumerate(zip(methods, outputs, times)):
         note = m.note
+        if m.peer and evals != m.budget:
+            # the tuner picked the setting nearest B; the table reports the count it really gave
+            note += f"; {evals} full evaluations: the nearest to B={m.budget} its settings reach on this batch"
         if i in differing:
             note += " (a later round gave other images)"
             log(f"  warning: {m.name} B={m.budget}: a later round did not reproduce the first round's images; "
@@ -427,14 +599,47 @@ def timing_note(
     return text
 
 
-def save_grid(rows: list[DemoRow], path: str | Path, columns: int = 20) -> Path:
-    """Write a labelled PNG grid: one row per method, the first ``columns`` samples (same seeds in every column).
+def format_notes(rows: list[DemoRow]) -> str:
+    """Each row's schedule or setting (its note), one line per row that has one: what the table's rows ran.
 
-    Each row's images are ``(B, 8, 8)`` in [0, 1]. Returns ``path`` as a ``Path``.
+    >>> print(format_notes([DemoRow("full", None, 50, 1.0), DemoRow("Euler", 6, 6, 0.1, note="6 uniform steps")]))
+    Euler B=6: 6 uniform steps
+    """
+    return "\n".join(f"{r.method} B={r.budget}: {r.note}" for r in rows if r.note)
+
+
+def _grid_rows(rows: list[DemoRow], budget: int, columns: int, gain: float):
+    """``(label, strip, is_difference)`` per line of the picture's grid: the full run, then each row at ``budget``
+    and its amplified difference from the full run. Strips are ``(8, 8 * columns)`` in [0, 1]."""
+    full = rows[0]
+
+    def strip(images):
+        return torch.cat(list(images[:columns]), dim=1)
+
+    lines = [(f"full ({full.evaluations} ev)", strip(full.images), False)]
+    for row in rows[1:]:
+        if row.budget != budget:
+            continue
+        lines.append((f"{row.method}\n{row.evaluations} ev, {row.psnr:.1f} dB", strip(row.images), False))
+        diff = ((row.images - full.images).abs() * gain).clamp(0, 1)
+        lines.append((f"|above - full| x{gain:g}", strip(diff), True))
+    return lines
+
+
+def save_figure(
+    rows: list[DemoRow], path: str | Path, columns: int = DEFAULT_COLUMNS, gain: float = DIFF_GAIN
+) -> Path:
+    """Write the demo's picture as one PNG: (a) PSNR against full evaluations, one line per method across the
+    budgets; (b) the samples of the most aggressive (smallest) budget: the full run's row, then each method's row
+    followed by ``|method - full| x gain`` (clipped at 1) so small differences show.
+
+    ``rows`` as :func:`run_demo` returns them: ``rows[0]`` the full run, images ``(B, 8, 8)`` float32 in [0, 1];
+    the first ``columns`` samples are shown (same seeds in every column). Returns ``path`` as a ``Path``.
 
     >>> import tempfile, os
-    >>> row = DemoRow("full", None, 50, 1.0, images=torch.rand(4, 8, 8))
-    >>> out = save_grid([row], os.path.join(tempfile.mkdtemp(), "g.png"))
+    >>> full = DemoRow("full", None, 50, 1.0, images=torch.rand(4, 8, 8))
+    >>> rows = [full] + [DemoRow("Euler", b, b, 0.1, psnr=20.0 + b, images=torch.rand(4, 8, 8)) for b in (6, 10)]
+    >>> out = save_figure(rows, os.path.join(tempfile.mkdtemp(), "demo.png"))
     >>> out.read_bytes()[1:4]
     b'PNG'
     """
@@ -444,18 +649,37 @@ def save_grid(rows: list[DemoRow], path: str | Path, columns: int = 20) -> Path:
     import matplotlib.pyplot as plt
 
     columns = min(columns, rows[0].images.shape[0])
-    fig, axes = plt.subplots(
-        len(rows), 1, figsize=(0.42 * columns + 3.2, 0.5 * len(rows) + 0.3), squeeze=False, layout="constrained"
-    )
-    for ax, row in zip(axes[:, 0], rows):
-        strip = torch.cat(list(row.images[:columns]), dim=1)  # (8, 8 * columns)
-        ax.imshow(strip.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        budget = f"B={row.budget} " if row.budget else ""
-        ax.set_ylabel(
-            f"{row.method} {budget}\n{row.evaluations} ev, {row.psnr:.1f} dB",
-            rotation=0, ha="right", va="center", fontsize=7,
+    budgets = sorted({r.budget for r in rows if r.budget})
+    lines = _grid_rows(rows, budgets[0], columns, gain) if budgets else []
+    plot_h, line_h = 3.4, 0.42
+    fig = plt.figure(figsize=(0.45 * columns + 3.6, plot_h + line_h * len(lines) + 0.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[plot_h, line_h * len(lines) + 0.6])
+
+    # (a) PSNR against evaluations: the x position is each row's measured count (a peer may miss B by one or two)
+    ax = top.subplots()
+    markers = "os^vDPX*<>hp"
+    names = list(dict.fromkeys(r.method for r in rows[1:]))
+    for j, name in enumerate(names):
+        pts = sorted((r.evaluations, r.psnr) for r in rows[1:] if r.method == name and math.isfinite(r.psnr))
+        if pts:
+            ax.plot(*zip(*pts), marker=markers[j % len(markers)], label=name, linewidth=1.2, markersize=5)
+    ax.set_xlabel(f"full evaluations (full run: {rows[0].evaluations})")
+    ax.set_ylabel("PSNR vs the full run (dB)")
+    ax.set_xticks(budgets)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.set_title(f"{rows[0].images.shape[0]} digits: quality against model evaluations", fontsize=9)
+
+    # (b) the grid at the smallest budget: image rows in gray, difference maps in a heat map (0 = black)
+    if lines:
+        axes = bottom.subplots(len(lines), 1, squeeze=False)[:, 0]
+        for ax, (label, strip, is_diff) in zip(axes, lines):
+            ax.imshow(strip.numpy(), cmap="magma" if is_diff else "gray_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=6.5 if is_diff else 7)
+        bottom.suptitle(
+            f"B={budgets[0]}: samples 0-{columns - 1}, each method followed by |method - full| x{gain:g}", fontsize=9
         )
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -486,13 +710,15 @@ def main(argv=None) -> list[DemoRow]:
     parser.add_argument("--samples-per-class", type=int, default=10, help="samples of each digit (default 10)")
     parser.add_argument("--steps", type=int, default=50, help="steps of the full run (default 50)")
     parser.add_argument(
-        "--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS), help="full evaluations (default 10 17 25)"
+        "--budgets", type=int, nargs="+", default=list(DEFAULT_BUDGETS),
+        help="full evaluations (default " + " ".join(map(str, DEFAULT_BUDGETS)) + ")",
     )
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.0)")
     parser.add_argument(
-        "--repeats", type=int, default=3,
+        "--repeats", type=int, default=DEFAULT_REPEATS,
         help="timed rounds, each running every row once in table order; the table shows each row's best, median "
-             "and worst round, speedups from the best (default 3; the first round also gives the images)",
+             f"and worst round, speedups from the best (default {DEFAULT_REPEATS}; the first round also gives the "
+             "images)",
     )
     parser.add_argument("--no-peers", action="store_true", help="leave out diffusers' caches")
     parser.add_argument(
@@ -500,11 +726,26 @@ def main(argv=None) -> list[DemoRow]:
         help="torch CPU threads, or auto: the faster of 2 and 1 in a short probe, 1 when another process holds a "
              "core (default auto)",
     )
-    parser.add_argument("--out", default="demo.png", help="image grid to write (default demo.png)")
-    parser.add_argument("--columns", type=int, default=20, help="samples shown per row of the grid (default 20)")
+    parser.add_argument(
+        "--out", default="demo.png",
+        help="picture to write: PSNR against evaluations, and the samples of the smallest budget with difference "
+             "maps (default demo.png)",
+    )
+    parser.add_argument(
+        "--columns", type=int, default=DEFAULT_COLUMNS,
+        help=f"samples shown per row of the picture's grid (default {DEFAULT_COLUMNS})",
+    )
+    parser.add_argument(
+        "--gain", type=float, default=DIFF_GAIN,
+        help=f"factor on |method - full| in the difference maps (default {DIFF_GAIN:g})",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1")
+    if args.columns < 1:
+        parser.error(f"--columns {args.columns}: must be >= 1")
+    if not math.isfinite(args.gain) or args.gain <= 0:
+        parser.error(f"--gain {args.gain}: must be a finite number > 0")
     t0 = time.perf_counter()
     load_before = _load_average()
     rows = run_demo(
@@ -521,8 +762,11 @@ def main(argv=None) -> list[DemoRow]:
     print()
     auto = args.threads == "auto"
     print(timing_note(rows, threads=torch.get_num_threads(), auto=auto, loads=(load_before, _load_average())))
-    path = save_grid(rows, args.out, columns=args.columns)
-    print(f"\nimage grid: {path.resolve()}  (demo took {time.perf_counter() - t0:.0f} s)")
+    print("\nschedules and settings (MeanCache: compute steps / estimator per skipped step: a digit = window K, "
+          "l/q/c = extrapolate and L/Q/C = predict of order 1/2/3):")
+    print(format_notes(rows))
+    path = save_figure(rows, args.out, columns=args.columns, gain=args.gain)
+    print(f"\npicture: {path.resolve()}  (demo took {time.perf_counter() - t0:.0f} s)")
     return rows
 
 
