@@ -183,20 +183,22 @@ def calibrate(
         budgets, many = _check_budgets(budget, n, max_len)
     else:
         rec = record(target, inputs, sigmas, progress=progress)
-    schedules = _search(rec, budgets, families, gamma, max_len, extrapolation_orders)
     polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
-    if select and "meancache" in families and polynomial:
-        others = [_search(rec, budgets, subset, gamma, max_len, extrapolation_orders)
-                  for subset in (polynomial, ("meancache",))]
+    if not polynomial:
+        schedules = _published_search(rec, budgets, gamma, max_len)
+        return schedules if many else schedules[0]
+    graph = joint_costs(rec, estimators=families, max_len=max_len, extrapolation_orders=extrapolation_orders)
+    schedules = joint_solve(graph, budgets, gamma=gamma)
+    if select and "meancache" in families:
+        # the polynomial-only search is the same graph without the meancache candidates: nothing priced twice
+        others = (joint_solve(graph.restricted(polynomial), budgets, gamma=gamma),
+                  _published_search(rec, budgets, gamma, max_len))
         schedules = [pick_by_replay(rec, candidates) for candidates in zip(schedules, *others)]
     return schedules if many else schedules[0]
 
 
-def _search(rec: Recording, budgets: list[int], families, gamma, max_len, extrapolation_orders) -> list[Schedule]:
-    """One schedule per budget from the search over ``families``: the published one alone is the plain PSSP."""
-    if families != ("meancache",):
-        graph = joint_costs(rec, estimators=families, max_len=max_len, extrapolation_orders=extrapolation_orders)
-        return joint_solve(graph, budgets, gamma=gamma)
+def _published_search(rec: Recording, budgets: list[int], gamma, max_len) -> list[Schedule]:
+    """One schedule per budget from the published estimator's search (the plain PSSP of the shipped presets)."""
     cost, best_k = segment_costs(rec, max_len=max_len)
     schedules = []
     for b in budgets:

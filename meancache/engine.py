@@ -142,7 +142,7 @@ class Trajectory:
         self.plan = plan
         self.sigmas = sigmas
         # computed velocities each branch keeps for extrapolate segments (0: the published estimator only)
-        self.depth = getattr(plan, "depth", 0)
+        self.depth = plan.depth
         self.branches: dict[Hashable, Branch] = {}
         self._spare: dict[Hashable, History] = {}
         self.stats = Stats(num_steps=plan.num_steps, schedule=plan.static_schedule)

@@ -422,3 +422,17 @@ def test_calibrate_keeps_the_candidate_with_the_least_replay_error():
                                         select=False)
     with pytest.raises(ValueError, match="select='yes': must be True or False"):
         meancache.calibrate(rec, budget=4, select="yes")
+
+
+def test_a_restricted_graph_is_the_graph_built_for_those_estimators():
+    """calibrate reuses the joint graph for the polynomial-only search: it must equal pricing them afresh."""
+    rec = _mixture_recording(5, steps=12, inputs=4, dim=6)
+    full = joint_costs(rec, max_len=5)
+    for subset in (("extrapolate", "predict"), ("predict",), ("meancache", "extrapolate")):
+        fresh, cut = joint_costs(rec, max_len=5, estimators=subset), full.restricted(subset)
+        assert cut.estimators == fresh.estimators and cut.depth == fresh.depth
+        for name in ("states", "src", "dst", "length", "cost", "estimator", "order"):
+            assert torch.equal(getattr(cut, name), getattr(fresh, name)), (subset, name)
+        assert joint_solve(cut, [4, 7]) == joint_solve(fresh, [4, 7])
+    with pytest.raises(ValueError, match=r"estimators=\('meancache',\): restricted\(\) needs a polynomial"):
+        full.restricted(("meancache",))

@@ -281,9 +281,9 @@ class JointCosts:
     """
 
     __slots__ = ("num_steps", "max_len", "depth", "estimators", "states", "src", "dst", "length", "cost",
-                 "estimator", "order")
+                 "estimator", "order", "_candidates", "_labels")
 
-    def __init__(self, num_steps, max_len, depth, estimators, states, src, dst, length, cost, estimator, order):
+    def __init__(self, num_steps, max_len, depth, estimators, states, src, dst, length, candidates, labels):
         self.num_steps = num_steps
         self.max_len = max_len
         self.depth = depth
@@ -292,9 +292,33 @@ class JointCosts:
         self.src = src
         self.dst = dst
         self.length = length
-        self.cost = cost
-        self.estimator = estimator
-        self.order = order
+        # every candidate's cost per segment, kept so that restricted() prices nothing twice
+        self._candidates = candidates
+        self._labels = labels
+        self.cost, self.estimator, self.order = _choose(candidates, labels, length)
+
+    def restricted(self, estimators: Sequence[str]) -> "JointCosts":
+        """The same graph with only ``estimators`` among the candidates: what :func:`joint_costs` would build for
+        them, without pricing any segment again. They must include a polynomial estimator (the states keep this
+        graph's depth; the published estimator alone is :func:`solve`'s search).
+
+        Example:
+            >>> import torch
+            >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(3, 4), torch.linspace(1, 0, 9),
+            ...              progress=False)
+            >>> g = joint_costs(rec, max_len=4).restricted(["predict"])
+            >>> g.estimators, set(g.estimator[g.length > 1].tolist()) == {2}
+            (('predict',), True)
+        """
+        families = tuple(e for e in _check_estimators(estimators) if e in self.estimators)
+        if not any(f in POLYNOMIAL_ESTIMATORS for f in families):
+            raise ValueError(
+                f"estimators={estimators!r}: restricted() needs a polynomial estimator this graph searched "
+                f"({', '.join(f for f in self.estimators if f in POLYNOMIAL_ESTIMATORS)})"
+            )
+        keep = [j for j, (e, _) in enumerate(self._labels) if ESTIMATORS[e] in families]
+        return JointCosts(self.num_steps, self.max_len, self.depth, families, self.states, self.src, self.dst,
+                          self.length, self._candidates[:, keep], [self._labels[j] for j in keep])
 
     def __repr__(self):
         return (f"JointCosts(num_steps={self.num_steps}, max_len={self.max_len}, depth={self.depth}, "
@@ -396,25 +420,31 @@ def joint_costs(
             column[multi] = table[row, seg_len[multi]]
             columns.append(column)
             labels.append((ESTIMATORS.index(family), p))
-    cost = torch.full(seg_len.shape, math.inf, dtype=torch.float64)
-    est = torch.zeros_like(seg_len)
-    ords = torch.zeros_like(seg_len)
-    if columns:
-        cand = torch.stack(columns, dim=1)  # (E, C)
+    cand = torch.stack(columns, dim=1) if columns else torch.empty(seg_len.shape[0], 0, dtype=torch.float64)
+    return JointCosts(n, max_len, depth, families, states, src, dst, seg_len, cand, labels)
+
+
+def _choose(cand: torch.Tensor, labels: list[tuple[int, int]], length: torch.Tensor):
+    """Each segment's ``(cost, estimator, order)`` from its candidate columns (``(E, C)``, in tie-preference
+    order): the first candidate within :data:`COST_RTOL` of the least; 1-step and missing segments are chains."""
+    cost = torch.full(length.shape, math.inf, dtype=torch.float64)
+    est = torch.zeros_like(length)
+    ords = torch.zeros_like(length)
+    if labels:
         least = cand.min(dim=1, keepdim=True).values
         tied = cand <= least + COST_RTOL * least
         pick = tied.to(torch.int8).argmax(dim=1)  # the first candidate within the tolerance of the least
         cost = cand.gather(1, pick[:, None]).squeeze(1)
         est = torch.tensor([e for e, _ in labels], dtype=torch.int64)[pick]
         ords = torch.tensor([k for _, k in labels], dtype=torch.int64)[pick]
-    chain = seg_len == 1
+    chain = length == 1
     cost[chain] = 0.0
     est[chain] = ESTIMATORS.index("meancache")
     ords[chain] = 0
     missing = ~torch.isfinite(cost)
     est[missing] = ESTIMATORS.index("meancache")
     ords[missing] = 0
-    return JointCosts(n, max_len, depth, families, states, src, dst, seg_len, cost, est, ords)
+    return cost, est, ords
 
 
 def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> Schedule | list[Schedule]:
