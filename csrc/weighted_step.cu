@@ -16,15 +16,7 @@ namespace {
 // Most velocity terms one step combines: meancache.estimators.MAX_TERMS (the 4 nodes of a cubic).
 constexpr int kMaxTerms = 4;
 
-// Weighted skipped step i, per element (float32 throughout, algorithm.md §3):
-//   v̂ = w_0 · V[s_0] (+ w_1 · V[s_1] + w_2 · V[s_2] + w_3 · V[s_3])      summed in this order, n_terms of them
-//   v̂ = v̂ + (x_i - xs[x_slot]) · x_weight                               only when has_x (x_weight != 0)
-//   xs[slot_write] = x_i;  vs[slot_write] = v̂
-//   out = cast_x(x_i + dt · v̂)  (kEuler)   or   cast_out(v̂ · out_scale)
-// V is the stack of computed velocities vc, or the ring's vs when the caller passed none. The order of the sum is
-// the reference's (meancache/reference.py weighted_step_ref), so the two differ by FMA contraction only. An
-// element-wise op for elementwise_kernel (utils.cuh).
-// The operands every instantiation shares, computed once on the host.
+// The operands every instantiation of WeightedStepOp (below) shares, computed once on the host.
 struct WeightedRows {
   // Rows V[s_t] of the first n_terms terms; the rest are nullptr and never read. No __restrict__ on any row: with
   // V = vs a read row may be the written row vs[slot_write] (a full ring), and xs[x_slot] may be xs[slot_write].
