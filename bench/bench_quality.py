@@ -54,7 +54,7 @@ STEPS = 50
 BUDGETS = (6, 8, 10, 17, 25)
 # name -> (flow arguments, grid shift, calibration inputs, evaluation inputs, inputs solved exactly). The first two
 # are the flows of tests/test_calibrate.py; "mixture-default" is GaussianMixtureFlow's own defaults; "demo" is the
-# flow of `python -m meancache.flow_demo` (1024-d, 2048 components: its velocity costs ~10 ms per call here, so
+# flow of `python -m meancache.examples.flow_demo` (1024-d, 2048 components: its velocity costs ~10 ms per call here, so
 # fewer samples); "mixture-heldout" is used by nothing else and is calibrated on HELD_OUT[...] too.
 FLOWS = {
     "mixture-shift3": (dict(dim=16, components=6, seed=3, spread=3.0), 3.0, 32, 8192, 1024),

@@ -55,7 +55,8 @@ class Stats:
         history_bytes: bytes held by the history rings.
         latent_edits: steps whose incoming latent was changed from outside (a pipeline's step-end callback).
         wall_time_s: wall time of the last pipeline call (0 for modules).
-        completed: the pipeline call returned normally.
+        completed: the trajectory ran to its last step (a module's, when that step's last branch returned;
+            a pipeline's, when the whole call returned normally, decoding included).
 
     Example:
         >>> s = Stats(num_steps=4, computed_steps=2, skipped_steps=2, model_calls=2, calls_saved=2)

@@ -84,10 +84,24 @@ class History:
         return ring + (0 if self.vc is None else self.vc.numel() * self.vc.element_size())
 
     def clear(self) -> None:
-        """Forget every entry but keep the storage for the next trajectory."""
+        """Forget every entry but keep the storage for the next trajectory.
+
+        Storage that a trajectory run with autograd recording wrote into is part of that trajectory's graph:
+        writing the next trajectory into it would chain the two graphs (and keep every earlier one alive), so such
+        storage is dropped and allocated afresh by the next :meth:`prepare`.
+
+        Example:
+            >>> import torch
+            >>> h = History(2)
+            >>> h.push(torch.zeros(3, requires_grad=True), torch.ones(3)); h.clear()
+            >>> h.count, h.xs is None
+            (0, True)
+        """
         self.count = 0
         self._kept = []
         self._kept_total = 0
+        if any(t is not None and t.requires_grad for t in (self.xs, self.vs, self.vc)):
+            self.xs = self.vs = self.vc = None
 
     def ensure_depth(self, depth: int) -> None:
         """Keep at least ``depth`` computed velocities from now on (a reused ring meeting a deeper plan); only
@@ -140,6 +154,8 @@ class History:
         Raises ValueError when the latent's shape, device or dtype changes in the middle of a trajectory.
         """
         dtype = history_dtype(x.dtype)
+        if not torch.is_inference_mode_enabled():
+            self._leave_inference()
         if self.xs is None or self.xs.shape[1:] != x.shape or self.xs.device != x.device or self.xs.dtype != dtype:
             if self.count:
                 raise ValueError(
@@ -153,6 +169,18 @@ class History:
         if self.depth and self.vc is None:
             self.vc = torch.empty((self.depth, *x.shape), dtype=dtype, device=x.device)
         return self.xs, self.vs
+
+    def _leave_inference(self) -> None:
+        """Make storage allocated under ``torch.inference_mode`` writable outside it.
+
+        Inference tensors refuse in-place writes outside inference mode, so a ring made by a warm-up call under
+        ``inference_mode`` would break every later ordinary call. Between trajectories the storage is simply
+        dropped (reallocated by :meth:`prepare`); mid-trajectory it is cloned, which keeps the logged entries.
+        """
+        for name in ("xs", "vs", "vc"):
+            t = getattr(self, name)
+            if t is not None and t.is_inference():
+                setattr(self, name, t.clone() if self.count or self._kept_total else None)
 
     def advance(self) -> None:
         """Count the step a fused op just logged into slot ``count % capacity``."""
@@ -170,6 +198,8 @@ class History:
             [0.5, 0.5, 0.5]
         """
         if self.xs is not None:
+            if not torch.is_inference_mode_enabled():
+                self._leave_inference()
             self.xs.add_(delta.to(self.xs.dtype))
 
     def push(self, x: torch.Tensor, v: torch.Tensor) -> None:

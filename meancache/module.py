@@ -171,6 +171,8 @@ class MeanCacheController:
         if self._closed < i:
             self._traj.end_step(i)
             self._closed = i
+            if i == len(self.sigmas) - 2:
+                self._traj.stats.completed = True
 
     def _locate(self, sigma: float) -> tuple[int, int]:
         """(step, index of this call within the step); starts a new trajectory at sigmas[0]."""

@@ -119,6 +119,22 @@ class OnlinePlan:
         self.num_steps = num_steps
         self.tolerance = float(tolerance)
         self.group = group
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every decision and measurement: the plan is undecided again, for a new trajectory.
+
+        :func:`meancache.sample` calls it at the start of each run, so a plan passed to several runs decides each
+        one afresh (and afterwards holds the decisions of the last one).
+
+        Example:
+            >>> import torch
+            >>> plan = OnlinePlan(budget=4, num_steps=10)
+            >>> plan.observe(0, torch.ones(3)); plan.observe(1, torch.ones(3) * 1.01)
+            >>> plan.restart(); plan.known, plan.instability
+            (1, [])
+        """
+        num_steps = self.num_steps
         self.computed = [0]
         if self.budget >= 3 and num_steps > 2:
             self.computed.append(1)

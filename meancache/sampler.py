@@ -44,7 +44,9 @@ def sample(
             float64; CPU or CUDA.
         sigmas: ``schedule.num_steps + 1`` decreasing floats (1-D tensor or sequence), normally ending at 0.
         schedule: a :class:`~meancache.Schedule`, or an :class:`~meancache.online.OnlinePlan` that decides the
-            compute steps during the run (calibration-free mode), or any plan of :mod:`meancache.plans`.
+            compute steps during the run (calibration-free mode), or any plan of :mod:`meancache.plans`. An online
+            plan is restarted at the start of every call (:meth:`~meancache.online.OnlinePlan.restart`), so each
+            run decides afresh; after the call it holds that run's decisions (``plan.schedule()``).
         history: optional :class:`~meancache.History` to log into (it is cleared first). Pass one to inspect the
             ring after the run or to reuse its storage across runs; its capacity must be at least
             ``schedule.window``.
@@ -73,6 +75,8 @@ def sample(
     if history is not None and not isinstance(history, History):
         raise ValueError(f"history is a {type(history).__name__}: must be a meancache.History")
     plan = StaticPlan(schedule) if isinstance(schedule, Schedule) else schedule
+    if isinstance(plan, OnlinePlan):
+        plan.restart()  # each run decides afresh: a plan reused from an earlier run must not replay its decisions
     traj = Trajectory(plan, sig, history=history)
     x = latents
     for i in range(plan.num_steps):

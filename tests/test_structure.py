@@ -31,8 +31,8 @@ LAYERS = [
     {"calibrate"},  # the calibrate front door
     {"api"},  # accelerate / disable / reset / summary
     {"cli", "__init__"},
-    # examples and the deprecated names of moved example modules: may use anything above, never used by it
-    {"examples", "demo", "flow_demo", "digits", "peer_caches", "image_metrics", "pipeline_recording"},
+    # the examples: may use anything above, never used by it
+    {"examples"},
 ]
 #: The one upward import allowed, and only inside a function (never when the module loads): `meancache calibrate
 #: --model digits` records the embedded example model.

@@ -282,21 +282,23 @@ def record(
     try:
         with torch.no_grad():
             for j, x0 in enumerate(tensors):
-                seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+                step = [0]
 
-                def logged(x, sigma, j=j, seen=seen):
+                def logged(x, sigma, j=j, step=step):
                     v = velocity_fn(x, sigma)
-                    check_velocity(v, x, f"velocity_fn at step {len(seen)}")
-                    seen.append((x.detach().to("cpu", torch.float32), v.detach().to("cpu", torch.float32)))
+                    i = step[0]
+                    check_velocity(v, x, f"velocity_fn at step {i}")
+                    # copied into the recording now: a velocity_fn may hand back a buffer it overwrites at the
+                    # next call, and a kept reference would then hold the last step's values at every step
+                    latents[rows[j], i] = x.detach().reshape(-1, *shape)
+                    velocities[rows[j], i] = v.detach().reshape(-1, *shape)
+                    step[0] += 1
                     bar.update(1)
                     return v
 
                 # the package's own sampler, every step computed: the recording is exactly what a run sees
                 final = sample(logged, x0, sig, StaticPlan(Schedule.full(n) if n >= 2 else None, n))
-                for i, (x, v) in enumerate(seen):
-                    latents[rows[j], i] = x.reshape(-1, *shape)
-                    velocities[rows[j], i] = v.reshape(-1, *shape)
-                latents[rows[j], n] = final.to("cpu", torch.float32).reshape(-1, *shape)
+                latents[rows[j], n] = final.detach().reshape(-1, *shape)
     finally:
         bar.close()
     meta = {
@@ -374,11 +376,11 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Re
 
         def make_hook(original):
             def step(model_output, timestep, sample, *args, **kwargs):
-                xs.append(sample.detach().to("cpu", torch.float32))
-                vs.append(model_output.detach().to("cpu", torch.float32))
+                xs.append(sample.detach().to("cpu", torch.float32, copy=True))
+                vs.append(model_output.detach().to("cpu", torch.float32, copy=True))
                 out = original(model_output, timestep, sample, *args, **kwargs)
                 prev = out[0] if isinstance(out, tuple) else out.prev_sample
-                final[:] = [prev.detach().to("cpu", torch.float32)]
+                final[:] = [prev.detach().to("cpu", torch.float32, copy=True)]
                 return out
 
             return step
