@@ -131,16 +131,41 @@ def disable(model):
     return disable_module(model)
 
 
-def reset(model: torch.nn.Module) -> None:
-    """Start a new trajectory on an accelerated ``model`` (same as ``model.meancache.reset()``).
+def reset(model) -> None:
+    """Start afresh on an accelerated ``model``: a module or a pipeline.
+
+    **Modules:** start a new trajectory (same as ``model.meancache.reset()``), for a loop that stops early or
+    starts again from a sigma other than ``sigmas[0]``.
+
+    **Pipelines:** every call already starts a fresh trajectory, so there is no trajectory to reset. Between calls
+    the pipeline keeps the history rings for the next call to reuse (a few latents of memory), the static plan
+    placed for each step count, and the last call's stats; reset drops all three: the rings' memory is released,
+    the next call places (and logs) its plan again, and :func:`summary` is empty until that call. The next call's
+    output is the same as without the reset.
+
+    Raises:
+        ValueError: ``model`` is not accelerated.
+        RuntimeError: the pipeline is running a call (from a step-end callback, or another thread).
 
     Example:
         >>> import torch, meancache
         >>> m = meancache.accelerate(torch.nn.Identity(), budget=2, sigmas=[1.0, 0.5, 0.0], sigma_fn=lambda x: 1.0)
         >>> meancache.reset(m)
+        >>> from meancache.examples.tiny_pipelines import build
+        >>> pipe, kw, info = build("flux")
+        >>> _ = meancache.accelerate(pipe, budget=4)
+        >>> _ = pipe(**kw)
+        >>> meancache.summary(pipe).history_bytes > 0
+        True
+        >>> meancache.reset(pipe)
+        >>> meancache.summary(pipe).history_bytes
+        0
     """
+    if is_pipeline(model) and STATE in model.__dict__:
+        model.__dict__[STATE].reset(type(model).__name__)
+        return
     if not is_accelerated(model):
-        raise ValueError(f"{type(model).__name__} is not accelerated by meancache")
+        raise ValueError(f"{type(model).__name__} is not accelerated by meancache (call meancache.accelerate first)")
     model.__dict__[ATTRIBUTE].reset()
 
 

@@ -22,11 +22,15 @@ states that hold those steps.
 
 from __future__ import annotations
 
+import math
+
 from typing import Iterable
 from typing import Sequence
 
+import torch
+
 from .calibration import COST_FLOOR  # noqa: F401
-from .calibration import COST_RTOL  # noqa: F401
+from .calibration import COST_RTOL
 from .calibration import DEFAULT_GAMMA
 from .calibration import RECORDING_FORMAT  # noqa: F401
 from .calibration import RECORDING_FORMAT_VERSION  # noqa: F401
@@ -40,7 +44,15 @@ from .calibration.joint import _check_orders
 from .calibration.joint import joint_costs
 from .calibration.joint import joint_solve
 from .calibration.recording import _check_inputs
-from .calibration.replay import pick_by_replay
+from .calibration.selection import _relative
+from .calibration.selection import folds
+from .calibration.selection import input_errors
+from .calibration.selection import refine as refine_moves
+from .calibration.selection import safe_candidates
+from .calibration.selection import schedule_gain
+from .calibration.selection import subset
+from .calibration.selection import tail_score
+from .calibration.selection import validation_split
 from .calibration.recording import _pipeline_inputs
 from .calibration.search import _check_budgets
 from .calibration.search import _check_gamma
@@ -48,6 +60,7 @@ from .calibration.search import _check_max_len
 from .estimators import MAX_EXTRAPOLATION_ORDER
 from .estimators import POLYNOMIAL_ESTIMATORS
 from .hooks import is_pipeline
+from .sampler import sample
 from .schedule import DEFAULT_MAX_SEGMENT
 from .schedule import Schedule
 from .schedule import _check_num_steps
@@ -66,10 +79,12 @@ def calibrate(
     sigmas=None,
     num_steps: int | None = None,
     gamma: float = DEFAULT_GAMMA,
-    max_len: int = DEFAULT_MAX_SEGMENT,
+    max_len: int | None = None,
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
     select: bool = True,
+    refine: int | None = None,
+    report: list | None = None,
     progress: bool = True,
     **pipeline_kwargs,
 ) -> Schedule | list[Schedule]:
@@ -87,7 +102,10 @@ def calibrate(
         sigmas: the grid (``N + 1`` values) for a ``velocity_fn``; must be None with a Recording.
         num_steps: optional check: must equal N of the grid or recording.
         gamma: peak-suppression exponent of :func:`solve` (default :data:`DEFAULT_GAMMA`).
-        max_len: longest segment, in steps (default 8, the longest in the published tables).
+        max_len: longest segment, in steps. None (default): per budget, 8 (the longest in the published tables)
+            or as long as the budget needs (:func:`auto_max_len`), so every budget from 2 to N calibrates; the
+            highest polynomial orders are dropped where a long segment would make the joint graph larger than
+            :data:`JOINT_SIZE_CAP`. Budget 2 and budget N are answered at once.
         estimators: the estimator families searched per segment, a non-empty tuple from ``("meancache",
             "extrapolate", "predict")``. All three (the default): the joint search (:func:`joint_costs`,
             :func:`joint_solve`) chooses the compute steps and each segment's estimator together, every window K
@@ -99,12 +117,30 @@ def calibrate(
             joint search's states hold the last ``max(p)`` compute steps, and pricing order p takes
             ``O(N * max_len ** (p + 1))`` passes over the recording's ``P * D`` elements: with large latents,
             ``(1,)`` or ``(1, 2)`` is much cheaper.
-        select: with both the published and the polynomial estimators in ``estimators``, also search the
-            polynomial ones alone and the published one alone, and keep per budget the schedule whose whole-run
-            replay on the recording ends closest to the reference (:func:`~meancache.calibration.replay.
-            pick_by_replay`): the segment costs replay each segment from the reference history, which flatters
-            long MeanCache windows by an amount that depends on the model (measured in
-            :mod:`meancache.calibration.replay`). False: the joint search's schedules as they are.
+        select: choose each budget's schedule on inputs the search did not see (the default). The candidates are
+            the safe schedules that need no search (:func:`~meancache.calibration.selection.safe_candidates`:
+            ``Schedule.default``, uniform compute steps with ``predict`` p = 1 and ``extrapolate`` p = 1, those
+            whose estimators are in ``estimators``) and the searches: the published estimator's, and the joint
+            search under each gain cap of :data:`GAIN_CAPS` (with every estimator, and with the polynomial ones
+            only). Each search runs on two folds of the inputs (even and odd indices) and is scored on the other
+            fold, so every input validates it once; the safe schedules are scored on every input. The score is
+            the root mean square of the per-input relative errors of whole-run replays
+            (:func:`~meancache.calibration.selection.tail_score`: it sees a runaway input); ties (within
+            :data:`COST_RTOL`) go to the earlier candidate, safe ones first. The winner is then searched (or
+            taken) on all inputs and refined (``refine``). False: the joint search's schedules on all inputs, as
+            they are.
+        refine: local moves after the choice (:func:`~meancache.calibration.selection.refine`: shift one compute
+            step, change one segment's estimator or order), never raising the largest gain above the cap or the
+            start's, each kept only when it lowers the score. None (default): up to :data:`REFINE_SCORES` moves
+            per budget, scored by whole-run replays on the recording. An int: model evaluations per budget; with
+            a ``velocity_fn`` target the moves are scored by real sampled runs of the model from the validation
+            inputs (every fourth, :func:`~meancache.calibration.selection.validation_split`; B evaluations per
+            run and input), else by replays, counted as B evaluations each. 0: no refinement.
+        report: a list to which one dict per budget is appended, saying how its schedule was chosen:
+            ``budget``, ``scores`` (each candidate's validation score, None for a candidate not in the running),
+            ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (moves kept)
+            and ``score`` (the final schedule's score, by the refinement's measure). Budgets answered at once
+            (2, N, or ``select=False``) give only ``budget`` and ``chosen``.
         progress: tqdm progress bar while recording.
 
     Returns:
@@ -128,7 +164,10 @@ def calibrate(
     if not isinstance(select, bool):
         raise ValueError(f"select={select!r}: must be True or False")
     extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
-    max_len = _check_max_len(max_len)
+    if max_len is not None:
+        max_len = _check_max_len(max_len)
+    if refine is not None and (not is_int(refine) or refine < 0):
+        raise ValueError(f"refine={refine!r}: must be None or an int >= 0 (model evaluations)")
     gamma = _check_gamma(gamma)
     if not isinstance(progress, bool):
         raise ValueError(f"progress={progress!r}: must be True or False")
@@ -167,7 +206,7 @@ def calibrate(
         if n < 2:
             raise ValueError(f"num_steps={n}: a schedule needs at least 2 steps")
         _check_num_steps(n)  # the schedules could not hold more steps: say so before recording
-        budgets, many = _check_budgets(budget, n, max_len)
+        budgets, many = _check_budgets(budget, n, n - 1 if max_len is None else max_len)
     else:
         # types and lower bounds now, before the expensive recording; the rest once the step count is known
         for b in budget if isinstance(budget, (list, tuple)) else [budget]:
@@ -180,21 +219,168 @@ def calibrate(
         rec = record(target, inputs, progress=progress, **pipeline_kwargs)
         n = rec.num_steps
         _check_num_steps(n)
-        budgets, many = _check_budgets(budget, n, max_len)
+        budgets, many = _check_budgets(budget, n, n - 1 if max_len is None else max_len)
     else:
         rec = record(target, inputs, sigmas, progress=progress)
-    polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
-    if not polynomial:
-        schedules = _published_search(rec, budgets, gamma, max_len)
-        return schedules if many else schedules[0]
-    graph = joint_costs(rec, estimators=families, max_len=max_len, extrapolation_orders=extrapolation_orders)
-    schedules = joint_solve(graph, budgets, gamma=gamma)
-    if select and "meancache" in families:
-        # the polynomial-only search is the same graph without the meancache candidates: nothing priced twice
-        others = (joint_solve(graph.restricted(polynomial), budgets, gamma=gamma),
-                  _published_search(rec, budgets, gamma, max_len))
-        schedules = [pick_by_replay(rec, candidates) for candidates in zip(schedules, *others)]
+    scorer = None
+    if refine and not isinstance(target, Recording) and not is_pipeline(target):
+        scorer = _model_scorer(target, inputs, rec)
+    if report is not None and not isinstance(report, list):
+        raise ValueError(f"report is a {type(report).__name__}: must be None or a list to append to")
+    schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
+                            scorer, progress, report if report is not None else [])
     return schedules if many else schedules[0]
+
+
+#: Gain caps (:meth:`~meancache.calibration.joint.JointCosts.restricted`) of the searched candidates. Uncapped
+#: searches were dropped: on a sharp held-out flow (48-d mixture, component std 0.4) the uncapped joint schedule had
+#: 2-10x the held-out rel L2 of the cap-4 one at B = 8..25 (0.0143 against 0.0012 at B = 25).
+GAIN_CAPS = (8.0, 4.0)
+#: Replays a refinement may spend per budget when nothing else is said (``refine=None``).
+REFINE_SCORES = 100
+#: Largest ``N * max_len ** (p + 1)`` (states times segments of an order-p joint graph) the default search builds;
+#: above it the highest orders are dropped (a long max_len for a small budget), so no budget meets an N^5 corner.
+JOINT_SIZE_CAP = 2_000_000
+
+
+def auto_max_len(num_steps: int, budget: int) -> int:
+    """The longest segment the search allows for ``budget`` compute steps over ``num_steps`` steps by default:
+    :data:`~meancache.schedule.DEFAULT_MAX_SEGMENT`, or as long as the budget needs to reach the last step.
+
+    Example:
+        >>> auto_max_len(50, 17), auto_max_len(50, 6), auto_max_len(50, 3)
+        (8, 10, 25)
+    """
+    return min(num_steps - 1, max(DEFAULT_MAX_SEGMENT, -(-(num_steps - 1) // (budget - 1))))
+
+
+def _bounded_orders(num_steps: int, max_len: int, orders: list[int]) -> list[int]:
+    return [p for p in orders if num_steps * max_len ** (p + 1) <= JOINT_SIZE_CAP]
+
+
+def _procedures(families, polynomial):
+    """The searched candidates, ``name -> (needs the joint graph, solve(rec, graph, b, L))``, in tie order."""
+    out = {}
+    if "meancache" in families:
+        out["published"] = (False, lambda rec, g, b, L, gamma: _published_search(rec, [b], gamma, L)[0])
+    if polynomial:
+        for cap in sorted(GAIN_CAPS):
+            out[f"joint g{cap:g}"] = (True, lambda rec, g, b, L, gamma, cap=cap:
+                                      joint_solve(g.restricted(max_gain=cap), b, gamma=gamma))
+    if polynomial and "meancache" in families:
+        cap = min(GAIN_CAPS)
+        out[f"polynomial g{cap:g}"] = (True, lambda rec, g, b, L, gamma, cap=cap:
+                                       joint_solve(g.restricted(polynomial, max_gain=cap), b, gamma=gamma))
+    return out
+
+
+def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, scorer, progress, report):
+    """One schedule per budget (see :func:`calibrate`)."""
+    n = rec.num_steps
+    polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
+    graphs: dict = {}
+
+    def graph(r, key, L):
+        if (key, L) not in graphs:
+            ps = _bounded_orders(n, L, orders)
+            graphs[key, L] = joint_costs(r, estimators=families, max_len=L, extrapolation_orders=ps) if ps else None
+        return graphs[key, L]
+
+    out = []
+    for b in budgets:
+        L = max_len if max_len is not None else auto_max_len(n, b)
+        if b >= n:
+            out.append(Schedule.full(n))
+            report.append({"budget": b, "chosen": "full"})
+            continue
+        if b == 2:  # one segment from step 0: every estimator is plain reuse of v_0 there
+            out.append(Schedule([0, n - 1], [1], n))
+            report.append({"budget": b, "chosen": "reuse"})
+            continue
+        if not polynomial:
+            out.append(_published_search(rec, [b], gamma, L)[0])
+            report.append({"budget": b, "chosen": "published"})
+            continue
+        if not select:
+            g = graph(rec, "all", L)
+            out.append(joint_solve(g, b, gamma=gamma) if g is not None else _published_search(rec, [b], gamma, L)[0])
+            report.append({"budget": b, "chosen": "joint" if g is not None else "published"})
+            continue
+        procedures = _procedures(families, polynomial)
+        safe = [(name, s) for name, s in safe_candidates(b, n) if set(s.estimators) <= set(families) | {"meancache"}]
+        # every searched candidate is judged on inputs its search did not read: two folds validate every input once
+        errors = {name: torch.zeros(rec.num_inputs, dtype=torch.float64) for name in procedures}
+        for k, (search_idx, val_idx) in enumerate(folds(rec.num_inputs)):
+            srec, vrec = subset(rec, search_idx), subset(rec, val_idx)
+            for name, (joint, solve_one) in procedures.items():
+                g = graph(srec, f"fold{k}", L) if joint else None
+                if joint and g is None:
+                    errors[name][:] = math.inf
+                    continue
+                try:
+                    errors[name][val_idx] = input_errors(vrec, solve_one(srec, g, b, L, gamma))
+                except ValueError:  # no finite path under this gain cap
+                    errors[name][:] = math.inf
+        scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
+        scores.update({name: tail_score(e) for name, e in errors.items()})
+        order = [name for name, _ in safe] + list(procedures)
+        finite = [scores[nm] for nm in order if math.isfinite(scores[nm])]
+        least = min(finite)
+        name = next(nm for nm in order if scores[nm] <= least + COST_RTOL * least)
+        if name in procedures:
+            joint, solve_one = procedures[name]
+            chosen = solve_one(rec, graph(rec, "all", L) if joint else None, b, L, gamma)
+        else:
+            chosen = dict(safe)[name]
+        final, value, kept = _refined(rec, chosen, refine, scorer, progress)
+        out.append(final)
+        report.append({"budget": b, "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()},
+                       "chosen": name, "start": chosen, "refined": kept, "score": value})
+    return out
+
+
+def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> Schedule:
+    """``start`` improved by local moves (:func:`~meancache.calibration.selection.refine`), scored by real runs
+    of the model when ``scorer`` is given, else by the whole-run replay on the recording; never a move that raises
+    the estimate's gain above ``max(min(GAIN_CAPS), gain of start)``. Never worse on the score than ``start``."""
+    if refine == 0:
+        return start, None, 0
+    sig = rec.sigmas
+    limit = max(min(GAIN_CAPS), schedule_gain(start, sig))
+    if scorer is not None:
+        base, per_run = scorer
+        budget_scores = max(1, refine // (start.budget * per_run))
+    else:
+        def base(s):
+            return tail_score(input_errors(rec, s))
+
+        budget_scores = REFINE_SCORES if refine is None else max(1, refine // start.budget)
+
+    def score(s):
+        return base(s) if schedule_gain(s, sig) <= limit else math.inf
+
+    best, value, _ = refine_moves(start, score, max_scores=budget_scores, progress=progress and scorer is not None)
+    kept = sum(1 for a, b in zip(best.compute_steps, start.compute_steps) if a != b) if best != start else 0
+    return best, value, int(best != start) and max(1, kept)
+
+
+def _model_scorer(velocity_fn, inputs, rec: Recording):
+    """``(score, model calls per step)``: :func:`~meancache.calibration.selection.tail_score` of real sampled runs
+    of ``velocity_fn`` from the validation inputs, against the recorded uncached finals."""
+    _, val_idx = validation_split(rec.num_inputs)
+    if isinstance(inputs, torch.Tensor):
+        starts, per_run = [inputs[val_idx]], 1
+    else:
+        starts, per_run = [inputs[i] for i in val_idx], len(val_idx)
+    ref = rec.latents[val_idx, -1].double()
+
+    def score(schedule: Schedule) -> float:
+        with torch.no_grad():
+            outs = [sample(velocity_fn, x, rec.sigmas, schedule).to("cpu", torch.float64) for x in starts]
+        out = torch.cat([o.reshape(-1, *rec.shape) for o in outs])
+        return tail_score(_relative(out, ref))
+
+    return score, per_run
 
 
 def _published_search(rec: Recording, budgets: list[int], gamma, max_len) -> list[Schedule]:

@@ -14,13 +14,19 @@ the search of the shipped presets).
 ``--model digits`` records the embedded digits pipeline (its packaged weights, no download) on its calibration
 noise. Other pipelines are recorded from Python (``meancache.record(pipe, prompts, ...)``, then
 ``Recording.save``), since loading one needs its weights and text encoders.
+
+A bad argument (a number out of its range, a budget the steps and ``--max-len`` cannot hold, an unusable path) is
+one ``meancache calibrate: error: ...`` line on stderr naming the option, the value and the rule, and exit status
+2, before anything is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
+import re
 import sys
 
 import torch
@@ -32,9 +38,16 @@ from .calibrate import record
 from .calibration.joint import DEFAULT_ESTIMATORS
 from .calibration.joint import _check_estimators
 from .calibration.joint import schedule_costs
+from .calibration.search import _check_budgets
+from .calibration.search import _check_gamma
+from .calibration.search import _check_max_len
 from .estimators import ESTIMATORS
 from .schedule import DEFAULT_MAX_SEGMENT
 from .schedule import Schedule
+from .schedule import _check_num_steps
+from .sigmas import as_sigma_list
+from .validation import is_int
+from .validation import is_real
 
 __all__ = ["main", "plot_schedule", "velocity_change"]
 
@@ -142,14 +155,84 @@ def _digits_recording(args) -> Recording:
     from .examples.digits import load_pipeline
     from .examples.digits.calibration import calibration_inputs
 
-    if args.inputs < 1:
-        raise ValueError(f"--inputs {args.inputs}: must be >= 1")
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=args.steps, progress=not args.quiet)
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
     return record(pipe, calibration_inputs(args.inputs), **kwargs)
+
+
+class _OptionError(ValueError):
+    """A command-line value that breaks its rule: the message names the option, the value and the rule."""
+
+
+# The seed of the noise is --seed + 1, and torch.Generator.manual_seed takes 0 .. 2**64 - 1.
+_MAX_SEED = 2**64 - 2
+
+
+def _library_rule(option: str, value, check, *args, given: str = ""):
+    """``check(value, *args)``, a validator of the library, with its ValueError restated for ``option``: the
+    library's ``name=value: rule`` lead becomes ``option value (given): rule``; the rule is the library's."""
+    try:
+        return check(value, *args)
+    except ValueError as exc:
+        rule = re.sub(r"^\w+=\S+: ", "", str(exc))
+        raise _OptionError(f"{option} {value}{f' ({given})' if given else ''}: {rule}") from None
+
+
+def _own_rule(option: str, value, holds: bool, rule: str) -> None:
+    if not holds:
+        raise _OptionError(f"{option} {value}: {rule}")
+
+
+def _check_numbers(args) -> None:
+    """Every numeric option against its rule, before any file is read or anything recorded.
+
+    The rules the library states (max_len, gamma, the step count, budgets against steps and max_len) are checked
+    by the library's own validators, so the command cannot drift from :func:`meancache.calibrate`. The budgets of
+    a --recording are checked against its steps once it is loaded (:func:`_check_budget_options`).
+    """
+    _library_rule("--max-len", args.max_len, _check_max_len)
+    _library_rule("--gamma", args.gamma, _check_gamma)
+    _library_rule("--steps", args.steps, _check_num_steps)
+    for b in args.budget:  # the lower bound now, whatever the source; the upper bound needs the step count
+        _own_rule("--budget", b, is_int(b) and b >= 2, "must be an int >= 2 (the first and the last step)")
+    # the options below feed the flow, the noise or the digits pipeline, whose checks come after minutes of work
+    # or not at all (a negative --inputs ends in a torch traceback)
+    _own_rule("--shift", args.shift, is_real(args.shift) and math.isfinite(args.shift) and args.shift > 0,
+              "must be a finite number > 0 (the time shift of the sigma grid)")
+    if args.flow is not None:
+        from .flows import shifted_sigmas
+
+        try:  # an extreme shift breaks the grid itself (1e-300: sigma_0 = 1e-300 / 0); the sampler's grid rule
+            as_sigma_list(shifted_sigmas(args.steps, args.shift))
+        except ValueError as exc:
+            raise _OptionError(f"--shift {args.shift} (with --steps {args.steps}): the sigma grid breaks its rule: "
+                               f"{exc}") from None
+    _own_rule("--dim", args.dim, is_int(args.dim) and args.dim >= 1, "must be an int >= 1 (the latent size)")
+    _own_rule("--components", args.components, is_int(args.components) and args.components >= 1,
+              "must be an int >= 1 (the mixture components)")
+    if args.inputs is not None:
+        _own_rule("--inputs", args.inputs, is_int(args.inputs) and args.inputs >= 1,
+                  "must be an int >= 1 (calibration inputs, or batches of the ten digits with --model)")
+    _own_rule("--seed", args.seed, is_int(args.seed) and 0 <= args.seed <= _MAX_SEED,
+              f"must be an int in 0..{_MAX_SEED} (the noise is seeded with --seed + 1, torch takes seeds below 2**64)")
+    if args.guidance is not None:
+        # the digits pipeline's own rule (DigitsPipeline.__call__), which it applies only after loading the model
+        _own_rule("--guidance", args.guidance,
+                  is_real(args.guidance) and math.isfinite(args.guidance) and args.guidance >= 1,
+                  "must be a finite number >= 1 (1 = no guidance)")
+    if args.recording is None:  # --flow and --model record exactly --steps steps: the budgets are checked now
+        _check_budget_options(args.budget, args.steps, args.max_len, f"with --steps {args.steps}")
+
+
+def _check_budget_options(budgets: list[int], num_steps: int, max_len: int, steps: str) -> None:
+    """Each budget against the step count and --max-len, by the search's own rule (``_check_budgets``).
+
+    ``steps`` says where ``num_steps`` came from, for the message."""
+    for b in budgets:
+        _library_rule("--budget", b, _check_budgets, num_steps, max_len, given=f"{steps}, --max-len {max_len}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         return fail(f"--estimators {args.estimators}: must be a comma-separated list of {', '.join(ESTIMATORS)}")
     try:
+        _check_numbers(args)
+    except _OptionError as exc:
+        return fail(str(exc))
+    try:
         if args.recording is not None:
             rec = Recording.load(args.recording)
+            _check_budget_options(args.budget, rec.num_steps, args.max_len,
+                                  f"with the recording's {rec.num_steps} steps")
         elif args.model is not None:
             args.inputs = 4 if args.inputs is None else args.inputs
             rec = _digits_recording(args)

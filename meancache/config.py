@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Callable
 from typing import Hashable
 
-from .online import OnlinePlan
 from .schedule import Schedule
+from .validation import is_int
+from .validation import is_real
 
 __all__ = ["MeanCacheConfig"]
 
@@ -39,6 +40,10 @@ class MeanCacheConfig:
         output_sign: modules: ``-1`` when the model predicts ``-dx/dsigma`` (Z-Image).
         branch_fn: modules: ``branch_fn(args, kwargs) -> key`` naming the guidance branch of a call.
 
+    Integer fields take any integer (numpy integers too, ``bool`` not), real fields any real number (``bool`` not):
+    the rule of :func:`meancache.validation.is_int` / :func:`~meancache.validation.is_real`, as everywhere in the
+    package. Valid numpy scalars are stored as Python ``int`` / ``float``.
+
     Raises:
         ValueError: from :meth:`validate`, naming the field, the value and the rule.
 
@@ -65,6 +70,16 @@ class MeanCacheConfig:
     output_sign: float = 1.0
     branch_fn: Callable[[tuple, dict], Hashable] | None = None
 
+    def __post_init__(self):
+        # Numpy scalars pass the checks; storing them as Python numbers keeps every consumer downstream (the online
+        # plan, the schedule constructors, log lines) from having to accept them again. Invalid values are left as
+        # they are, for validate() to name.
+        for name, ok, cast in (("budget", is_int, int), ("tolerance", is_real, float),
+                               ("timestep_scale", is_real, float), ("output_sign", is_real, float)):
+            value = getattr(self, name)
+            if ok(value) and type(value) is not cast:
+                object.__setattr__(self, name, cast(value))
+
     def replace(self, **changes) -> "MeanCacheConfig":
         """A copy with ``changes``; unknown names raise ``TypeError`` naming them."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -76,9 +91,7 @@ class MeanCacheConfig:
         """Check every field (and the module-only ones against ``for_pipeline``); returns ``self``."""
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(f"schedule is a {type(self.schedule).__name__}: must be a meancache.Schedule")
-        if self.budget is not None and (
-            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 2
-        ):
+        if self.budget is not None and (not is_int(self.budget) or self.budget < 2):
             raise ValueError(f"budget={self.budget!r}: must be an int >= 2")
         if self.schedule is not None and self.budget is not None and self.budget != self.schedule.budget:
             raise ValueError(
@@ -91,8 +104,9 @@ class MeanCacheConfig:
         if self.mode == "online":
             if self.schedule is not None:
                 raise ValueError("mode='online' decides the compute steps itself: pass budget=, not schedule=")
-            if self.tolerance is not None:
-                OnlinePlan(2, 2, self.tolerance)  # the plan's own check names the value and the rule
+            tol = self.tolerance
+            if tol is not None and (not is_real(tol) or not math.isfinite(tol) or tol <= 0):
+                raise ValueError(f"tolerance={tol!r}: must be a finite real number > 0 (not a bool)")
         elif self.tolerance is not None:
             raise ValueError("tolerance= applies to mode='online' only")
         elif self.group is not None:
@@ -110,11 +124,11 @@ class MeanCacheConfig:
                 "sigmas=None: accelerate(module) needs the sampler's sigma grid (num_steps + 1 values) to know each "
                 "skipped step's size"
             )
-        if self.output_sign not in (1, -1):
-            raise ValueError(f"output_sign={self.output_sign!r}: must be 1 or -1")
+        if not is_real(self.output_sign) or self.output_sign not in (1, -1):
+            raise ValueError(f"output_sign={self.output_sign!r}: must be the number 1 or -1 (not a bool)")
         scale = self.timestep_scale
-        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"timestep_scale={scale!r}: must be a finite number > 0")
+        if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"timestep_scale={scale!r}: must be a finite real number > 0 (not a bool)")
         for name in ("sigma_fn", "branch_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

@@ -26,6 +26,7 @@ with weights that depend only on sigmas. They are computed here, in float64 on t
 from __future__ import annotations
 
 import math
+from .validation import is_int
 from typing import Sequence
 
 __all__ = [
@@ -140,7 +141,7 @@ def extrapolation_weights(
     """
     if not nodes:
         raise ValueError("nodes=[]: extrapolation needs at least one computed step")
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_EXTRAPOLATION_ORDER:
+    if not is_int(order) or not 1 <= order <= MAX_EXTRAPOLATION_ORDER:
         raise ValueError(f"order={order!r}: must be an int in 1..{MAX_EXTRAPOLATION_ORDER}")
     q = min(order, len(nodes) - 1)
     while q > 0:

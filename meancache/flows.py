@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+from .validation import is_int
+from .validation import is_real
 
 __all__ = ["GaussianMixtureFlow", "shifted_sigmas"]
 
@@ -28,6 +30,8 @@ class GaussianMixtureFlow:
         components: number of mixture components.
         seed: seed of the component means, scales and weights.
         spread: scale of the means (larger means more curved trajectories).
+        scale: standard deviation of every component; None (default): drawn per component in 0.15..0.5. Narrow
+            components with distant means make sharp flows, whose trajectories turn late and fast.
 
     Example:
         >>> import torch
@@ -36,13 +40,18 @@ class GaussianMixtureFlow:
         torch.Size([2, 4])
     """
 
-    def __init__(self, dim: int = 16, components: int = 8, seed: int = 0, spread: float = 2.0):
+    def __init__(self, dim: int = 16, components: int = 8, seed: int = 0, spread: float = 2.0,
+                 scale: float | None = None):
         if dim < 1 or components < 1:
             raise ValueError(f"dim={dim}, components={components}: both must be >= 1")
+        if scale is not None and not (is_real(scale) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale={scale!r}: must be None or a number > 0")
         g = torch.Generator().manual_seed(seed)
         self.dim = dim
         self.means = spread * torch.randn(components, dim, generator=g, dtype=torch.float64)
         self.scales = 0.15 + 0.35 * torch.rand(components, generator=g, dtype=torch.float64)
+        if scale is not None:  # drawn anyway, so the weights are the same draws as with scale=None
+            self.scales = torch.full_like(self.scales, float(scale))
         self.log_weights = torch.log_softmax(torch.randn(components, generator=g, dtype=torch.float64), 0)
         self.calls = 0
 
@@ -78,8 +87,11 @@ def shifted_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
         >>> shifted_sigmas(4, shift=1.0).tolist()
         [1.0, 0.75, 0.5, 0.25, 0.0]
     """
-    if num_steps < 1 or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"num_steps={num_steps}, shift={shift}: need num_steps >= 1 and shift > 0")
+    if not is_int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
+    if not is_real(shift) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift={shift!r}: must be a finite number > 0")
+    num_steps = int(num_steps)
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     s = shift * t / (1.0 + (shift - 1.0) * t)
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])

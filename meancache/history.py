@@ -15,6 +15,7 @@ import torch
 
 from ._limits import MAX_ORDER
 from .estimators import MAX_TERMS
+from .validation import is_int
 
 __all__ = ["History", "history_dtype"]
 
@@ -30,6 +31,12 @@ def history_dtype(latent_dtype: torch.dtype) -> torch.dtype:
     if not latent_dtype.is_floating_point:
         raise ValueError(f"latents dtype={latent_dtype}: must be a floating-point dtype")
     return torch.float64 if latent_dtype == torch.float64 else torch.float32
+
+
+def _outside_inference_mode() -> bool:
+    """True outside ``torch.inference_mode``; False while torch.compile traces (dynamo refuses the query, and a
+    compiled loop never meets a ring made under inference mode: its storage is allocated before tracing)."""
+    return not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
 
 
 class History:
@@ -55,12 +62,12 @@ class History:
     """
 
     def __init__(self, capacity: int = MAX_ORDER, depth: int = 0):
-        if not isinstance(capacity, int) or not 1 <= capacity <= MAX_ORDER:
+        if not is_int(capacity) or not 1 <= capacity <= MAX_ORDER:
             raise ValueError(f"capacity={capacity!r}: must be an int in 1..{MAX_ORDER}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= MAX_TERMS:
+        if not is_int(depth) or not 0 <= depth <= MAX_TERMS:
             raise ValueError(f"depth={depth!r}: must be an int in 0..{MAX_TERMS}")
-        self.capacity = capacity
-        self.depth = depth
+        self.capacity = int(capacity)
+        self.depth = int(depth)
         self.count = 0
         self.xs: torch.Tensor | None = None
         self.vs: torch.Tensor | None = None
@@ -154,7 +161,7 @@ class History:
         Raises ValueError when the latent's shape, device or dtype changes in the middle of a trajectory.
         """
         dtype = history_dtype(x.dtype)
-        if not torch.is_inference_mode_enabled():
+        if _outside_inference_mode():
             self._leave_inference()
         if self.xs is None or self.xs.shape[1:] != x.shape or self.xs.device != x.device or self.xs.dtype != dtype:
             if self.count:
@@ -198,7 +205,7 @@ class History:
             [0.5, 0.5, 0.5]
         """
         if self.xs is not None:
-            if not torch.is_inference_mode_enabled():
+            if _outside_inference_mode():
                 self._leave_inference()
             self.xs.add_(delta.to(self.xs.dtype))
 

@@ -30,6 +30,7 @@ from .schedule import Schedule
 from .sigmas import as_sigma_list
 from .validation import check_latents
 from .validation import check_velocity
+from .validation import is_real
 
 __all__ = ["MeanCacheController", "RunStats", "install", "is_accelerated", "disable_module", "ATTRIBUTE"]
 
@@ -158,7 +159,11 @@ class MeanCacheController:
                     )
                 value = lo / cfg.timestep_scale
             else:
+                if not is_real(t):
+                    raise ValueError(f"{cfg.timestep_arg}={t!r}: must be a tensor or a real number (bool excluded)")
                 value = float(t) / cfg.timestep_scale
+        if not isinstance(value, torch.Tensor) and not is_real(value):
+            raise ValueError(f"sigma={value!r} read from the call: must be a real number (bool excluded)")
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"sigma={value} read from the call is not finite")

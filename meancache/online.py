@@ -45,6 +45,8 @@ from .estimators import ESTIMATORS
 from .estimators import MAX_EXTRAPOLATION_ORDER
 from .schedule import Schedule
 from .schedule import StepPlan
+from .validation import is_int
+from .validation import is_real
 
 __all__ = ["OnlinePlan", "DEFAULT_TOLERANCE"]
 
@@ -100,19 +102,20 @@ class OnlinePlan:
 
     def __init__(self, budget: int, num_steps: int, tolerance: float = DEFAULT_TOLERANCE, group=None,
                  estimator: str = "predict", order: int | None = None):
-        if not isinstance(num_steps, int) or num_steps < 2:
+        if not is_int(num_steps) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r}: must be an int >= 2")
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 2 <= budget:
+        if not is_int(budget) or not 2 <= budget:
             raise ValueError(f"budget={budget!r}: must be an int >= 2")
-        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        if not (is_real(tolerance) and math.isfinite(tolerance) and tolerance > 0):
             raise ValueError(f"tolerance={tolerance!r}: must be a finite number > 0")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(ESTIMATORS)}")
         if order is None:
             order = ONLINE_ORDER if estimator == "meancache" else ONLINE_POLYNOMIAL_ORDER
         top = MAX_ORDER if estimator == "meancache" else MAX_EXTRAPOLATION_ORDER  # predict: as extrapolate
-        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top:
+        if not is_int(order) or not 1 <= order <= top:
             raise ValueError(f"order={order!r}: the {estimator} estimator takes an int in 1..{top}")
+        num_steps, budget, order = int(num_steps), int(budget), int(order)  # numpy integers as Python ints
         self.estimator = estimator
         self.order = order
         self.budget = min(budget, num_steps)

@@ -17,10 +17,11 @@ implementation). CPU tensors run the pure-torch reference; CUDA tensors run the 
 
 Every call is validated before any work, on every path (eager, fake tensors, the backend kernels): the ring's two
 halves share one ``(C, *x.shape)`` shape, dtype and device with x; ``0 <= step`` and ``1 <= k <= min(step, C)``;
-no input overlaps the ring slot the call writes. Bad input raises ValueError naming the argument, its value and the
-rule. While autograd records (grad mode on, an input requiring grad) the ops run as the reference's torch ops on
-any device, so they are differentiable in ``x``, ``v`` and the ring's logged entries; otherwise they run the fused
-backend.
+every ring row read holds a step already logged (steps ``max(0, step - C) .. step - 1``); sigmas, scales and weights
+are finite host numbers; no input overlaps the ring slot the call writes. Bad input raises ValueError naming the
+argument, its value and the rule. While autograd records (grad mode on, an input requiring grad) the ops run as the
+reference's torch ops on any device, so they are differentiable in ``x``, ``v`` and the ring's logged entries;
+otherwise they run the fused backend.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .reference import estimate_ref
 from .reference import skip_step_ref
 from .reference import step_scalars
 from .reference import weighted_step_ref
+from .validation import is_int
+from .validation import is_real
 from ._limits import MAX_ORDER
 
 __all__ = ["skip_step", "compute_step", "estimate", "weighted_step"]
@@ -78,16 +81,49 @@ def _host_int(op: str, name: str, value):
     """
     if isinstance(value, torch.SymInt):
         return value
-    if isinstance(value, (bool, torch.Tensor)):
-        # a bool is almost certainly a mistake; a tensor would need a device read (a sync) to become a slot
-        raise ValueError(f"{op}: {name}={value!r}: must be a Python int, not a {type(value).__name__}")
-    try:
+    if type(value) is not int:  # a plain int (every engine call) skips the ABC lookup
+        # the package's one rule for integers (numpy integers count, bool does not); a tensor would need a device
+        # read (a sync) to become a slot, so it is refused like any other non-integer
+        if not is_int(value):
+            raise ValueError(f"{op}: {name}={value!r}: must be a Python int, not a {type(value).__name__}")
         value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{op}: {name}={value!r}: must be a Python int, not a {type(value).__name__}") from None
     if not _INT64[0] <= value <= _INT64[1]:
         raise ValueError(f"{op}: {name}={value}: must fit in int64")
     return value
+
+
+def _host_real(op: str, name: str, value):
+    """``value`` as a host float, or ValueError naming it: the package's rule for real numbers (numpy scalars count,
+    ``bool`` does not). A 0-d tensor is refused too: reading it would synchronise the device on every step."""
+    if type(value) is float or isinstance(value, torch.SymFloat):  # every engine call: no ABC lookup
+        return value
+    if not is_real(value):
+        raise ValueError(f"{op}: {name}={value!r}: must be a real number (int or float), not a {type(value).__name__}")
+    return float(value)
+
+
+def _host_list(op: str, name: str, values) -> list:
+    """A host list of ``values``: a tensor would need a device read (a sync) per step, and a string is one value."""
+    if not isinstance(values, (str, bytes, torch.Tensor)):
+        try:
+            return list(values)
+        except TypeError:
+            pass
+    raise ValueError(f"{op}: {name}={values!r}: v_slots and v_weights must be lists of host ints and floats")
+
+
+def _host_sigmas(op: str, sigma_start, sigma_now, sigma_next) -> tuple:
+    return (_host_real(op, "sigma_start", sigma_start), _host_real(op, "sigma_now", sigma_now),
+            _host_real(op, "sigma_next", sigma_next))
+
+
+def _check_finite(op: str, *named) -> None:
+    """Host scalars ``(name, value)`` that must be finite: a NaN or inf sigma, step or scale poisons every element
+    the op writes into the ring, and every later step that reads it."""
+    for name, value in named:
+        # a SymFloat (torch.compile with dynamic floats) has no value to test at trace time
+        if not isinstance(value, torch.SymFloat) and not math.isfinite(value):
+            raise ValueError(f"{op}: {name}={value}: must be finite")
 
 
 def _check_ring(op: str, x: torch.Tensor, xs: torch.Tensor, vs: torch.Tensor) -> None:
@@ -228,26 +264,29 @@ def _check_no_alias(op: str, inputs, xs: torch.Tensor, vs: torch.Tensor, step: i
                 refuse(name, ring_name)
 
 
-def _validate_skip(op, x, xs, vs, step, k) -> tuple[int, int, int]:
+def _validate_skip(op, x, xs, vs, step, k, sigmas, out_scale=1.0) -> tuple[int, int, int]:
     """All checks of skip_step / estimate; returns their slots (start, last, write)."""
     _check_ring(op, x, xs, vs)
     slots = _check_window(op, xs, step, k)
+    _check_finite(op, *zip(("sigma_start", "sigma_now", "sigma_next"), sigmas), ("out_scale", out_scale))
     _check_no_alias(op, (("x", x),), xs, vs, step, slots[2])
     return slots
 
 
-def _validate_compute(x, v, xs, vs, step) -> int:
+def _validate_compute(x, v, xs, vs, step, sigma_now, sigma_next) -> int:
     """All checks of compute_step; returns the slot it writes."""
     _check_ring("compute_step", x, xs, vs)
     _check_velocity(x, v)
     _check_step("compute_step", step)
+    _check_finite("compute_step", ("sigma_now", sigma_now), ("sigma_next", sigma_next))
     slot = step % xs.shape[0]
     _check_no_alias("compute_step", (("x", x), ("v", v)), xs, vs, step, slot)
     return slot
 
 
-def _check_terms(op: str, vc, xs, v_slots, v_weights, x_slot, x_weight) -> None:
-    """The weighted step's terms: 1..MAX_TERMS (slot, finite weight) pairs inside their source, the latent slot."""
+def _check_terms(op: str, vc, xs, step, v_slots, v_weights, x_slot, x_weight) -> None:
+    """The weighted step's terms: 1..MAX_TERMS (slot, finite weight) pairs inside their source, the latent slot, and
+    every row read holding a step already logged (as :func:`_check_window` holds skip_step's window)."""
     if not 1 <= len(v_slots) <= MAX_TERMS or len(v_weights) != len(v_slots):
         raise ValueError(
             f"{op}: v_slots={list(v_slots)} and v_weights={list(v_weights)}: need 1..{MAX_TERMS} slots and one "
@@ -263,6 +302,34 @@ def _check_terms(op: str, vc, xs, v_slots, v_weights, x_slot, x_weight) -> None:
             raise ValueError(f"{op}: {name} holds {w}: every weight must be finite")
     if not 0 <= x_slot < xs.shape[0]:
         raise ValueError(f"{op}: x_slot={x_slot}: must be in 0..{xs.shape[0] - 1} (xs.shape[0]={xs.shape[0]})")
+    # Which rows hold data follows from step alone (metadata, no device read). Before step i the ring holds steps
+    # max(0, i - C) .. i - 1, in slots 0 .. min(i, C) - 1 (all of them once i >= C: the written slot then holds
+    # step i - C, read before the write, as skip_step with k = C does). vc fills its rows in order, one per computed
+    # step, and at most i steps were computed before step i, so only rows 0 .. min(i, D) - 1 can hold a velocity.
+    capacity = xs.shape[0]
+    logged = min(step, capacity)
+    held = f"steps {max(0, step - capacity)}..{step - 1} in slots 0..{logged - 1}" if step > 0 else "no step yet"
+    if vc is None:
+        for slot in v_slots:
+            if slot >= logged:
+                raise ValueError(
+                    f"{op}: v_slots entry {slot} at step={step}: vs row {slot} holds no logged step (before step "
+                    f"{step} the ring of C={capacity} holds {held}); a skipped step reads only steps already logged"
+                )
+    else:
+        kept = min(step, rows)
+        for slot in v_slots:
+            if slot >= kept:
+                raise ValueError(
+                    f"{op}: v_slots entry {slot} at step={step}: vc row {slot} holds no computed velocity (vc fills "
+                    f"its {rows} rows in order, one per computed step, and at most {step} steps precede step "
+                    f"{step}, so only rows below {kept} can); a skipped step reads only steps already logged"
+                )
+    if x_weight != 0.0 and x_slot >= logged:  # a left-out latent term (weight 0) reads nothing
+        raise ValueError(
+            f"{op}: x_slot={x_slot} at step={step}: xs row {x_slot} holds no logged step (before step {step} the "
+            f"ring of C={capacity} holds {held}); a skipped step reads only steps already logged"
+        )
 
 
 def _check_computed_store(op: str, x: torch.Tensor, xs: torch.Tensor, vc) -> None:
@@ -281,13 +348,14 @@ def _check_computed_store(op: str, x: torch.Tensor, xs: torch.Tensor, vc) -> Non
         )
 
 
-def _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype) -> int:
+def _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype) -> int:
     """All checks of weighted_step; returns the slot it writes."""
     op = "weighted_step"
     _check_ring(op, x, xs, vs)
     _check_computed_store(op, x, xs, vc)
     _check_step(op, step)
-    _check_terms(op, vc, xs, v_slots, v_weights, x_slot, x_weight)
+    _check_terms(op, vc, xs, step, v_slots, v_weights, x_slot, x_weight)
+    _check_finite(op, ("dt", dt), ("out_scale", out_scale))
     _check_out_dtype(out_dtype, op)
     slot = step % xs.shape[0]
     inputs = (("x", x),) if vc is None else (("x", x), ("vc", vc))
@@ -299,7 +367,7 @@ def _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight
 
 
 def _skip_step_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
-    slots = _validate_skip("skip_step", x, xs, vs, step, k)
+    slots = _validate_skip("skip_step", x, xs, vs, step, k, (sigma_start, sigma_now, sigma_next))
     scalars = step_scalars(sigma_start, sigma_now, sigma_next)
     backend = _backend.select_backend(x)
     if backend == "cuda":
@@ -310,7 +378,7 @@ def _skip_step_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
 
 
 def _compute_step_impl(x, v, xs, vs, step, sigma_now, sigma_next):
-    slot = _validate_compute(x, v, xs, vs, step)
+    slot = _validate_compute(x, v, xs, vs, step, sigma_now, sigma_next)
     dt = sigma_next - sigma_now
     backend = _backend.select_backend(x)
     if backend == "cuda" and v.dtype not in _backend.KERNEL_DTYPES:
@@ -323,7 +391,7 @@ def _compute_step_impl(x, v, xs, vs, step, sigma_now, sigma_next):
 
 
 def _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
-    slots = _validate_skip("estimate", x, xs, vs, step, k)
+    slots = _validate_skip("estimate", x, xs, vs, step, k, (sigma_start, sigma_now, sigma_next), out_scale)
     _check_out_dtype(out_dtype)
     scalars = step_scalars(sigma_start, sigma_now, sigma_next)
     backend = _backend.select_backend(x)
@@ -338,7 +406,7 @@ def _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_s
 
 def _weighted_step_impl(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype,
                         euler):
-    slot = _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype)
+    slot = _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype)
     out_dtype = x.dtype if euler else out_dtype
     args = (list(v_slots), list(v_weights), x_slot, x_weight, slot, dt, out_scale, out_dtype, euler)
     backend = _backend.select_backend(x)
@@ -378,19 +446,19 @@ def _check_ring_writable(op: str, xs: torch.Tensor, vs: torch.Tensor) -> None:
 
 
 def _skip_step_autograd(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
-    slots = _validate_skip("skip_step", x, xs, vs, step, k)
+    slots = _validate_skip("skip_step", x, xs, vs, step, k, (sigma_start, sigma_now, sigma_next))
     _check_ring_writable("skip_step", xs, vs)
     return skip_step_ref(x, xs, vs, *slots, *step_scalars(sigma_start, sigma_now, sigma_next))
 
 
 def _compute_step_autograd(x, v, xs, vs, step, sigma_now, sigma_next):
-    slot = _validate_compute(x, v, xs, vs, step)
+    slot = _validate_compute(x, v, xs, vs, step, sigma_now, sigma_next)
     _check_ring_writable("compute_step", xs, vs)
     return compute_step_ref(x, v, xs, vs, slot, sigma_next - sigma_now)
 
 
 def _estimate_autograd(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
-    slots = _validate_skip("estimate", x, xs, vs, step, k)
+    slots = _validate_skip("estimate", x, xs, vs, step, k, (sigma_start, sigma_now, sigma_next), out_scale)
     _check_out_dtype(out_dtype)
     _check_ring_writable("estimate", xs, vs)
     scalars = step_scalars(sigma_start, sigma_now, sigma_next)
@@ -399,7 +467,7 @@ def _estimate_autograd(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, o
 
 def _weighted_step_autograd(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype,
                             euler):
-    slot = _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype)
+    slot = _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype)
     _check_ring_writable("weighted_step", xs, vs)
     out_dtype = x.dtype if euler else out_dtype
     return weighted_step_ref(x, xs, vs, vc, list(v_slots), list(v_weights), x_slot, x_weight, slot, dt, out_scale,
@@ -444,26 +512,26 @@ for _name, _differentiable, _rings in (("skip_step", _skip_step_autograd, (1, 2)
 
 @torch.library.register_fake("meancache::skip_step")
 def _skip_step_fake(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next):
-    _validate_skip("skip_step", x, xs, vs, step, k)
+    _validate_skip("skip_step", x, xs, vs, step, k, (sigma_start, sigma_now, sigma_next))
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("meancache::compute_step")
 def _compute_step_fake(x, v, xs, vs, step, sigma_now, sigma_next):
-    _validate_compute(x, v, xs, vs, step)
+    _validate_compute(x, v, xs, vs, step, sigma_now, sigma_next)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("meancache::estimate")
 def _estimate_fake(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, out_dtype):
-    _validate_skip("estimate", x, xs, vs, step, k)
+    _validate_skip("estimate", x, xs, vs, step, k, (sigma_start, sigma_now, sigma_next), out_scale)
     _check_out_dtype(out_dtype)
     return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
 @torch.library.register_fake("meancache::weighted_step")
 def _weighted_step_fake(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype, euler):
-    _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, out_dtype)
+    _validate_weighted(x, xs, vs, vc, step, v_slots, v_weights, x_slot, x_weight, dt, out_scale, out_dtype)
     return torch.empty(x.shape, dtype=x.dtype if euler else out_dtype, device=x.device)
 
 
@@ -511,7 +579,8 @@ def skip_step(
 
     Raises:
         ValueError: mismatched shapes/devices/dtypes between ``x``, ``xs`` and ``vs``; ``step`` or ``k`` not an
-            int64 Python int; ``step < 0`` or ``k`` outside ``1..min(step, C)``; ``x`` overlapping the ring slot
+            int64 integer (numpy integers count, bool does not); ``step < 0`` or ``k`` outside ``1..min(step, C)``;
+            a sigma that is not a finite real number (a bool or a tensor is not); ``x`` overlapping the ring slot
             being written. Checked from metadata only, before any work.
 
     Example:
@@ -521,6 +590,7 @@ def skip_step(
         tensor([-0.1250, -0.1250, -0.1250])
     """
     step, k = _host_int("skip_step", "step", step), _host_int("skip_step", "k", k)
+    sigma_start, sigma_now, sigma_next = _host_sigmas("skip_step", sigma_start, sigma_now, sigma_next)
     if _direct(x, xs, vs):
         return _skip_step_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next)
     return torch.ops.meancache.skip_step(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next)
@@ -553,6 +623,8 @@ def compute_step(
         tensor([0.5000, 0.5000])
     """
     step = _host_int("compute_step", "step", step)
+    sigma_now = _host_real("compute_step", "sigma_now", sigma_now)
+    sigma_next = _host_real("compute_step", "sigma_next", sigma_next)
     if _direct(x, xs, vs, v):
         return _compute_step_impl(x, v, xs, vs, step, sigma_now, sigma_next)
     return torch.ops.meancache.compute_step(x, v, xs, vs, step, sigma_now, sigma_next)
@@ -586,6 +658,8 @@ def estimate(
     """
     dtype = x.dtype if out_dtype is None else out_dtype
     step, k = _host_int("estimate", "step", step), _host_int("estimate", "k", k)
+    sigma_start, sigma_now, sigma_next = _host_sigmas("estimate", sigma_start, sigma_now, sigma_next)
+    out_scale = _host_real("estimate", "out_scale", out_scale)
     if _direct(x, xs, vs):
         return _estimate_impl(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, dtype)
     return torch.ops.meancache.estimate(x, xs, vs, step, k, sigma_start, sigma_now, sigma_next, out_scale, dtype)
@@ -619,11 +693,15 @@ def weighted_step(
         vc: computed velocities ``(D, *S)`` (D <= 6) in the ring's dtype, read only, or None to read the velocity
             terms from ``vs``.
         step: index i of this step (it writes ring slot ``step % C``).
-        v_slots, v_weights: 1..4 rows of V (ints) and their weights (finite floats).
-        x_slot, x_weight: the latent term's ring slot and weight (``x_weight = 0`` leaves the term out).
-        dt: ``sigma_next - sigma_now``.
-        out_scale, out_dtype: scale and dtype of the returned estimate when ``euler`` is False (``out_dtype``
-            defaults to ``x.dtype``).
+        v_slots, v_weights: 1..4 rows of V (ints) and their weights (finite floats). Each row must hold data
+            already logged: with ``vc`` None a ring slot of steps ``max(0, step - C) .. step - 1``, i.e. a slot below
+            ``min(step, C)``; with ``vc`` a row below ``min(step, D)`` (its rows fill in order, one per computed step,
+            and at most ``step`` steps precede this one).
+        x_slot, x_weight: the latent term's ring slot and weight (``x_weight = 0`` leaves the term out and its row
+            unread; otherwise ``x_slot`` obeys the ring rule above).
+        dt: ``sigma_next - sigma_now``, finite.
+        out_scale, out_dtype: scale (finite) and dtype of the returned estimate when ``euler`` is False
+            (``out_dtype`` defaults to ``x.dtype``).
         euler: return x_{i+1} (True) or the estimate (False).
 
     Returns:
@@ -631,26 +709,23 @@ def weighted_step(
 
     Raises:
         ValueError: as :func:`skip_step`, plus: slot and weight lists of different length or outside 1..4 terms,
-            a slot outside its source, a non-finite weight, ``vc`` not shaped ``(D, *S)`` like the ring, or ``vc``
-            overlapping the ring slot being written. Checked from metadata only, before any work.
+            a slot outside its source or holding no logged step yet, a non-finite weight, ``dt`` or ``out_scale``,
+            ``vc`` not shaped ``(D, *S)`` like the ring, or ``vc`` overlapping the ring slot being written. Checked
+            from metadata only, before any work.
 
     Example:
         >>> import torch, meancache.ops as ops
         >>> xs, vs = torch.zeros(2, 3), torch.zeros(2, 3)
-        >>> vc = torch.tensor([[1.0] * 3, [2.0] * 3])  # the last two computed velocities
-        >>> ops.weighted_step(torch.zeros(3), xs, vs, vc, 1, [0, 1], [-1.0, 2.0], dt=-0.5)
+        >>> vc = torch.tensor([[1.0] * 3, [2.0] * 3])  # the velocities of computed steps 0 and 1
+        >>> ops.weighted_step(torch.zeros(3), xs, vs, vc, 2, [0, 1], [-1.0, 2.0], dt=-0.5)
         tensor([-1.5000, -1.5000, -1.5000])
     """
     op = "weighted_step"
     step, x_slot = _host_int(op, "step", step), _host_int(op, "x_slot", x_slot)
-    if isinstance(v_slots, (str, bytes, torch.Tensor)) or isinstance(v_weights, (str, bytes, torch.Tensor)):
-        raise ValueError(f"{op}: v_slots and v_weights must be lists of host ints and floats")
-    v_slots = [_host_int(op, "v_slots entry", s) for s in v_slots]
-    try:
-        v_weights = [float(w) for w in v_weights]
-        x_weight, dt, out_scale = float(x_weight), float(dt), float(out_scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{op}: v_weights={v_weights!r}, x_weight, dt and out_scale must be host floats") from None
+    v_slots = [_host_int(op, "v_slots entry", s) for s in _host_list(op, "v_slots", v_slots)]
+    v_weights = [_host_real(op, "v_weights entry", w) for w in _host_list(op, "v_weights", v_weights)]
+    x_weight, dt = _host_real(op, "x_weight", x_weight), _host_real(op, "dt", dt)
+    out_scale = _host_real(op, "out_scale", out_scale)
     if not isinstance(euler, bool):
         raise ValueError(f"{op}: euler={euler!r}: must be True or False")
     dtype = x.dtype if out_dtype is None else out_dtype

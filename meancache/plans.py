@@ -27,6 +27,7 @@ from .schedule import Schedule
 from .schedule import StepPlan
 from .schedule import fit_steps
 from .schedule import preset_names
+from .validation import is_int
 
 __all__ = ["StaticPlan", "plan_for", "default_budget", "family_of", "FAMILIES", "PRESET_STEPS"]
 
@@ -81,6 +82,8 @@ class StaticPlan:
             self.window = schedule.window
             self.depth = schedule.depth
         else:
+            if not is_int(num_steps) or num_steps < 1:
+                raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
             self.num_steps = int(num_steps)
             self._steps = (StepPlan(True, 0),) * self.num_steps
             self.window = 1

@@ -116,8 +116,8 @@ class Schedule:
         estimators: Iterable[str] | None = None,
     ):
         _check_num_steps(num_steps)
-        steps = _as_tuple(compute_steps, "compute_steps")
-        ks = _as_tuple(orders, "orders")
+        steps = _as_tuple(compute_steps, "compute_steps", "a sequence of ints (the computed step indices)")
+        ks = _as_tuple(orders, "orders", "a sequence of ints (one order per segment)")
         bad = [s for s in steps if not is_int(s)]
         if bad:
             raise ValueError(f"compute_steps={list(steps)}: every entry must be an int, got {bad[0]!r}")
@@ -150,7 +150,8 @@ class Schedule:
         if estimators is None:
             names = ("meancache",) * len(ks)
         else:
-            names = _as_tuple(estimators, "estimators")
+            names = _as_tuple(estimators, "estimators", f"a sequence of estimator names ({', '.join(ESTIMATORS)}), "
+                              "one per segment, or None")
             if len(names) != len(ks):
                 raise ValueError(
                     f"estimators={list(names)}: length {len(names)} != budget - 1 = {budget - 1} (one estimator per "
@@ -343,8 +344,9 @@ class Schedule:
         if fmt != SCHEDULE_FORMAT:
             raise ValueError(f"format={fmt!r}: not a meancache schedule (expected {SCHEDULE_FORMAT!r})")
         version = data.get("version")
-        # `true == 1` in Python, so the type is checked too: a JSON boolean is not a version number
-        if isinstance(version, bool) or version not in _READ_VERSIONS:
+        # `true == 1` and `2.0 == 2` in Python, so the type is checked too: the package's integer rule (is_int), as
+        # for every other integer field of the file
+        if not is_int(version) or version not in _READ_VERSIONS:
             raise ValueError(
                 f"version={version!r}: this meancache reads schedule format versions "
                 f"{', '.join(map(str, _READ_VERSIONS))} (an integer)"
@@ -561,13 +563,14 @@ def fit_steps(schedule: Schedule, num_steps: int) -> Schedule:
     return schedule.resample(num_steps)
 
 
-def _as_tuple(values, name: str) -> tuple:
+def _as_tuple(values, name: str, rule: str) -> tuple:
+    # a string is iterable, but as one name (or digits) it is never the sequence meant, so it gets the rule too
     if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name}={values!r}: must be a sequence of ints")
+        raise ValueError(f"{name}={values!r}: must be {rule} (got {type(values).__name__})")
     try:
         return tuple(values)
     except TypeError:
-        raise ValueError(f"{name}={values!r}: must be a sequence of ints") from None
+        raise ValueError(f"{name}={values!r}: must be {rule} (got {type(values).__name__})") from None
 
 
 def _check_num_steps(num_steps) -> None:
@@ -673,8 +676,11 @@ def _preset_tables() -> dict:
             continue
         data = json.loads(entry.read_text(encoding="utf-8"))
         version = data.get("version")
-        if data.get("format") != PRESET_FORMAT or isinstance(version, bool) or version not in _READ_VERSIONS:
-            raise ValueError(f"{entry.name}: not a meancache preset file of version 1 or 2")
+        if data.get("format") != PRESET_FORMAT or not is_int(version) or version not in _READ_VERSIONS:
+            raise ValueError(
+                f"{entry.name}: format={data.get('format')!r}, version={version!r}: not a meancache preset file of "
+                "version 1 or 2 (an integer)"
+            )
         n = data["num_steps"]
         by_budget = {}
         for key, table in data["schedules"].items():

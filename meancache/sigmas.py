@@ -6,6 +6,7 @@ import math
 from typing import Sequence
 
 import torch
+from .validation import is_real
 
 __all__ = ["as_sigma_list"]
 
@@ -40,10 +41,17 @@ def as_sigma_list(sigmas: Sequence[float] | torch.Tensor, num_steps: int | None 
             raise ValueError(f"sigmas dtype={sigmas.dtype}: must be a real floating-point (or integer) tensor")
         values = [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()]
     else:
+        if isinstance(sigmas, (str, bytes)):
+            raise ValueError(f"sigmas={sigmas!r}: must be a 1-D tensor or a sequence of floats")
         try:
-            values = [float(s) for s in sigmas]
-        except (TypeError, ValueError):
+            items = list(sigmas)
+        except TypeError:
             raise ValueError(f"sigmas={sigmas!r}: must be a 1-D tensor or a sequence of floats") from None
+        # a bool or a numeric string is a caller's bug, not a noise level
+        wrong = next(((i, s) for i, s in enumerate(items) if not is_real(s)), None)
+        if wrong is not None:
+            raise ValueError(f"sigmas[{wrong[0]}]={wrong[1]!r}: every sigma must be a real number (bool excluded)")
+        values = [float(s) for s in items]
     if num_steps is not None and len(values) != num_steps + 1:
         raise ValueError(
             f"sigmas has {len(values)} values but the schedule has num_steps={num_steps}; "

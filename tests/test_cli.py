@@ -44,7 +44,7 @@ def test_calibrate_a_saved_recording_and_errors(tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert cli.main(["calibrate", "--recording", str(tmp_path / "rec.pt"), "--budget", "1", "--out",
                      str(tmp_path)]) == 2
-    assert "budget=1" in capsys.readouterr().err
+    assert "--budget 1: must be an int >= 2" in capsys.readouterr().err
     assert isinstance(Recording.load(tmp_path / "rec.pt"), Recording)
 
 

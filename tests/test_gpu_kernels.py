@@ -584,8 +584,9 @@ def test_weighted_published_form_matches_skip_step(dtype, backend, monkeypatch):
 
 def _w_loop(x, xs, vs, vc, steps=8):
     """A few weighted steps reading vc and the ring (published form once the window is there): graph material."""
-    for i in range(steps):
-        if i >= 4:
+    # from step 4 on: the vc form reads rows 0..3, which only a step >= 4 may (weighted_step's written-rows rule)
+    for i in range(4, 4 + steps):
+        if i >= 8:
             start, last = (i - 4) % xs.shape[0], (i - 1) % xs.shape[0]
             x = ops.weighted_step(x, xs, vs, None, i, [start, last], [_W_START, _W_LAST], start, _W_X, W_DT)
         else:

@@ -17,8 +17,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "meancache"
 
 #: Lowest first. Within one layer no module imports another (each layer's modules are independent).
 LAYERS = [
-    # leaves: constants and small checks, analytic flows, the estimators' host-side weights
-    {"_limits", "sigmas", "validation", "outputs", "flows", "estimators"},
+    {"_limits", "validation"},  # leaves: constants and the argument checks every layer shares
+    # grid checks, output structures, analytic flows, the estimators' host-side weights
+    {"sigmas", "outputs", "flows", "estimators"},
     {"hooks"},  # diffusers glue (diffusers imported lazily)
     {"_backend", "reference", "kernels", "_C"},  # the backends behind the ops
     {"ops"},  # the fused steps, one torch.library op each

@@ -391,9 +391,10 @@ def _bad_cases():
         ("negative-x-slot", kw(x_slot=-1), rf"{op}: x_slot=-1: must be in 0..5"),
         ("x-slot-float", kw(x_slot=1.0), rf"{op}: x_slot=1.0: must be a Python int, not a float"),
         ("slot-entry-float", kw(v_slots=[0, 1.5]), rf"{op}: v_slots entry=1.5: must be a Python int, not a float"),
-        ("slots-tensor", kw(v_slots=torch.tensor([0, 1])), rf"{op}: v_slots and v_weights must be lists of host ints"),
-        ("weights-str", kw(v_weights=["a", "b"]), rf"{op}: v_weights=\['a', 'b'\], x_weight, dt and out_scale must "
-                                                  r"be host floats"),
+        ("slots-tensor", kw(v_slots=torch.tensor([0, 1])),
+         rf"{op}: v_slots=tensor\(\[0, 1\]\): v_slots and v_weights must be lists of host ints"),
+        ("weights-str", kw(v_weights=["a", "b"]),
+         rf"{op}: v_weights entry='a': must be a real number \(int or float\), not a str"),
         ("euler-int", kw(euler=1), rf"{op}: euler=1: must be True or False"),
         ("step-negative", kw(step=-1), rf"{op}: step=-1: must be >= 0"),
         ("step-bool", kw(step=True), rf"{op}: step=True: must be a Python int, not a bool"),

@@ -40,6 +40,7 @@ from ..schedule import DEFAULT_MAX_SEGMENT
 from ..schedule import MAX_ORDER
 from ..schedule import Schedule
 from ..validation import is_int
+from ..validation import is_real
 from .recording import Recording
 from .recording import record  # noqa: F401  (the doctests build recordings with it)
 from .search import COST_RTOL
@@ -119,8 +120,9 @@ def _as_nodes(nodes, n: int) -> torch.Tensor:
 
 
 def extrapolation_costs(
-    recording: Recording, nodes, *, order: int, max_len: int = DEFAULT_MAX_SEGMENT, estimator: str = "extrapolate"
-) -> torch.Tensor:
+    recording: Recording, nodes, *, order: int, max_len: int = DEFAULT_MAX_SEGMENT, estimator: str = "extrapolate",
+    with_gain: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Deviation cost of ``extrapolate`` (or ``predict``: ``estimator=``) segments of order ``order``, given their
     nodes: one row per segment start.
 
@@ -152,9 +154,14 @@ def extrapolation_costs(
         estimator: ``"extrapolate"`` (the polynomial's mean over each step) or ``"predict"`` (its value at the
             step's start).
 
+        with_gain: also return each segment's *gain*: the largest ``sum_j |w_j(i)|`` over its skipped steps, the
+            factor by which the estimate can amplify an error in the velocities it reads (at run time those are
+            the model's velocities on the cached trajectory, not the reference's).
+
     Returns:
         float64 ``(S, min(max_len, N - 1) + 1)``: ``[s, L]`` is the cost of ``a_s -> a_s + L``; ``0`` for
-        ``L = 1`` (nothing is estimated), ``inf`` for ``L = 0`` and where ``a_s + L > N - 1``.
+        ``L = 1`` (nothing is estimated), ``inf`` for ``L = 0`` and where ``a_s + L > N - 1``. With
+        ``with_gain``, a pair ``(cost, gain)`` of that shape (gain 1 where nothing is estimated).
 
     Example:
         >>> import torch
@@ -176,9 +183,10 @@ def extrapolation_costs(
     out = torch.full((table.shape[0], length + 1), math.inf, dtype=torch.float64)
     if table.shape[0] == 0:
         return out
+    gain = torch.ones_like(out)
     out[table[:, -1] <= n - 2, 1] = 0.0
     if length < 2:
-        return out
+        return (out, gain) if with_gain else out
     sig = recording.sigmas
     p = recording.num_inputs
     lat = recording.latents.reshape(p, n + 1, -1)
@@ -207,7 +215,10 @@ def extrapolation_costs(
                     flat.extend([0.0] * (m - q - 1))
                     flat.extend(w)
             dt = torch.tensor([sig[i + 1] - sig[i] for i in steps], dtype=torch.float64)
-            weights = torch.tensor(flat, dtype=torch.float64).view(len(sub), len(steps), m) * dt[None, :, None]
+            weights = torch.tensor(flat, dtype=torch.float64).view(len(sub), len(steps), m)
+            # the gain of a -> a + t + 2: the largest sum |w| over its skipped steps a + 1 .. a + t + 1
+            gain[which, 2 : reach + 1] = weights.abs().sum(dim=2).cummax(dim=1).values
+            weights = weights * dt[None, :, None]
             cum = weights.cumsum(dim=1)  # [:, t] is W_j of the segment a -> a + t + 2
             ends = torch.arange(a + 2, a + reach + 1)
             base = lat64[a + 1][None, :] - lat64[ends]  # x_{a+1} - x_b, (I, P * D)
@@ -229,7 +240,7 @@ def extrapolation_costs(
             err = torch.where(err <= floor[ends][None, :], 0.0, err)
             h = torch.tensor([sig[a] - sig[b] for b in ends.tolist()], dtype=torch.float64)[None, :]
             out[which, 2 : reach + 1] = torch.where(h > 0, err / torch.where(h > 0, h, 1.0), err)
-    return out
+    return (out, gain) if with_gain else out
 
 
 # -- the states of the exact DP --------------------------------------------------------------------------------------
@@ -281,9 +292,10 @@ class JointCosts:
     """
 
     __slots__ = ("num_steps", "max_len", "depth", "estimators", "states", "src", "dst", "length", "cost",
-                 "estimator", "order", "_candidates", "_labels")
+                 "estimator", "order", "max_gain", "_candidates", "_labels", "_gains")
 
-    def __init__(self, num_steps, max_len, depth, estimators, states, src, dst, length, candidates, labels):
+    def __init__(self, num_steps, max_len, depth, estimators, states, src, dst, length, candidates, labels,
+                 gains=None, max_gain=None):
         self.num_steps = num_steps
         self.max_len = max_len
         self.depth = depth
@@ -295,12 +307,19 @@ class JointCosts:
         # every candidate's cost per segment, kept so that restricted() prices nothing twice
         self._candidates = candidates
         self._labels = labels
-        self.cost, self.estimator, self.order = _choose(candidates, labels, length)
+        # each candidate's gain per segment (1 for the published estimator, whose weights are positive and sum
+        # to one); a polynomial candidate above max_gain is not offered
+        self._gains = torch.ones_like(candidates) if gains is None else gains
+        self.max_gain = max_gain
+        offered = candidates if max_gain is None else torch.where(self._gains <= max_gain, candidates, math.inf)
+        self.cost, self.estimator, self.order = _choose(offered, labels, length)
 
-    def restricted(self, estimators: Sequence[str]) -> "JointCosts":
-        """The same graph with only ``estimators`` among the candidates: what :func:`joint_costs` would build for
-        them, without pricing any segment again. They must include a polynomial estimator (the states keep this
-        graph's depth; the published estimator alone is :func:`solve`'s search).
+    def restricted(self, estimators: Sequence[str] | None = None, *, max_gain: float | None = None) -> "JointCosts":
+        """The same graph with only ``estimators`` among the candidates (None: this graph's), and with only the
+        polynomial candidates whose gain (see :func:`extrapolation_costs`) is at most ``max_gain`` (None: any):
+        what :func:`joint_costs` would build for them, without pricing any segment again. The estimators must
+        include a polynomial one (the states keep this graph's depth; the published estimator alone is
+        :func:`solve`'s search).
 
         Example:
             >>> import torch
@@ -310,6 +329,10 @@ class JointCosts:
             >>> g.estimators, set(g.estimator[g.length > 1].tolist()) == {2}
             (('predict',), True)
         """
+        if max_gain is not None and not (is_real(max_gain) and max_gain >= 1):
+            raise ValueError(f"max_gain={max_gain!r}: must be None or a number >= 1 (sum |w| is at least 1)")
+        if estimators is None:
+            estimators = self.estimators
         families = tuple(e for e in _check_estimators(estimators) if e in self.estimators)
         if not any(f in POLYNOMIAL_ESTIMATORS for f in families):
             raise ValueError(
@@ -318,7 +341,8 @@ class JointCosts:
             )
         keep = [j for j, (e, _) in enumerate(self._labels) if ESTIMATORS[e] in families]
         return JointCosts(self.num_steps, self.max_len, self.depth, families, self.states, self.src, self.dst,
-                          self.length, self._candidates[:, keep], [self._labels[j] for j in keep])
+                          self.length, self._candidates[:, keep], [self._labels[j] for j in keep],
+                          self._gains[:, keep], max_gain)
 
     def __repr__(self):
         return (f"JointCosts(num_steps={self.num_steps}, max_len={self.max_len}, depth={self.depth}, "
@@ -399,29 +423,36 @@ def joint_costs(
     src, seg_len, dst, a_e = src[rank], seg_len[rank], dst[rank], a_e[rank]
 
     # candidate costs, one column each, in tie-preference order
-    columns, labels = [], []
+    columns, labels, gains = [], [], []
     if "meancache" in families:
         if length >= 2 and n >= 3:
             per_k = _per_order_costs(recording, max_len, ks)
             for j, k in enumerate(ks):
                 columns.append(per_k[j, a_e, seg_len])
                 labels.append((ESTIMATORS.index("meancache"), k))
+                gains.append(torch.ones(seg_len.shape, dtype=torch.float64))
     for family in polynomial:
         for p in ps:
             windows, wkeys = _windows(n, max_len, p, n - 2)
-            table = extrapolation_costs(recording, windows, order=p, max_len=max_len, estimator=family)
+            table, gain = extrapolation_costs(recording, windows, order=p, max_len=max_len, estimator=family,
+                                              with_gain=True)
             multi = seg_len >= 2
             column = torch.full(seg_len.shape, math.inf, dtype=torch.float64)
+            column_gain = torch.ones(seg_len.shape, dtype=torch.float64)
             suffix = states[src[multi], -(p + 1) :]  # the last p + 1 compute steps: what order p reads
             wanted = _keys(suffix, n)
             row = torch.searchsorted(wkeys, wanted).clamp(max=len(wkeys) - 1)
             if not torch.equal(wkeys[row], wanted):  # every suffix of a state is a window: a bug if not
                 raise RuntimeError("joint_costs: a state's last compute steps are missing from the priced windows")
             column[multi] = table[row, seg_len[multi]]
+            column_gain[multi] = gain[row, seg_len[multi]]
             columns.append(column)
+            gains.append(column_gain)
             labels.append((ESTIMATORS.index(family), p))
-    cand = torch.stack(columns, dim=1) if columns else torch.empty(seg_len.shape[0], 0, dtype=torch.float64)
-    return JointCosts(n, max_len, depth, families, states, src, dst, seg_len, cand, labels)
+    empty = torch.empty(seg_len.shape[0], 0, dtype=torch.float64)
+    cand = torch.stack(columns, dim=1) if columns else empty
+    return JointCosts(n, max_len, depth, families, states, src, dst, seg_len, cand, labels,
+                      torch.stack(gains, dim=1) if gains else empty)
 
 
 def _choose(cand: torch.Tensor, labels: list[tuple[int, int]], length: torch.Tensor):

@@ -40,7 +40,8 @@ def replay_error(recording: Recording, schedule: Schedule) -> float:
         schedule: a :class:`~meancache.Schedule` of N steps.
 
     Returns:
-        ``||x^_N - x_N|| / ||x_N||`` over all inputs (float; 0 for the full schedule).
+        ``||x^_N - x_N|| / ||x_N||`` over all inputs (float; 0 for the full schedule); ``||x^_N - x_N||`` when the
+        reference ``x_N`` is all zero.
 
     Example:
         >>> import torch
@@ -62,7 +63,10 @@ def replay_error(recording: Recording, schedule: Schedule) -> float:
     with torch.no_grad():
         out = sample(recorded, latents[:, 0], recording.sigmas, schedule)
     ref = latents[:, -1]
-    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+    dist = float(torch.linalg.vector_norm(out - ref))
+    norm = float(torch.linalg.vector_norm(ref))
+    # an all-zero reference has no relative error (0/0): the distance itself keeps every pick defined
+    return dist / norm if norm > 0 else dist
 
 
 def pick_by_replay(recording: Recording, candidates: Sequence[Schedule]) -> Schedule:

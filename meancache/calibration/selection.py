@@ -1,0 +1,359 @@
+"""Choosing a schedule on inputs the search did not see: the validation split, the safe candidates, the tail-aware
+score, and refinement by local moves.
+
+A schedule is calibrated on a few inputs and then used on every input a user ever gives. The searches minimise a
+price on the inputs they read, so the choice between their answers (and any setting they take, such as the gain
+cap of :meth:`~meancache.calibration.joint.JointCosts.restricted`) is made on other inputs:
+
+* :func:`validation_split` holds out every fourth input (indices 3, 7, 11, ...; at least one) of the recording:
+  deterministic, so the same recording gives the same split, and the same schedule, on every machine;
+* :func:`input_errors` replays a schedule over whole runs of the held-out inputs (the real engine, driven by the
+  recorded velocities at the computed steps) and gives each input's relative error;
+* :func:`tail_score` reduces them to one number that sees a runaway input: the root mean square (see its
+  docstring for why);
+* :func:`safe_candidates` are the schedules that need no search (``Schedule.default``, uniform compute steps with
+  ``predict`` or ``extrapolate``): they are always in the running, so a calibration is never worse on validation
+  than they are;
+* :func:`refine` improves the chosen schedule by local moves (shift one compute step, change one segment's
+  estimator or order), each scored on the validation inputs, and keeps a move only when it lowers the score.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+from typing import Sequence
+
+import torch
+
+from ..estimators import POLYNOMIAL_ESTIMATORS
+from ..estimators import polynomial_weights
+from ..sampler import sample
+from ..schedule import Schedule
+from .recording import Recording
+from .recording import record  # noqa: F401  (the doctests build recordings with it)
+from .search import COST_RTOL
+
+__all__ = [
+    "VALIDATION_EVERY",
+    "folds",
+    "input_errors",
+    "refine",
+    "safe_candidates",
+    "schedule_gain",
+    "subset",
+    "tail_score",
+    "uniform_schedule",
+    "validation_split",
+]
+
+#: One input in this many is held out for validation (indices ``VALIDATION_EVERY - 1``, ``2 * VALIDATION_EVERY -
+#: 1``, ...; the last input when there are fewer).
+VALIDATION_EVERY = 4
+#: The estimators (name, order) a refinement move may give a multi-step segment, in the order they are tried.
+MOVE_ESTIMATORS = (("predict", 1), ("extrapolate", 1), ("predict", 2), ("extrapolate", 2), ("meancache", 2),
+                   ("meancache", 1))
+
+
+def validation_split(num_inputs: int) -> tuple[list[int], list[int]]:
+    """``(search, validation)`` input indices: every :data:`VALIDATION_EVERY`-th input is held out (at least one).
+
+    With a single input there is nothing to hold out: both lists are ``[0]`` (the choice is then made on the
+    searched input itself; record two or more inputs to avoid that).
+
+    Example:
+        >>> validation_split(8)
+        ([0, 1, 2, 4, 5, 6], [3, 7])
+        >>> validation_split(2), validation_split(1)
+        (([0], [1]), ([0], [0]))
+    """
+    if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 1:
+        raise ValueError(f"num_inputs={num_inputs!r}: must be an int >= 1")
+    if num_inputs == 1:
+        return [0], [0]
+    held = [i for i in range(num_inputs) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1] or [num_inputs - 1]
+    return [i for i in range(num_inputs) if i not in held], held
+
+
+def folds(num_inputs: int) -> list[tuple[list[int], list[int]]]:
+    """Two ``(search, validation)`` folds that together validate every input once: even and odd indices. A single
+    input gives one fold that searches and validates it.
+
+    Example:
+        >>> folds(5)
+        [([0, 2, 4], [1, 3]), ([1, 3], [0, 2, 4])]
+    """
+    if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 1:
+        raise ValueError(f"num_inputs={num_inputs!r}: must be an int >= 1")
+    if num_inputs == 1:
+        return [([0], [0])]
+    even, odd = list(range(0, num_inputs, 2)), list(range(1, num_inputs, 2))
+    return [(even, odd), (odd, even)]
+
+
+def subset(recording: Recording, indices: Sequence[int]) -> Recording:
+    """The recording of the inputs ``indices`` only (views of its tensors, no copy).
+
+    Example:
+        >>> import torch
+        >>> rec = Recording([1.0, 0.5, 0.0], torch.zeros(4, 3, 2), torch.zeros(4, 2, 2))
+        >>> subset(rec, [1, 3]).num_inputs
+        2
+    """
+    idx = list(indices)
+    if not idx or any(not 0 <= i < recording.num_inputs for i in idx):
+        raise ValueError(f"indices={idx}: must be a non-empty list of inputs in 0..{recording.num_inputs - 1}")
+    if idx == list(range(recording.num_inputs)):
+        return recording
+    pick = torch.tensor(idx)
+    return Recording(recording.sigmas, recording.latents.index_select(0, pick),
+                     recording.velocities.index_select(0, pick), recording.meta)
+
+
+def _relative(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-input ``||out - ref|| / ||ref||`` (float64); the absolute distance where ``ref`` is all zero, which
+    keeps every error finite so that the choice between schedules is always defined."""
+    p = ref.shape[0]
+    dist = torch.linalg.vector_norm((out - ref).reshape(p, -1), dim=1)
+    norm = torch.linalg.vector_norm(ref.reshape(p, -1), dim=1)
+    return torch.where(norm > 0, dist / torch.where(norm > 0, norm, 1.0), dist)
+
+
+def input_errors(recording: Recording, schedule: Schedule) -> torch.Tensor:
+    """Each input's relative final error when ``schedule`` is replayed over the whole run on the recording.
+
+    The replay is :func:`meancache.sample` in float64 from the recorded initial latents, where each computed step
+    ``c`` returns the recorded velocity ``v_c`` and every skipped step runs the schedule's estimator with the
+    run-time history (its own estimates included); no model is needed.
+
+    Args:
+        recording: a :class:`Recording` with N steps, latents ``(P, N + 1, *S)``.
+        schedule: a :class:`~meancache.Schedule` of N steps.
+
+    Returns:
+        float64 ``(P,)``: ``||x^_N - x_N|| / ||x_N||`` per input (the absolute distance for an all-zero ``x_N``).
+
+    Example:
+        >>> import torch
+        >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(3, 4), torch.linspace(1, 0, 9),
+        ...              progress=False)
+        >>> e = input_errors(rec, Schedule([0, 4, 7], [2, 2], 8))
+        >>> e.shape, bool((e > 0).all()), float(input_errors(rec, Schedule.full(8)).max()) < 1e-6
+        (torch.Size([3]), True, True)
+    """
+    if schedule.num_steps != recording.num_steps:
+        raise ValueError(f"schedule.num_steps={schedule.num_steps} != the recording's {recording.num_steps} steps")
+    latents = recording.latents.double()
+    velocities = recording.velocities.double()
+    computed = iter(schedule.compute_steps)  # the engine calls the velocity once per computed step, in order
+
+    def recorded(x, sigma):
+        return velocities[:, next(computed)]
+
+    with torch.no_grad():
+        out = sample(recorded, latents[:, 0], recording.sigmas, schedule)
+    return _relative(out, latents[:, -1])
+
+
+def tail_score(errors: torch.Tensor) -> float:
+    """The root mean square of per-input errors: the score a validation choice minimises.
+
+    Why the mean of squares: a schedule that runs away on one input in ten (a long high-order run the searched
+    inputs never exercised) has a small median and mean but a large mean square, since one error of 0.1 weighs as
+    much as a hundred of 0.01. A high quantile would see it too, but with the few validation inputs a calibration
+    has (8 of 32) any quantile above 0.9 is the maximum, decided by a single input; the mean of squares uses every
+    input and is continuous in each.
+
+    Example:
+        >>> import torch
+        >>> round(tail_score(torch.tensor([0.01, 0.01, 0.01, 0.1])), 4)
+        0.0507
+    """
+    if errors.numel() == 0:
+        raise ValueError("errors is empty: score at least one input")
+    return float(errors.double().square().mean().sqrt())
+
+
+def schedule_gain(schedule: Schedule, sigmas: Sequence[float]) -> float:
+    """The largest gain ``sum_j |w_j|`` of any skipped step of ``schedule`` on the grid ``sigmas``: how much its
+    estimates can amplify an error in the computed velocities they read (1 for the published estimator, whose
+    weights are positive and sum to one). The same weights the engine uses
+    (:func:`~meancache.estimators.polynomial_weights`).
+
+    Example:
+        >>> sig = [1 - i / 10 for i in range(11)]
+        >>> round(schedule_gain(Schedule([0, 2, 4, 9], [1, 1, 1], 10, ["predict"] * 3), sig), 9)  # 1 + 2 * 2
+        5.0
+    """
+    steps = schedule.compute_steps
+    worst = 1.0
+    for j, (a, b) in enumerate(zip(steps, steps[1:])):
+        est = schedule.estimators[j]
+        if est not in POLYNOMIAL_ESTIMATORS or b - a < 2:
+            continue
+        nodes = [sigmas[c] for c in steps[max(0, j - schedule.orders[j]) : j + 1]]
+        for i in range(a + 1, b):
+            _, w = polynomial_weights(est, nodes, sigmas[i], sigmas[i + 1], schedule.orders[j])
+            worst = max(worst, sum(abs(x) for x in w))
+    return worst
+
+
+def _segments(steps: Sequence[int], estimator: str, order: int) -> tuple[list[int], list[str]]:
+    orders, names = [], []
+    for a, b in zip(steps, steps[1:]):
+        multi = b - a > 1
+        orders.append(order if multi else 0)
+        names.append(estimator if multi else "meancache")
+    return orders, names
+
+
+def uniform_schedule(budget: int, num_steps: int, estimator: str = "predict", order: int = 1) -> Schedule:
+    """``budget`` compute steps spread evenly over ``num_steps`` (``round(j * (N - 1) / (B - 1))``), every
+    multi-step segment with ``estimator`` of ``order``, 1-step segments chains.
+
+    Example:
+        >>> uniform_schedule(4, 10).compute_steps, uniform_schedule(4, 10).labels
+        ((0, 3, 6, 9), ('p1', 'p1', 'p1'))
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 2 <= budget <= num_steps:
+        raise ValueError(f"budget={budget!r}: must be an int in 2..num_steps={num_steps}")
+    steps = sorted({round(j * (num_steps - 1) / (budget - 1)) for j in range(budget)})
+    orders, names = _segments(steps, estimator, order)
+    return Schedule(steps, orders, num_steps, names)
+
+
+def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
+    """The schedules every calibration weighs beside its searches' answers, named: ``Schedule.default``
+    (``predict`` p = 1 on its compute-density placement), and uniform compute steps with ``predict`` p = 1,
+    and ``extrapolate`` p = 1 (which integrates the line through the last two velocities over each step, as a
+    two-step Adams-Bashforth solver does). All have gains of a few units at most (:func:`schedule_gain`). Uniform
+    steps with ``predict`` p = 2 were tried as a fourth and dropped: on a sharp held-out flow they looked best on
+    the validation inputs at B = 10 and 17 and then ran away on held-out ones (rel L2 0.13 and 0.09, medians
+    0.006 and 0.001).
+
+    Example:
+        >>> [name for name, _ in safe_candidates(10, 50)]
+        ['default', 'uniform p1', 'uniform e1']
+    """
+    return [
+        ("default", Schedule.default(budget, num_steps)),
+        ("uniform p1", uniform_schedule(budget, num_steps, "predict", 1)),
+        ("uniform e1", uniform_schedule(budget, num_steps, "extrapolate", 1)),
+    ]
+
+
+def _moves(schedule: Schedule):
+    """Every local move of ``schedule``, in a fixed order: each interior compute step one step earlier or later,
+    then each multi-step segment (not the first, where every estimator is plain reuse) with another estimator."""
+    steps = list(schedule.compute_steps)
+    orders, names = list(schedule.orders), list(schedule.estimators)
+    n = schedule.num_steps
+    for j in range(1, len(steps) - 1):
+        for d in (-1, 1):
+            c = steps[j] + d
+            if steps[j - 1] < c < steps[j + 1]:
+                new = steps[:j] + [c] + steps[j + 1 :]
+                o, e = list(orders), list(names)
+                for s in (j - 1, j):  # a segment that became one step long is a chain; one that grew needs K/p
+                    length = new[s + 1] - new[s]
+                    if length == 1:
+                        o[s], e[s] = 0, "meancache"
+                    elif o[s] == 0:
+                        o[s], e[s] = 1, "predict"
+                yield Schedule(new, o, n, e)
+    for s in range(1, len(steps) - 1):
+        if steps[s + 1] - steps[s] < 2:
+            continue
+        for est, order in MOVE_ESTIMATORS:
+            if (est, order) != (names[s], orders[s]):
+                o, e = list(orders), list(names)
+                o[s], e[s] = order, est
+                yield Schedule(steps, o, n, e)
+
+
+def refine(
+    schedule: Schedule,
+    score: Callable[[Schedule], float],
+    *,
+    max_scores: int,
+    progress: bool = False,
+) -> tuple[Schedule, float, int]:
+    """Improve ``schedule`` by local moves, keeping a move only when it lowers ``score`` by more than
+    :data:`COST_RTOL` (so rounding never decides), until no move does or ``max_scores`` scores were spent.
+
+    The moves (:func:`_moves`): shift one interior compute step by one step, or give one multi-step segment another
+    estimator or order from :data:`MOVE_ESTIMATORS`. First improvement: the moves are tried in a fixed order and the
+    first that improves is taken, then the search restarts from the new schedule. The result's score is never
+    above the start's.
+
+    Args:
+        schedule: the start.
+        score: lower is better (for example :func:`tail_score` of :func:`input_errors` on validation inputs, or of
+            real sampled runs of the model).
+        max_scores: the most calls of ``score`` (the start's included), >= 1.
+        progress: a tqdm progress bar over the scores.
+
+    Returns:
+        ``(schedule, its score, scores spent)``.
+
+    Example:
+        >>> import torch
+        >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(4, 4), torch.linspace(1, 0, 13),
+        ...              progress=False)
+        >>> start = Schedule([0, 6, 11], [1, 1], 12)
+        >>> best, value, spent = refine(start, lambda s: tail_score(input_errors(rec, s)), max_scores=50)
+        >>> value <= tail_score(input_errors(rec, start)), spent <= 50
+        (True, True)
+    """
+    if isinstance(max_scores, bool) or not isinstance(max_scores, int) or max_scores < 1:
+        raise ValueError(f"max_scores={max_scores!r}: must be an int >= 1")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_scores, desc="meancache: refining", unit="run")
+    try:
+        best = float(score(schedule))
+        spent = 1
+        if bar is not None:
+            bar.update(1)
+        improved = True
+        while improved and spent < max_scores:
+            improved = False
+            for move in _moves(schedule):
+                if spent >= max_scores:
+                    break
+                value = float(score(move))
+                spent += 1
+                if bar is not None:
+                    bar.update(1)
+                if value < best - COST_RTOL * best:
+                    schedule, best, improved = move, value, True
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return schedule, best, spent
+
+
+def choose(named: Sequence[tuple[str, Schedule]], score: Callable[[Schedule], float]) -> tuple[str, Schedule, dict]:
+    """The candidate with the least ``score``; scores within :data:`COST_RTOL` of the least are ties, won by the
+    earliest candidate. Returns ``(name, schedule, {name: score})``; a schedule offered twice is scored once.
+
+    Example:
+        >>> s = Schedule.full(4)
+        >>> choose([("a", s), ("b", Schedule([0, 3], [1], 4))], lambda x: 0.0 if x == s else 1.0)[0]
+        'a'
+    """
+    if not named:
+        raise ValueError("no candidates: give at least one schedule")
+    scores: dict[str, float] = {}
+    seen: dict[Schedule, float] = {}
+    for name, sched in named:
+        if sched not in seen:
+            seen[sched] = float(score(sched))
+        scores[name] = seen[sched]
+    finite = [v for v in scores.values() if math.isfinite(v)]
+    least = min(finite) if finite else math.inf
+    name, sched = next((nm, s) for nm, s in named if scores[nm] <= least + COST_RTOL * least)
+    return name, sched, scores
