@@ -1,28 +1,39 @@
-"""Quality of calibrated MeanCache against the published presets, plain reuse, TaylorSeer-lite and fewer-step solvers.
+"""Quality of calibrated MeanCache against fewer-step solvers, TaylorSeer-lite, the default schedule and plain reuse.
 
-For each analytic flow (exact Gaussian-mixture velocities, :class:`meancache.flows.GaussianMixtureFlow`), and for
-the embedded digits model (its guided velocity on the pipeline's grid, :mod:`meancache.examples.digits`), at budgets
-of 6, 8, 10, 17 and 25 model evaluations out of 50 steps, every method starts from the same held-out noise and is
-compared with the full 50-step Euler run: ``rel L2 = ||x - x_full|| / ||x_full||`` over the whole batch, and the
-median over samples of the per-sample relative error (robust to the few samples that end in another mixture
-component, which dominate rel L2 at small budgets). Methods at each budget B:
+For each analytic flow (exact Gaussian-mixture velocities, :class:`meancache.flows.GaussianMixtureFlow`, two of
+them *sharp*: every component's std fixed at 0.40 or 0.45), and for the embedded digits model (its guided velocity
+on the pipeline's grid, :mod:`meancache.examples.digits`), at budgets of 6, 8, 10, 17 and 25 model evaluations out
+of 50 steps, every method starts from the same held-out noise and is compared with the full 50-step Euler run:
+``rel L2 = ||x - x_full|| / ||x_full||`` over the whole batch, and the median over samples of the per-sample
+relative error (robust to the few samples that end in another mixture component, which dominate rel L2 at small
+budgets). Methods at each budget B:
 
-* ``calibrated (joint)``: :func:`meancache.calibrate` with its default estimators (each segment the published
-  estimator with window K, ``extrapolate`` or ``predict`` of order 1-3), recorded on separate calibration noise;
-* ``calibrated (published)``: the same search restricted to the published estimator (``estimators=("meancache",)``);
+* ``calibrated (default)``: :func:`meancache.calibrate` with every default (``calibrate(recording, budget=B)``:
+  the searches scored on the fold of the calibration inputs they did not read, the safe schedules beside them,
+  the least root-mean-square replay error chosen and re-solved on all inputs), recorded on separate calibration
+  noise; ``report=`` gives the chosen candidate per budget;
+* ``calibrated (published)``: the published estimator only (``estimators=("meancache",)``);
+* ``joint search (select=False)``: the joint search's schedule on all calibration inputs, no choice on held-out
+  folds (what the selection is measured against);
+* ``calibrated (previous code)`` (only with ``--base PATH``): the calibration of another checkout of the library
+  (the code before a change), run in a subprocess on the same recording;
 * ``preset <name>``: the shipped tables that exist at B (algorithm.md §6.2);
 * ``default``: :meth:`meancache.Schedule.default` (its default estimator, ``predict`` p = 1);
-* ``default K2/K4``: the same compute steps with the published estimator (``Schedule.default(B, 50, "meancache")``:
-  K = 2 head and middle, K = 4 tail, the default before ``predict``);
+* ``default K2/K4``: the same compute steps with the published estimator (``Schedule.default(B, 50, "meancache")``);
 * ``plain reuse``: the published-estimator calibration's compute steps with K = 1 on every multi-step segment;
 * ``uniform steps K=2``: evenly spaced compute steps, K = 2 on every multi-step segment;
-* ``TaylorSeer-lite uniform`` / ``TaylorSeer-lite joint steps``: an output-level TaylorSeer (its ``lite`` mode,
-  first order): a skipped step extrapolates the last two computed velocities linearly *in step index*
+* ``TaylorSeer-lite uniform`` / ``TaylorSeer-lite calibrated steps``: an output-level TaylorSeer (its ``lite``
+  mode, first order): a skipped step extrapolates the last two computed velocities linearly *in step index*
   (:func:`taylorseer_lite`), Euler on the full grid; on the uniform compute steps and on those of
-  ``calibrated (joint)``. On a uniform grid this is ``predict`` p = 1 (the line in sigma at the step's start);
+  ``calibrated (default)``. On a uniform grid this is ``predict`` p = 1 (the line in sigma at the step's start);
   on a shifted grid the two differ;
 * ``Euler B steps``: B Euler steps on the same kind of grid (``shifted_sigmas(B, shift)``);
 * ``AB2 B steps``: Adams-Bashforth 2 on that grid, B evaluations (first step Euler).
+
+**The bar** (:data:`BAR`, :func:`bar`): in a (flow, budget) cell the default calibration must have a lower rel L2
+*and* a lower median than each of AB2, TaylorSeer-lite (uniform and on the calibrated steps), ``Schedule.default``,
+the published-only calibration and plain reuse. :func:`bar_markdown` counts the cells met and gives, for each lost
+one, the ratio to the best comparator and its name.
 
 One flow is **held out**: ``mixture-heldout`` (32-d, 10 components, seed 11, shift-2 grid) is scored with the
 schedules calibrated on ``mixture-shift3`` (``... from mixture-shift3`` rows: the generalisation check) beside its
@@ -31,14 +42,27 @@ seeds 0+).
 
 Also recorded: the full run's own distance to the exact ODE solution (RK4, 100 steps, float64), which is the floor
 an accurate solver such as AB2 meets when scored against the full Euler run. ``make bench`` runs a reduced version
-on the CPU (two budgets, fewer inputs); ``python bench/bench_quality.py [flow ...]`` prints the full tables as
-markdown, ``--gamma`` the measurement behind the default gamma (:func:`gamma_sweep`) and ``--defaults`` the
-candidates for :meth:`meancache.Schedule.default`'s estimators (:func:`defaults_sweep`).
+on the CPU (:data:`TEST_PROBLEMS`, one budget, fewer inputs). Script mode (one torch thread):
+
+* ``python bench/bench_quality.py [--base PATH] [flow ...]``: the full tables as markdown, the bar and the
+  calibration times (``--base``: also the previous code's calibration and its time);
+* ``--calibration-time [--base PATH] [flow ...]``: only the calibration wall times, new against ``--base``;
+* ``--refine [flow ...]``: the default calibration with and without refinement by real model runs
+  (``refine=REFINE_EVALS``) on held-out noise (default flows: the sharp ones);
+* ``--gamma``: the measurement behind the default gamma (:func:`gamma_sweep`); ``--defaults``: the candidates for
+  :meth:`meancache.Schedule.default`'s estimators (:func:`defaults_sweep`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -54,33 +78,48 @@ STEPS = 50
 BUDGETS = (6, 8, 10, 17, 25)
 # name -> (flow arguments, grid shift, calibration inputs, evaluation inputs, inputs solved exactly). The first two
 # are the flows of tests/test_calibrate.py; "mixture-default" is GaussianMixtureFlow's own defaults; "demo" is the
-# flow of `python -m meancache.examples.flow_demo` (1024-d, 2048 components: its velocity costs ~10 ms per call here, so
-# fewer samples); "mixture-heldout" is used by nothing else and is calibrated on HELD_OUT[...] too.
+# flow of `python -m meancache.examples.flow_demo` (1024-d, 2048 components: its velocity costs ~80 ms per call of
+# 512 inputs here, so fewer samples); "mixture-heldout" is used by nothing else and is calibrated on HELD_OUT[...]
+# too; "sharp-0.40" and "sharp-0.45" have every component's std fixed (narrow components: trajectories that bend
+# late and hard, where a long extrapolation runs away).
 FLOWS = {
     "mixture-shift3": (dict(dim=16, components=6, seed=3, spread=3.0), 3.0, 32, 8192, 1024),
     "mixture-linear": (dict(dim=16, components=6, seed=5, spread=3.0), 1.0, 32, 8192, 1024),
     "mixture-default": (dict(), 3.0, 32, 8192, 1024),
-    "demo": (dict(dim=1024, components=2048, seed=0), 3.0, 16, 128, 32),
+    "demo": (dict(dim=1024, components=2048, seed=0), 3.0, 32, 512, 32),
     "mixture-heldout": (dict(dim=32, components=10, seed=11), 2.0, 32, 8192, 1024),
+    "sharp-0.40": (dict(dim=48, components=8, seed=21, spread=2.5, scale=0.4), 3.0, 32, 8192, 1024),
+    "sharp-0.45": (dict(dim=32, components=10, seed=31, spread=2.5, scale=0.45), 2.0, 32, 8192, 1024),
 }
+SHARP = ("sharp-0.40", "sharp-0.45")
 # held-out flow -> the flow whose calibration it is also scored with
 HELD_OUT = {"mixture-heldout": "mixture-shift3"}
 # The embedded digits model (guided velocity, the pipeline's own grid), calibrated as its shipped preset is
 # (meancache.examples.digits.calibration: 4 x 10 inputs, seeds 10000+) and scored on the demo's noise (seeds 0+).
-DIGITS_SAMPLES = 100
+DIGITS_SAMPLES = 512
 DIGITS_EXACT = 20
 PROBLEMS = list(FLOWS) + ["digits"]
 # RK4 steps of the exact reference (on the flows above, 100 and 200 steps agree to ~1e-6)
 EXACT_STEPS = 100
-JOINT = "calibrated (joint)"
+DEFAULT_CAL = "calibrated (default)"
 PUBLISHED = "calibrated (published)"
-# the reduced case of `make bench` (pytest): two budgets that share one search (longest segment 8), at most this
-# many evaluation inputs, and fewer calibration inputs on the analytic flows (the joint search's time grows with
-# P * D; the digits model keeps its 4 x 10)
-TEST_BUDGETS = (10, 17)
-TEST_INPUTS = {"digits": 20, "demo": 32}
+JOINT_RAW = "joint search (select=False)"
+PREVIOUS = "calibrated (previous code)"
+TS_UNIFORM = "TaylorSeer-lite uniform"
+TS_CALIBRATED = "TaylorSeer-lite calibrated steps"
+AB2 = "AB2 B steps"
+#: The comparators of the bar: the default calibration must be below each of them in rel L2 and in median.
+BAR = (AB2, TS_UNIFORM, TS_CALIBRATED, "default", PUBLISHED, "plain reuse")
+#: Model evaluations per budget of the ``--refine`` measurement (``calibrate(..., refine=REFINE_EVALS)``).
+REFINE_EVALS = 60 * 25
+# the reduced case of `make bench` (pytest): these problems (a smooth flow, the held-out one, a sharp one, the
+# digits model), one budget, at most this many evaluation inputs and fewer calibration inputs on the analytic flows
+# (the searches' time grows with P * D; the digits model keeps its 4 x 10); no select=False row
+TEST_PROBLEMS = ("mixture-shift3", "mixture-heldout", "sharp-0.40", "digits")
+TEST_BUDGETS = (10,)
+TEST_INPUTS = {"digits": 20}
 TEST_INPUTS_DEFAULT = 1024
-TEST_CALIBRATION_INPUTS = {"demo": 4}
+TEST_CALIBRATION_INPUTS = {}
 TEST_CALIBRATION_INPUTS_DEFAULT = 8
 
 
@@ -257,30 +296,115 @@ def _problem(name: str, eval_inputs: int | None = None, calibration_inputs: int 
     return flow, (lambda n: shifted_sigmas(n, shift)), calib, noise, min(n_exact, n_eval), args
 
 
-def _calibrations(name: str, budgets, calibration_inputs: int | None = None) -> tuple[dict, dict, float, float]:
-    """``(joint, published, record seconds, search seconds)`` of one problem's calibration at ``budgets``."""
+def code_stamp() -> str:
+    """The first 12 hex digits of the SHA-256 of the calibration code this process imported
+    (``meancache/calibrate.py`` and ``meancache/calibration/*.py``): which version a table was measured with."""
+    root = pathlib.Path(meancache.__file__).parent
+    h = hashlib.sha256()
+    for path in [root / "calibrate.py", *sorted((root / "calibration").glob("*.py"))]:
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _recording(name: str, calibration_inputs: int | None = None):
+    """``(recording, seconds)``: the uncached 50-step run of one problem's calibration inputs."""
     flow, grid, calib, _, _, _ = _problem(name, eval_inputs=1, calibration_inputs=calibration_inputs)
     t0 = time.perf_counter()
     recording = meancache.record(flow, calib, grid(STEPS), progress=False)
-    t1 = time.perf_counter()
-    joint = calibrated(recording, budgets)
-    published = calibrated(recording, budgets, estimators=("meancache",))
-    return joint, published, t1 - t0, time.perf_counter() - t1
+    return recording, time.perf_counter() - t0
+
+
+# The previous code's calibration, run in a subprocess that imports the library from another checkout (the editable
+# install's finder would otherwise hand it this tree): argv = checkout, recording file, [[max_len, [budgets]], ...].
+_PREVIOUS_SCRIPT = r"""
+import json, sys, time
+base, path, groups = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path.insert(0, base)
+import torch
+torch.set_num_threads(1)
+torch.set_grad_enabled(False)
+import meancache
+assert meancache.__file__.startswith(base), meancache.__file__
+d = torch.load(path)
+rec = meancache.Recording(d["sigmas"], d["latents"], d["velocities"])
+found = {}
+t0 = time.perf_counter()
+for max_len, budgets in groups:
+    found.update(zip(budgets, meancache.calibrate(rec, budget=budgets, max_len=max_len, progress=False)))
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "schedules": {
+    b: [list(s.compute_steps), list(s.orders), list(s.estimators)] for b, s in found.items()}}))
+"""
+
+
+def previous_calibration(recording, budgets, base: str) -> tuple[dict[int, Schedule], float]:
+    """``({budget: Schedule}, seconds)`` from the default ``calibrate`` of the checkout at ``base`` on
+    ``recording`` (one torch thread, in a subprocess; the seconds are its calibrate calls only). That code takes a
+    fixed ``max_len`` (default 8): budgets are grouped by the longest segment they need (:func:`max_segment`), as
+    :func:`calibrated` does."""
+    groups: dict[int, list[int]] = {}
+    for b in budgets:
+        groups.setdefault(max_segment(b, recording.num_steps), []).append(b)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "recording.pt")
+        torch.save({"sigmas": list(recording.sigmas), "latents": recording.latents,
+                    "velocities": recording.velocities}, path)
+        done = subprocess.run(
+            [sys.executable, "-c", _PREVIOUS_SCRIPT, base, path, json.dumps(sorted(groups.items()))],
+            cwd=base, env={**os.environ, "PYTHONPATH": base}, capture_output=True, text=True,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"previous calibrate at {base} failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    n = recording.num_steps
+    return {int(b): Schedule(s, o, n, e) for b, (s, o, e) in out["schedules"].items()}, out["seconds"]
+
+
+def _calibrations(name: str, budgets, calibration_inputs: int | None = None, *, raw: bool = True,
+                  base: str | None = None) -> dict:
+    """One problem's calibrations at ``budgets``, each ``{budget: Schedule}``: ``"default"`` (every default, all
+    budgets in one call), ``"published"``, ``"raw"`` (``select=False``; only with ``raw``) and ``"previous"`` (the
+    checkout at ``base``; only with it), plus ``"report"`` (the default calibration's ``report=`` entries) and
+    ``"seconds"`` (record, and each calibration's wall time)."""
+    budgets = list(budgets)
+    recording, record_s = _recording(name, calibration_inputs)
+    seconds = {"record": record_s}
+    report: list = []
+    t0 = time.perf_counter()
+    out = {"default": dict(zip(budgets, meancache.calibrate(recording, budget=budgets, report=report,
+                                                            progress=False)))}
+    seconds["default"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["published"] = dict(zip(budgets, meancache.calibrate(recording, budget=budgets, estimators=("meancache",),
+                                                             progress=False)))
+    seconds["published"] = time.perf_counter() - t0
+    if raw:
+        t0 = time.perf_counter()
+        out["raw"] = dict(zip(budgets, meancache.calibrate(recording, budget=budgets, select=False,
+                                                           progress=False)))
+        seconds["raw"] = time.perf_counter() - t0
+    if base is not None:
+        out["previous"], seconds["previous"] = previous_calibration(recording, budgets, base)
+    out["report"], out["seconds"] = report, seconds
+    return out
 
 
 def measure(
-    name: str, budgets=BUDGETS, eval_inputs: int | None = None, calibration_inputs: int | None = None
+    name: str, budgets=BUDGETS, eval_inputs: int | None = None, calibration_inputs: int | None = None, *,
+    raw: bool = True, base: str | None = None,
 ) -> dict:
     """Every method at every budget for one flow: ``{"rows": {method: {budget: (l2, median)}}, ...}``.
 
     ``eval_inputs`` and ``calibration_inputs`` cap the inputs (the reduced ``make bench`` case); None uses the
-    flow's own counts.
+    flow's own counts. ``raw``: also the ``select=False`` row; ``base``: also the previous code's row (a checkout).
     """
     budgets = tuple(budgets)
     flow, grid, _, noise, n_exact, flow_args = _problem(name, eval_inputs, calibration_inputs)
     sigmas = grid(STEPS)
-    joint, published, record_s, search_s = _calibrations(name, budgets, calibration_inputs)
-    transfer = _calibrations(HELD_OUT[name], budgets) if name in HELD_OUT else None
+    cal = _calibrations(name, budgets, calibration_inputs, raw=raw, base=base)
+    ours, published = cal["default"], cal["published"]
+    transfer = _calibrations(HELD_OUT[name], budgets, raw=False) if name in HELD_OUT else None
 
     full = meancache.sample(flow, noise, sigmas, Schedule.full(STEPS))
     exact = rk4(flow, noise[:n_exact].double(), grid(EXACT_STEPS))
@@ -294,68 +418,163 @@ def measure(
 
     presets = meancache.preset_names()
     for b in budgets:
-        put(JOINT, b, cached(joint[b]))
+        put(DEFAULT_CAL, b, cached(ours[b]))
         put(PUBLISHED, b, cached(published[b]))
+        if "raw" in cal:
+            put(JOINT_RAW, b, cached(cal["raw"][b]))
+        if "previous" in cal:
+            put(PREVIOUS, b, cached(cal["previous"][b]))
         if transfer is not None:
-            put(f"{JOINT} from {HELD_OUT[name]}", b, cached(transfer[0][b]))
-            put(f"{PUBLISHED} from {HELD_OUT[name]}", b, cached(transfer[1][b]))
+            put(f"{DEFAULT_CAL} from {HELD_OUT[name]}", b, cached(transfer["default"][b]))
+            put(f"{PUBLISHED} from {HELD_OUT[name]}", b, cached(transfer["published"][b]))
         for preset, have in presets.items():
             # a preset made by this very calibration (the digits ones) would only tie its calibrated row
-            if b in have and Schedule.preset(preset, b) not in (joint[b], published[b]):
+            if b in have and Schedule.preset(preset, b) not in (ours[b], published[b]):
                 put(f"preset {preset}", b, cached(Schedule.preset(preset, b)))
         put("default", b, cached(Schedule.default(b, STEPS)))
         put("default K2/K4", b, cached(Schedule.default(b, STEPS, "meancache")))
         put("plain reuse", b, cached(published[b].with_order(1)))
         uniform = uniform_steps(b)
         put("uniform steps K=2", b, cached(Schedule(uniform, [1] * (len(uniform) - 1), STEPS).with_order(2)))
-        put("TaylorSeer-lite uniform", b, taylorseer_lite(flow, noise, sigmas, uniform))
-        put("TaylorSeer-lite joint steps", b, taylorseer_lite(flow, noise, sigmas, joint[b].compute_steps))
+        put(TS_UNIFORM, b, taylorseer_lite(flow, noise, sigmas, uniform))
+        put(TS_CALIBRATED, b, taylorseer_lite(flow, noise, sigmas, ours[b].compute_steps))
         put("Euler B steps", b, euler(flow, noise, grid(b)))
-        put("AB2 B steps", b, adams_bashforth2(flow, noise, grid(b)))
+        put(AB2, b, adams_bashforth2(flow, noise, grid(b)))
     result = {
         "flow": name,
         "flow_args": flow_args,
         "budgets": budgets,
         "exact_inputs": n_exact,
         "rows": rows,
-        "schedules": {b: " ".join(joint[b].pattern()) for b in budgets},
+        "schedules": {b: " ".join(ours[b].pattern()) for b in budgets},
         "schedules_published": {b: " ".join(published[b].pattern()) for b in budgets},
+        "chosen": {r["budget"]: r["chosen"] for r in cal["report"]},
+        "scores": {r["budget"]: r.get("scores") for r in cal["report"]},
         "full_vs_exact": errors(full[:n_exact], exact),
-        "record_seconds": record_s,
-        "calibrate_seconds": search_s,
+        "seconds": cal["seconds"],
+        "code": code_stamp(),
     }
+    if "previous" in cal:
+        result["schedules_previous"] = {b: " ".join(cal["previous"][b].pattern()) for b in budgets}
     if transfer is not None:
         result["calibrated_on"] = HELD_OUT[name]
     return result
 
 
+def bar(result: dict, comparators=BAR) -> dict[int, dict]:
+    """The bar per budget: ``{budget: {"met": bool, "lost": [(metric, winner, winner's value, ours, ours /
+    winner's)]}}``. Met: ``calibrated (default)`` strictly below every comparator in rel L2 and in median. For a
+    lost metric, the winner is the comparator with the lowest value (ties count as lost, ratio 1.00)."""
+    rows = result["rows"]
+    out = {}
+    for b in result["budgets"]:
+        lost = []
+        for j, metric in enumerate(("rel L2", "median")):
+            ours = rows[DEFAULT_CAL][b][j]
+            value, winner = min((rows[m][b][j], m) for m in comparators if b in rows.get(m, {}))
+            if value <= ours:
+                lost.append((metric, winner, value, ours, ours / value if value > 0 else math.inf))
+        out[b] = {"met": not lost, "lost": lost}
+    return out
+
+
+def bar_markdown(results: list[dict]) -> str:
+    """The bar over several flows: one line per flow, a cell per budget (``met``, or per lost metric the ratio of
+    ours to the winner's and the winner), then the count of cells met."""
+    budgets = sorted({b for r in results for b in r["budgets"]})
+    lines = ["| flow | " + " | ".join(f"B={b}" for b in budgets) + " | met |", "|---|" + "---|" * (len(budgets) + 1)]
+    met = cells = 0
+    for r in results:
+        verdicts = bar(r)
+        row = []
+        for b in budgets:
+            if b not in verdicts:
+                row.append("-")
+                continue
+            v = verdicts[b]
+            cells += 1
+            met += v["met"]
+            row.append("met" if v["met"] else "; ".join(
+                f"{metric} {ratio:.2f}x {winner}" for metric, winner, _, _, ratio in v["lost"]))
+        lines.append(f"| {r['flow']} | " + " | ".join(row) + f" | {sum(v['met'] for v in verdicts.values())} of "
+                     f"{len(verdicts)} |")
+    lines.append(f"\n**{met} of {cells} cells met** (lower rel L2 and lower median than each of: {', '.join(BAR)}).")
+    return "\n".join(lines)
+
+
 def winners(result: dict) -> list[str]:
-    """Per budget: the method with the lowest rel L2, and where that is not ``calibrated (joint)``, by how much it
-    trails: ``"B=10: AB2 B steps 0.0326; calibrated (joint) 0.0400 (1.23x)"``."""
+    """Per budget: the method with the lowest rel L2 over every row, and where that is not ``calibrated
+    (default)``, by how much it trails: ``"B=10: AB2 B steps 0.0326 lowest; calibrated (default) 0.0400 (1.23x)"``."""
     out = []
     for b in result["budgets"]:
         ranked = sorted((by_budget[b][0], m) for m, by_budget in result["rows"].items() if b in by_budget)
         l2, best = ranked[0]
-        ours = result["rows"][JOINT][b][0]
-        if best == JOINT:
+        ours = result["rows"][DEFAULT_CAL][b][0]
+        if best == DEFAULT_CAL:
             second_l2, second = ranked[1]
-            out.append(f"B={b}: {JOINT} {ours:.4f} lowest; next {second} {second_l2:.4f} ({second_l2 / ours:.2f}x)")
+            out.append(f"B={b}: {DEFAULT_CAL} {ours:.4f} lowest; next {second} {second_l2:.4f} "
+                       f"({second_l2 / ours:.2f}x)")
         else:
-            out.append(f"B={b}: {best} {l2:.4f} lowest; {JOINT} {ours:.4f} ({ours / l2:.2f}x)")
+            out.append(f"B={b}: {best} {l2:.4f} lowest; {DEFAULT_CAL} {ours:.4f} ({ours / l2:.2f}x)")
     return out
 
 
 def losses(result: dict) -> list[str]:
-    """Where ``calibrated (joint)`` is not strictly the lowest, per metric:
-    ``"B=10 rel L2: AB2 B steps 0.0823 <= calibrated (joint) 0.1269"``."""
+    """Where ``calibrated (default)`` is not strictly the lowest among every row, per metric:
+    ``"B=10 rel L2: AB2 B steps 0.0823 <= calibrated (default) 0.1269"``."""
     out = []
     for b in result["budgets"]:
         for j, metric in enumerate(("rel L2", "median")):
-            ours = result["rows"][JOINT][b][j]
+            ours = result["rows"][DEFAULT_CAL][b][j]
             for method, by_budget in result["rows"].items():
-                if method != JOINT and b in by_budget and by_budget[b][j] <= ours:
-                    out.append(f"B={b} {metric}: {method} {by_budget[b][j]:.4f} <= {JOINT} {ours:.4f}")
+                if method != DEFAULT_CAL and b in by_budget and by_budget[b][j] <= ours:
+                    out.append(f"B={b} {metric}: {method} {by_budget[b][j]:.4f} <= {DEFAULT_CAL} {ours:.4f}")
     return out
+
+
+def calibration_times(name: str, budgets=BUDGETS, base: str | None = None) -> dict:
+    """Wall seconds of one problem's calibration (one torch thread): ``record``, ``default`` (this tree's
+    ``calibrate(recording, budget=budgets)``, one call) and, with ``base``, ``previous`` (that checkout's, in a
+    subprocess, its calibrate calls only), plus each budget's chosen candidate."""
+    recording, record_s = _recording(name)
+    report: list = []
+    t0 = time.perf_counter()
+    meancache.calibrate(recording, budget=list(budgets), report=report, progress=False)
+    out = {"flow": name, "record": record_s, "default": time.perf_counter() - t0,
+           "chosen": {r["budget"]: r["chosen"] for r in report}, "inputs": recording.num_inputs}
+    if base is not None:
+        out["previous"] = previous_calibration(recording, budgets, base)[1]
+    return out
+
+
+def refine_measure(name: str, budgets=BUDGETS, evals: int = REFINE_EVALS) -> dict:
+    """The default calibration with and without refinement by real runs of the model (``calibrate(flow, inputs,
+    sigmas=..., budget=B, refine=evals)``), both scored on the held-out noise: ``{"rows": {method: {budget: (l2,
+    median)}}, "refined": {budget: whether refinement changed the schedule}, "seconds": {...}, ...}``."""
+    budgets = list(budgets)
+    flow, grid, calib, noise, _, flow_args = _problem(name)
+    sigmas = grid(STEPS)
+    full = meancache.sample(flow, noise, sigmas, Schedule.full(STEPS))
+    rows: dict = {}
+    seconds = {}
+    schedules = {}
+    reports = {}
+    for label, kwargs in ((DEFAULT_CAL, {}), (f"{DEFAULT_CAL}, refine={evals}", {"refine": evals})):
+        report: list = []
+        t0 = time.perf_counter()
+        found = meancache.calibrate(flow, calib, sigmas=sigmas, budget=budgets, report=report, progress=False,
+                                    **kwargs)
+        seconds[label] = time.perf_counter() - t0
+        schedules[label], reports[label] = dict(zip(budgets, found)), report
+        rows[label] = {b: errors(meancache.sample(flow, noise, sigmas, s), full) for b, s in zip(budgets, found)}
+    refined_label = f"{DEFAULT_CAL}, refine={evals}"
+    return {
+        "flow": name, "flow_args": flow_args, "budgets": tuple(budgets), "rows": rows, "seconds": seconds,
+        "chosen": {r["budget"]: r["chosen"] for r in reports[refined_label]},
+        "refined": {r["budget"]: r.get("refined") for r in reports[refined_label]},
+        "schedules": {lab: {b: " ".join(s.pattern()) for b, s in sch.items()} for lab, sch in schedules.items()},
+        "code": code_stamp(),
+    }
 
 
 def gamma_sweep(gammas=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 12.0)) -> dict:
@@ -490,10 +709,9 @@ def defaults_markdown(sweep: dict) -> str:
         )
     return "\n".join(lines)
 
-
 def markdown(result: dict) -> str:
     """One flow's table: rows are methods, cells ``rel L2 (median per-sample)``; the lowest of each measure per
-    budget in bold."""
+    budget in bold; below it the default calibration's chosen candidate per budget."""
     budgets = result["budgets"]
     lines = [
         f"**{result['flow']}** ({result['flow_args']}); full run vs exact ODE ({result['exact_inputs']} inputs): "
@@ -513,37 +731,78 @@ def markdown(result: dict) -> str:
 
     for method, by_budget in rows.items():
         lines.append(f"| {method} | " + " | ".join(cell(by_budget, b) for b in budgets) + " |")
+    if result.get("chosen"):
+        lines += ["", f"{DEFAULT_CAL} chose: " + ", ".join(f"B={b} {c}" for b, c in result["chosen"].items())]
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("flow_name", PROBLEMS)
+def refine_markdown(result: dict) -> str:
+    """The ``--refine`` table of one flow: the default calibration without and with refinement, ``rel L2
+    (median)`` on the held-out noise, and whether refinement changed each budget's schedule."""
+    budgets = result["budgets"]
+    lines = [f"**{result['flow']}** ({result['flow_args']})", "",
+             "| method | " + " | ".join(f"B={b}" for b in budgets) + " | calibrate wall time |",
+             "|---|" + "---|" * (len(budgets) + 1)]
+    for method, by_budget in result["rows"].items():
+        cells = [f"{by_budget[b][0]:.4f} ({by_budget[b][1]:.4f})" for b in budgets]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {result['seconds'][method]:.1f} s |")
+    lines.append("| refinement changed the schedule | " + " | ".join(
+        {True: "yes", False: "no", None: "-"}[result["refined"][b]] for b in budgets) + " | |")
+    return "\n".join(lines)
+
+
+def times_markdown(times: list[dict]) -> str:
+    """The ``--calibration-time`` table: per flow, record and calibrate wall seconds, new against previous."""
+    lines = ["| flow | inputs | record | calibrate, this tree (5 budgets, one call) | calibrate, previous code | "
+             "ratio |", "|---|---|---|---|---|---|"]
+    for t in times:
+        prev = t.get("previous")
+        lines.append(
+            f"| {t['flow']} | {t['inputs']} | {t['record']:.1f} s | {t['default']:.1f} s | "
+            + (f"{prev:.1f} s | {t['default'] / prev:.2f}x |" if prev is not None else "not measured | - |")
+        )
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("flow_name", TEST_PROBLEMS)
 def test_quality(benchmark, flow_name, machine_info, capsys):
-    # the reduced case (two budgets, fewer inputs) keeps `make bench` short; the tables come from the script mode
+    # the reduced case (a few problems, one budget, fewer inputs) keeps `make bench` short; the tables come from
+    # the script mode
     args = (flow_name, TEST_BUDGETS, TEST_INPUTS.get(flow_name, TEST_INPUTS_DEFAULT),
             TEST_CALIBRATION_INPUTS.get(flow_name, TEST_CALIBRATION_INPUTS_DEFAULT))
-    result = benchmark.pedantic(measure, args=args, rounds=1, iterations=1)
+    result = benchmark.pedantic(measure, args=args, kwargs={"raw": False}, rounds=1, iterations=1)
     for method, by_budget in result["rows"].items():
         # a preset row has only the budgets its table has
-        assert set(by_budget) <= set(TEST_BUDGETS) and (method.startswith("preset") or len(by_budget) == 2)
+        assert set(by_budget) <= set(TEST_BUDGETS) and (method.startswith("preset") or len(by_budget) == 1)
         for l2, med in by_budget.values():
             assert 0.0 <= med and math.isfinite(l2)
-    assert (JOINT in result["rows"]) and (PUBLISHED in result["rows"])
-    assert (f"{JOINT} from mixture-shift3" in result["rows"]) == (flow_name == "mixture-heldout")
+    assert all(m in result["rows"] for m in (DEFAULT_CAL, *BAR))
+    assert (f"{DEFAULT_CAL} from mixture-shift3" in result["rows"]) == (flow_name == "mixture-heldout")
+    assert set(result["chosen"]) == set(TEST_BUDGETS) and set(bar(result)) == set(TEST_BUDGETS)
     benchmark.extra_info.update(machine_info)
     benchmark.extra_info.update(
         flow=result["flow"],
         flow_args=result["flow_args"],
         errors={m: {str(b): list(v) for b, v in rows.items()} for m, rows in result["rows"].items()},
         schedules={str(b): s for b, s in result["schedules"].items()},
+        chosen={str(b): c for b, c in result["chosen"].items()},
         full_vs_exact=list(result["full_vs_exact"]),
-        record_seconds=result["record_seconds"],
-        calibrate_seconds=result["calibrate_seconds"],
+        seconds=result["seconds"],
         lowest=winners(result),
     )
     with capsys.disabled():
         print("\n" + markdown(result))
         for line in winners(result):
             print("  " + line)
+
+
+def test_bar_counts_ties_as_lost():
+    rows = {DEFAULT_CAL: {8: (0.1, 0.01)}, **{m: {8: (0.2, 0.02)} for m in BAR}}
+    assert bar({"budgets": (8,), "rows": rows})[8] == {"met": True, "lost": []}
+    rows[AB2] = {8: (0.05, 0.01)}
+    lost = bar({"budgets": (8,), "rows": rows})[8]["lost"]
+    assert [(m, w) for m, w, *_ in lost] == [("rel L2", AB2), ("median", AB2)]
+    assert lost[0][4] == pytest.approx(2.0) and lost[1][4] == pytest.approx(1.0)
 
 
 def test_taylorseer_lite_extrapolates_in_step_index():
@@ -573,16 +832,26 @@ def test_default_candidates_share_the_compute_steps():
                 assert label == ("K0" if c - a == 1 else "K4" if a / (STEPS - 1) >= DEFAULT_TAIL else f"{short}1")
 
 
-if __name__ == "__main__":
-    import sys
+def _header(mode: str) -> str:
+    return (f"{mode}: {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch thread(s), calibration code {code_stamp()}")
 
+
+if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    if "--gamma" in sys.argv:
+    torch.set_num_threads(1)  # two measurements can run side by side on a 2-core machine
+    argv = sys.argv[1:]
+    base = None
+    if "--base" in argv:
+        i = argv.index("--base")
+        base = os.path.abspath(argv[i + 1])
+        del argv[i : i + 2]
+    if "--gamma" in argv:
         print("| gamma | geo-mean rel L2 | geo-mean median per-sample |\n|---|---|---|")
         for g, (l2, med) in gamma_sweep().items():
             print(f"| {g:g} | {l2:.4f} | {med:.4f} |")
         sys.exit(0)
-    if "--defaults" in sys.argv:
+    if "--defaults" in argv:
         t0 = time.perf_counter()
         sweep = defaults_sweep()
         print(f"{len(sweep['cases'])} cases: {len(DEFAULTS_FLOWS)} flows {list(DEFAULTS_FLOWS)} x shifts "
@@ -591,14 +860,42 @@ if __name__ == "__main__":
         best = min(sweep["geo"], key=lambda n: sweep["geo"][n][0])
         print(f"\nlowest geometric-mean rel L2: {best} ({time.perf_counter() - t0:.0f} s)")
         sys.exit(0)
-    for flow_name in sys.argv[1:] or PROBLEMS:
-        res = measure(flow_name)
+    if "--calibration-time" in argv:
+        print(_header("calibration time") + (f", previous code {base}" if base else ""), flush=True)
+        times = []
+        for flow_name in [a for a in argv if not a.startswith("--")] or PROBLEMS:
+            times.append(calibration_times(flow_name, base=base))
+            print(f"    {times[-1]}", flush=True)
+        print("\n" + times_markdown(times))
+        sys.exit(0)
+    if "--refine" in argv:
+        print(_header(f"refine={REFINE_EVALS}"), flush=True)
+        for flow_name in [a for a in argv if not a.startswith("--")] or SHARP:
+            res = refine_measure(flow_name)
+            print(refine_markdown(res))
+            print(f"\n    chosen: {res['chosen']}")
+            for label, by_budget in res["schedules"].items():
+                for b, s in by_budget.items():
+                    print(f"    B={b} {label}: {s}")
+            print(flush=True)
+        sys.exit(0)
+    print(_header("quality") + (f", previous code {base}" if base else ""), flush=True)
+    results = []
+    for flow_name in argv or PROBLEMS:
+        res = measure(flow_name, base=base)
+        results.append(res)
         print(markdown(res))
         print()
         for b in res["budgets"]:
-            print(f"    B={b} joint:     {res['schedules'][b]}")
+            print(f"    B={b} default:   {res['schedules'][b]}")
             print(f"    B={b} published: {res['schedules_published'][b]}")
-        print(f"    record {res['record_seconds']:.2f} s, both searches {res['calibrate_seconds']:.2f} s")
+            if "schedules_previous" in res:
+                print(f"    B={b} previous:  {res['schedules_previous'][b]}")
+            print(f"    B={b} scores: {res['scores'][b]}")
+        print("    seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
         for line in winners(res):
             print("    " + line)
-        print()
+        print("\n" + bar_markdown([res]) + "\n", flush=True)
+        with open(os.environ.get("BENCH_QUALITY_JSON", os.devnull), "a") as f:
+            f.write(json.dumps({k: v for k, v in res.items()}, default=str) + "\n")
+    print(bar_markdown(results))

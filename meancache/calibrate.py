@@ -36,18 +36,20 @@ from .calibration import RECORDING_FORMAT  # noqa: F401
 from .calibration import RECORDING_FORMAT_VERSION  # noqa: F401
 from .calibration import Recording
 from .calibration import record
-from .calibration import segment_costs  # noqa: F401
-from .calibration import solve  # noqa: F401
+from .calibration import segment_costs
+from .calibration import solve
 from .calibration.joint import DEFAULT_ESTIMATORS
 from .calibration.joint import _check_estimators
 from .calibration.joint import _check_orders
 from .calibration.joint import joint_costs
 from .calibration.joint import joint_solve
+from .calibration.joint import shared_weights
 from .calibration.recording import _check_inputs
 from .calibration.selection import _relative
 from .calibration.selection import folds
 from .calibration.selection import input_errors
 from .calibration.selection import refine as refine_moves
+from .calibration.selection import reuse_labelled
 from .calibration.selection import safe_candidates
 from .calibration.selection import schedule_gain
 from .calibration.selection import subset
@@ -138,7 +140,7 @@ def calibrate(
             run and input), else by replays, counted as B evaluations each. 0: no refinement.
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``scores`` (each candidate's validation score, None for a candidate not in the running),
-            ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (moves kept)
+            ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (whether refinement changed it)
             and ``score`` (the final schedule's score, by the refinement's measure). Budgets answered at once
             (2, N, or ``select=False``) give only ``budget`` and ``chosen``.
         progress: tqdm progress bar while recording.
@@ -227,8 +229,9 @@ def calibrate(
         scorer = _model_scorer(target, inputs, rec)
     if report is not None and not isinstance(report, list):
         raise ValueError(f"report is a {type(report).__name__}: must be None or a list to append to")
-    schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
-                            scorer, progress, report if report is not None else [])
+    with shared_weights():  # the folds and the full recording share one grid: their weight tables are computed once
+        schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
+                                scorer, progress, report if report is not None else [])
     return schedules if many else schedules[0]
 
 
@@ -240,7 +243,7 @@ GAIN_CAPS = (8.0, 4.0)
 REFINE_SCORES = 100
 #: Largest ``N * max_len ** (p + 1)`` (states times segments of an order-p joint graph) the default search builds;
 #: above it the highest orders are dropped (a long max_len for a small budget), so no budget meets an N^5 corner.
-JOINT_SIZE_CAP = 2_000_000
+JOINT_SIZE_CAP = 500_000
 
 
 def auto_max_len(num_steps: int, budget: int) -> int:
@@ -258,115 +261,135 @@ def _bounded_orders(num_steps: int, max_len: int, orders: list[int]) -> list[int
     return [p for p in orders if num_steps * max_len ** (p + 1) <= JOINT_SIZE_CAP]
 
 
-def _procedures(families, polynomial):
-    """The searched candidates, ``name -> (needs the joint graph, solve(rec, graph, b, L))``, in tie order."""
-    out = {}
-    if "meancache" in families:
-        out["published"] = (False, lambda rec, g, b, L, gamma: _published_search(rec, [b], gamma, L)[0])
-    if polynomial:
-        for cap in sorted(GAIN_CAPS):
-            out[f"joint g{cap:g}"] = (True, lambda rec, g, b, L, gamma, cap=cap:
-                                      joint_solve(g.restricted(max_gain=cap), b, gamma=gamma))
-    if polynomial and "meancache" in families:
-        cap = min(GAIN_CAPS)
-        out[f"polynomial g{cap:g}"] = (True, lambda rec, g, b, L, gamma, cap=cap:
-                                       joint_solve(g.restricted(polynomial, max_gain=cap), b, gamma=gamma))
-    return out
+class _Searches:
+    """The searched candidates on one recording and one longest segment ``L``, each graph and each cost table
+    built once and every budget solved in one pass: ``solve(name, budgets)`` gives one schedule (or None where the
+    candidate has no path) per budget. Names, in tie order: ``published``, ``joint g4``, ``joint g8``,
+    ``polynomial g4`` (those the estimators allow)."""
+
+    def __init__(self, rec: Recording, families, orders, gamma, max_len: int):
+        self.rec, self.families, self.gamma, self.max_len = rec, families, gamma, max_len
+        self.polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
+        self.orders = _bounded_orders(rec.num_steps, max_len, orders) if self.polynomial else []
+        self._graph = None
+        self._published = None
+        names = ["published"] if "meancache" in families else []
+        if self.orders:
+            names += [f"joint g{cap:g}" for cap in sorted(GAIN_CAPS)]
+            if "meancache" in families:
+                names.append(f"polynomial g{min(GAIN_CAPS):g}")
+        self.names = names
+
+    def graph(self):
+        if self._graph is None:
+            self._graph = joint_costs(self.rec, estimators=self.families, max_len=self.max_len,
+                                      extrapolation_orders=self.orders)
+        return self._graph
+
+    def solve(self, name: str, budgets: list[int]) -> list[Schedule | None]:
+        if name == "published":
+            if self._published is None:
+                self._published = segment_costs(self.rec, max_len=self.max_len)
+            cost, best_k = self._published
+            return [_published_path(cost, best_k, b, self.gamma, self.max_len, self.rec.num_steps) for b in budgets]
+        if name == "joint":
+            graph = self.graph()
+        elif name.startswith("joint g"):
+            graph = self.graph().restricted(max_gain=float(name[len("joint g"):]))
+        else:
+            graph = self.graph().restricted(self.polynomial, max_gain=float(name[len("polynomial g"):]))
+        try:
+            return joint_solve(graph, list(budgets), gamma=self.gamma)
+        except ValueError:  # a budget with no path under this gain cap: the others still have theirs
+            out = []
+            for b in budgets:
+                try:
+                    out.append(joint_solve(graph, b, gamma=self.gamma))
+                except ValueError:
+                    out.append(None)
+            return out
 
 
 def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, scorer, progress, report):
     """One schedule per budget (see :func:`calibrate`)."""
     n = rec.num_steps
     polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
-    graphs: dict = {}
-
-    def graph(r, key, L):
-        if (key, L) not in graphs:
-            ps = _bounded_orders(n, L, orders)
-            graphs[key, L] = joint_costs(r, estimators=families, max_len=L, extrapolation_orders=ps) if ps else None
-        return graphs[key, L]
-
-    out = []
-    for b in budgets:
-        L = max_len if max_len is not None else auto_max_len(n, b)
+    found: dict[int, Schedule] = {}
+    entries: dict[int, dict] = {}
+    by_len: dict[int, list[int]] = {}
+    for b in dict.fromkeys(budgets):
         if b >= n:
-            out.append(Schedule.full(n))
-            report.append({"budget": b, "chosen": "full"})
-            continue
-        if b == 2:  # one segment from step 0: every estimator is plain reuse of v_0 there
-            out.append(Schedule([0, n - 1], [1], n))
-            report.append({"budget": b, "chosen": "reuse"})
-            continue
-        if not polynomial:
-            out.append(_published_search(rec, [b], gamma, L)[0])
-            report.append({"budget": b, "chosen": "published"})
-            continue
-        if not select:
-            g = graph(rec, "all", L)
-            out.append(joint_solve(g, b, gamma=gamma) if g is not None else _published_search(rec, [b], gamma, L)[0])
-            report.append({"budget": b, "chosen": "joint" if g is not None else "published"})
-            continue
-        procedures = _procedures(families, polynomial)
-        safe = [(name, s) for name, s in safe_candidates(b, n) if set(s.estimators) <= set(families) | {"meancache"}]
-        # every searched candidate is judged on inputs its search did not read: two folds validate every input once
-        errors = {name: torch.zeros(rec.num_inputs, dtype=torch.float64) for name in procedures}
-        for k, (search_idx, val_idx) in enumerate(folds(rec.num_inputs)):
-            srec, vrec = subset(rec, search_idx), subset(rec, val_idx)
-            for name, (joint, solve_one) in procedures.items():
-                g = graph(srec, f"fold{k}", L) if joint else None
-                if joint and g is None:
-                    errors[name][:] = math.inf
-                    continue
-                try:
-                    errors[name][val_idx] = input_errors(vrec, solve_one(srec, g, b, L, gamma))
-                except ValueError:  # no finite path under this gain cap
-                    errors[name][:] = math.inf
-        scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
-        scores.update({name: tail_score(e) for name, e in errors.items()})
-        order = [name for name, _ in safe] + list(procedures)
-        finite = [scores[nm] for nm in order if math.isfinite(scores[nm])]
-        least = min(finite)
-        name = next(nm for nm in order if scores[nm] <= least + COST_RTOL * least)
-        if name in procedures:
-            joint, solve_one = procedures[name]
-            chosen = solve_one(rec, graph(rec, "all", L) if joint else None, b, L, gamma)
+            found[b], entries[b] = Schedule.full(n), {"budget": b, "chosen": "full"}
+        elif b == 2:  # one segment from step 0: every estimator is plain reuse of v_0 there
+            found[b], entries[b] = Schedule([0, n - 1], [1], n), {"budget": b, "chosen": "reuse"}
         else:
-            chosen = dict(safe)[name]
-        final, value, kept = _refined(rec, chosen, refine, scorer, progress)
-        out.append(final)
-        report.append({"budget": b, "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()},
-                       "chosen": name, "start": chosen, "refined": kept, "score": value})
-    return out
+            by_len.setdefault(max_len if max_len is not None else auto_max_len(n, b), []).append(b)
+    for L, group in by_len.items():
+        everything = _Searches(rec, families, orders, gamma, L)
+        if not select or not polynomial:
+            name = "joint" if everything.orders else "published"
+            for b, sched in zip(group, everything.solve(name, group)):
+                found[b], entries[b] = sched, {"budget": b, "chosen": name}
+            continue
+        # every searched candidate is judged on inputs its search did not read: two folds validate every input once
+        errors = {name: torch.zeros(len(group), rec.num_inputs, dtype=torch.float64) for name in everything.names}
+        for search_idx, val_idx in folds(rec.num_inputs):
+            fold = _Searches(subset(rec, search_idx), families, orders, gamma, L)
+            vrec = subset(rec, val_idx)
+            for name in everything.names:
+                for j, sched in enumerate(fold.solve(name, group)):
+                    errors[name][j, val_idx] = math.inf if sched is None else input_errors(vrec, sched)
+        for j, b in enumerate(group):
+            # the safe schedules keep to the estimators asked for and to the longest segment
+            safe = [(name, s) for name, s in safe_candidates(b, n)
+                    if set(s.estimators) <= set(families) | {"meancache"}
+                    and max(y - x for x, y in zip(s.compute_steps, s.compute_steps[1:])) <= L]
+            scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
+            scores.update({name: tail_score(e[j]) for name, e in errors.items()})
+            order = [name for name, _ in safe] + everything.names
+            least = min(v for v in scores.values() if math.isfinite(v))
+            name = next(nm for nm in order if scores[nm] <= least + COST_RTOL * least)
+            chosen = dict(safe)[name] if name in dict(safe) else everything.solve(name, [b])[0]
+            final, value, kept = _refined(rec, chosen, refine, scorer, progress)
+            found[b] = final
+            entries[b] = {"budget": b, "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()},
+                          "chosen": name, "start": chosen, "refined": kept, "score": value}
+    report.extend(entries[b] for b in budgets)
+    return [reuse_labelled(found[b]) for b in budgets]
 
 
-def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> Schedule:
+def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> tuple[Schedule, float | None, bool]:
     """``start`` improved by local moves (:func:`~meancache.calibration.selection.refine`), scored by real runs
-    of the model when ``scorer`` is given, else by the whole-run replay on the recording; never a move that raises
-    the estimate's gain above ``max(min(GAIN_CAPS), gain of start)``. Never worse on the score than ``start``."""
-    if refine == 0:
-        return start, None, 0
+    of the model when ``scorer`` is given, else by whole-run replays on the recording with the two folds as groups
+    that must not get worse one by one; never a move that raises the estimate's gain above
+    ``max(min(GAIN_CAPS), gain of start)``. Never worse on the score than ``start``."""
+    if not refine:
+        return start, None, False
     sig = rec.sigmas
     limit = max(min(GAIN_CAPS), schedule_gain(start, sig))
     if scorer is not None:
-        base, per_run = scorer
-        budget_scores = max(1, refine // (start.budget * per_run))
+        base, per_run, groups = scorer
+        max_scores = max(1, refine // (start.budget * per_run))
     else:
         def base(s):
-            return tail_score(input_errors(rec, s))
+            return input_errors(rec, s)
 
-        budget_scores = REFINE_SCORES if refine is None else max(1, refine // start.budget)
+        groups = [val for _, val in folds(rec.num_inputs)] if rec.num_inputs > 1 else None
+        max_scores = max(1, refine // start.budget)
 
-    def score(s):
-        return base(s) if schedule_gain(s, sig) <= limit else math.inf
+    def errors(s):
+        e = base(s)
+        return e if schedule_gain(s, sig) <= limit else torch.full_like(e, math.inf)
 
-    best, value, _ = refine_moves(start, score, max_scores=budget_scores, progress=progress and scorer is not None)
-    kept = sum(1 for a, b in zip(best.compute_steps, start.compute_steps) if a != b) if best != start else 0
-    return best, value, int(best != start) and max(1, kept)
+    best, value, _ = refine_moves(start, errors, max_scores=max_scores, groups=groups,
+                                  progress=progress and scorer is not None)
+    return best, value, best != start
 
 
 def _model_scorer(velocity_fn, inputs, rec: Recording):
-    """``(score, model calls per step)``: :func:`~meancache.calibration.selection.tail_score` of real sampled runs
-    of ``velocity_fn`` from the validation inputs, against the recorded uncached finals."""
+    """``(errors, model calls per step, groups)``: per-input relative errors of real sampled runs of
+    ``velocity_fn`` from the validation inputs against the recorded uncached finals, and the two halves of them as
+    the groups a kept refinement move must not make worse."""
     _, val_idx = validation_split(rec.num_inputs)
     if isinstance(inputs, torch.Tensor):
         starts, per_run = [inputs[val_idx]], 1
@@ -374,21 +397,18 @@ def _model_scorer(velocity_fn, inputs, rec: Recording):
         starts, per_run = [inputs[i] for i in val_idx], len(val_idx)
     ref = rec.latents[val_idx, -1].double()
 
-    def score(schedule: Schedule) -> float:
+    def errors(schedule: Schedule) -> torch.Tensor:
         with torch.no_grad():
             outs = [sample(velocity_fn, x, rec.sigmas, schedule).to("cpu", torch.float64) for x in starts]
-        out = torch.cat([o.reshape(-1, *rec.shape) for o in outs])
-        return tail_score(_relative(out, ref))
+        return _relative(torch.cat([o.reshape(-1, *rec.shape) for o in outs]), ref)
 
-    return score, per_run
+    half = len(val_idx) // 2
+    groups = [list(range(half)), list(range(half, len(val_idx)))] if half else None
+    return errors, per_run, groups
 
 
-def _published_search(rec: Recording, budgets: list[int], gamma, max_len) -> list[Schedule]:
-    """One schedule per budget from the published estimator's search (the plain PSSP of the shipped presets)."""
-    cost, best_k = segment_costs(rec, max_len=max_len)
-    schedules = []
-    for b in budgets:
-        steps = solve(cost, b, gamma=gamma, max_len=max_len)
-        orders = [int(best_k[s, e]) if e - s > 1 else 0 for s, e in zip(steps, steps[1:])]
-        schedules.append(Schedule(steps, orders, rec.num_steps))
-    return schedules
+def _published_path(cost, best_k, budget: int, gamma, max_len: int, num_steps: int) -> Schedule:
+    """The published estimator's search (the plain PSSP of the shipped presets) at one budget, from its costs."""
+    steps = solve(cost, budget, gamma=gamma, max_len=max_len)
+    orders = [int(best_k[a, b]) if b - a > 1 else 0 for a, b in zip(steps, steps[1:])]
+    return Schedule(steps, orders, num_steps)

@@ -483,7 +483,11 @@ def test_a_straight_trajectory_costs_nothing():
     cost, best_k = segment_costs(rec)
     multi = torch.triu(torch.ones(16, 16, dtype=torch.bool), 2) & cost.isfinite()
     assert bool((cost[multi] == 0).all()) and bool((best_k[multi] == 1).all())
-    assert meancache.calibrate(rec, budget=4) == Schedule([0, 1, 7, 15], [0, 1, 1], 16)
+    assert meancache.calibrate(rec, budget=4, select=False) == Schedule([0, 1, 7, 15], [0, 1, 1], 16)
+    # with the validated choice every candidate is exact too: the tie goes to the first safe one
+    report = []
+    chosen = meancache.calibrate(rec, budget=4, report=report)
+    assert report[0]["chosen"] == "default" and chosen.compute_steps == Schedule.default(4, 16).compute_steps
 
 
 def test_segment_costs_do_not_depend_on_the_thread_count():

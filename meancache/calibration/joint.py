@@ -26,6 +26,7 @@ search minimises, for checks, plots and brute force.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 from typing import Sequence
@@ -51,7 +52,7 @@ from .search import _check_max_len
 from .search import _noise_floor
 from .search import _per_order_costs
 
-__all__ = ["JointCosts", "extrapolation_costs", "joint_costs", "joint_solve", "schedule_costs"]
+__all__ = ["JointCosts", "extrapolation_costs", "joint_costs", "joint_solve", "schedule_costs", "shared_weights"]
 
 #: Estimators :func:`joint_costs` searches by default: all of them.
 DEFAULT_ESTIMATORS = ESTIMATORS
@@ -206,16 +207,8 @@ def extrapolation_costs(
             which = (starts == a).nonzero().flatten()
             sub = table[which]
             steps = range(a + 1, a + reach)  # the skipped steps of the longest segment, I = reach - 1 of them
-            # weights per (row, step, node column), right-aligned on the row's last q + 1 nodes
-            flat: list[float] = []
-            for row in sub.tolist():
-                present = [sig[c] for c in row if c >= 0]
-                for i in steps:
-                    q, w = polynomial_weights(estimator, present, sig[i], sig[i + 1], order)
-                    flat.extend([0.0] * (m - q - 1))
-                    flat.extend(w)
+            weights = _node_weights(estimator, order, tuple(sig), sub, a, reach)
             dt = torch.tensor([sig[i + 1] - sig[i] for i in steps], dtype=torch.float64)
-            weights = torch.tensor(flat, dtype=torch.float64).view(len(sub), len(steps), m)
             # the gain of a -> a + t + 2: the largest sum |w| over its skipped steps a + 1 .. a + t + 1
             gain[which, 2 : reach + 1] = weights.abs().sum(dim=2).cummax(dim=1).values
             weights = weights * dt[None, :, None]
@@ -241,6 +234,52 @@ def extrapolation_costs(
             h = torch.tensor([sig[a] - sig[b] for b in ends.tolist()], dtype=torch.float64)[None, :]
             out[which, 2 : reach + 1] = torch.where(h > 0, err / torch.where(h > 0, h, 1.0), err)
     return (out, gain) if with_gain else out
+
+
+#: Node-weight tables kept between calls inside :func:`shared_weights` (see :func:`_node_weights`), so the folds
+#: and the full recording of one calibration compute them once; None outside it (nothing is kept).
+_WEIGHT_CACHE: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_weights():
+    """Within the ``with`` block, :func:`extrapolation_costs` computes each node-weight table once and reuses it
+    (the tables depend on the grid and the nodes, not on the recording); they are dropped when the block ends.
+
+    Example:
+        >>> with shared_weights():
+        ...     pass
+    """
+    global _WEIGHT_CACHE
+    outer = _WEIGHT_CACHE
+    _WEIGHT_CACHE = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _WEIGHT_CACHE = outer
+
+
+def _node_weights(estimator: str, order: int, sig: tuple, sub: torch.Tensor, a: int, reach: int) -> torch.Tensor:
+    """float64 ``(rows, reach - 1, m)``: the weights of ``polynomial_weights`` for each row of node steps ``sub``
+    (``-1`` padded, ending at ``a``) and each skipped step ``a + 1 .. a + reach - 1``, right-aligned on the row's
+    last ``q + 1`` nodes. They depend on the grid and the nodes only, never on the recording's values, so a
+    calibration that prices several recordings on one grid (its validation folds) computes each table once."""
+    key = (estimator, order, sig, a, reach, sub.shape, sub.numpy().tobytes())
+    found = None if _WEIGHT_CACHE is None else _WEIGHT_CACHE.get(key)
+    if found is not None:
+        return found
+    m = sub.shape[1]
+    flat: list[float] = []
+    for row in sub.tolist():
+        present = [sig[c] for c in row if c >= 0]
+        for i in range(a + 1, a + reach):
+            q, w = polynomial_weights(estimator, present, sig[i], sig[i + 1], order)
+            flat.extend([0.0] * (m - q - 1))
+            flat.extend(w)
+    table = torch.tensor(flat, dtype=torch.float64).view(len(sub), reach - 1, m)
+    if _WEIGHT_CACHE is not None:
+        _WEIGHT_CACHE[key] = table
+    return table
 
 
 # -- the states of the exact DP --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "folds",
     "input_errors",
     "refine",
+    "reuse_labelled",
     "safe_candidates",
     "schedule_gain",
     "subset",
@@ -53,6 +54,25 @@ VALIDATION_EVERY = 4
 #: The estimators (name, order) a refinement move may give a multi-step segment, in the order they are tried.
 MOVE_ESTIMATORS = (("predict", 1), ("extrapolate", 1), ("predict", 2), ("extrapolate", 2), ("meancache", 2),
                    ("meancache", 1))
+
+
+def reuse_labelled(schedule: Schedule) -> Schedule:
+    """``schedule`` with a multi-step first segment labelled ``K1`` (the published estimator, plain reuse): the one
+    label rule of :func:`meancache.calibrate`'s results.
+
+    From step 0 only ``v_0`` is known, so every estimator is plain reuse of it there: the published one with any K
+    (its window holds ``v_0`` and estimates equal to it), and ``extrapolate``/``predict`` of any order (one node:
+    order 0). The label follows the searches' tie rule, which gives ties to the published estimator and the
+    smallest K, whichever candidate won.
+
+    Example:
+        >>> reuse_labelled(Schedule([0, 3, 4, 9], [1, 0, 2], 10, ["predict", "meancache", "predict"])).labels
+        ('K1', 'K0', 'p2')
+    """
+    steps = schedule.compute_steps
+    if steps[1] - steps[0] < 2 or (schedule.estimators[0], schedule.orders[0]) == ("meancache", 1):
+        return schedule
+    return Schedule(steps, (1, *schedule.orders[1:]), schedule.num_steps, ("meancache", *schedule.estimators[1:]))
 
 
 def validation_split(num_inputs: int) -> tuple[list[int], list[int]]:
@@ -273,47 +293,57 @@ def _moves(schedule: Schedule):
 
 def refine(
     schedule: Schedule,
-    score: Callable[[Schedule], float],
+    errors: Callable[[Schedule], torch.Tensor],
     *,
     max_scores: int,
+    groups: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
 ) -> tuple[Schedule, float, int]:
-    """Improve ``schedule`` by local moves, keeping a move only when it lowers ``score`` by more than
-    :data:`COST_RTOL` (so rounding never decides), until no move does or ``max_scores`` scores were spent.
+    """Improve ``schedule`` by local moves scored on per-input errors, until no move improves or ``max_scores``
+    scorings were spent.
 
-    The moves (:func:`_moves`): shift one interior compute step by one step, or give one multi-step segment another
-    estimator or order from :data:`MOVE_ESTIMATORS`. First improvement: the moves are tried in a fixed order and the
-    first that improves is taken, then the search restarts from the new schedule. The result's score is never
-    above the start's.
+    A move is kept when it lowers the :func:`tail_score` of all inputs by more than :data:`COST_RTOL` (so rounding
+    never decides) **and** raises the tail score of no group (with ``groups``, for example the two
+    :func:`folds`) by more than :data:`COST_RTOL`: a move that helps some inputs by hurting others is what a new
+    input would pay for, so it is not taken. The moves (:func:`_moves`): shift one interior compute step by one
+    step, or give one multi-step segment another estimator or order from :data:`MOVE_ESTIMATORS`. First
+    improvement: the moves are tried in a fixed order and the first kept one restarts the search from the new
+    schedule. The result's score is never above the start's.
 
     Args:
         schedule: the start.
-        score: lower is better (for example :func:`tail_score` of :func:`input_errors` on validation inputs, or of
-            real sampled runs of the model).
-        max_scores: the most calls of ``score`` (the start's included), >= 1.
-        progress: a tqdm progress bar over the scores.
+        errors: per-input errors of a schedule, lower is better: for example :func:`input_errors` on a recording,
+            or the errors of real sampled runs of the model. A schedule to avoid may score ``inf``.
+        max_scores: the most calls of ``errors`` (the start's included), >= 1.
+        groups: lists of input indices that must not get worse one by one (None: only the total counts).
+        progress: a tqdm progress bar over the scorings.
 
     Returns:
-        ``(schedule, its score, scores spent)``.
+        ``(schedule, its tail score, scorings spent)``.
 
     Example:
         >>> import torch
         >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(4, 4), torch.linspace(1, 0, 13),
         ...              progress=False)
         >>> start = Schedule([0, 6, 11], [1, 1], 12)
-        >>> best, value, spent = refine(start, lambda s: tail_score(input_errors(rec, s)), max_scores=50)
+        >>> best, value, spent = refine(start, lambda s: input_errors(rec, s), max_scores=50, groups=[[0, 2], [1, 3]])
         >>> value <= tail_score(input_errors(rec, start)), spent <= 50
         (True, True)
     """
     if isinstance(max_scores, bool) or not isinstance(max_scores, int) or max_scores < 1:
         raise ValueError(f"max_scores={max_scores!r}: must be an int >= 1")
+    parts = [list(g) for g in groups] if groups else []
+
+    def scores(e: torch.Tensor) -> tuple[float, list[float]]:
+        return tail_score(e), [tail_score(e[g]) for g in parts]
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_scores, desc="meancache: refining", unit="run")
     try:
-        best = float(score(schedule))
+        best, best_parts = scores(errors(schedule))
         spent = 1
         if bar is not None:
             bar.update(1)
@@ -323,12 +353,14 @@ def refine(
             for move in _moves(schedule):
                 if spent >= max_scores:
                     break
-                value = float(score(move))
+                value, value_parts = scores(errors(move))
                 spent += 1
                 if bar is not None:
                     bar.update(1)
-                if value < best - COST_RTOL * best:
-                    schedule, best, improved = move, value, True
+                if value < best - COST_RTOL * best and all(
+                    v <= b + COST_RTOL * b for v, b in zip(value_parts, best_parts)
+                ):
+                    schedule, best, best_parts, improved = move, value, value_parts, True
                     break
     finally:
         if bar is not None:

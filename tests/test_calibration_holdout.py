@@ -1,0 +1,191 @@
+"""Issue 19: schedules chosen on inputs the search did not see, safe candidates always in the running, gain caps,
+refinement that never makes validation worse, and every budget 2..N with the defaults."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import meancache
+from meancache import Schedule
+from meancache.calibrate import GAIN_CAPS
+from meancache.calibrate import auto_max_len
+from meancache.calibration import COST_RTOL
+from meancache.calibration import joint_costs
+from meancache.calibration import joint_solve
+from meancache.calibration.selection import folds
+from meancache.calibration.selection import input_errors
+from meancache.calibration.selection import refine
+from meancache.calibration.selection import safe_candidates
+from meancache.calibration.selection import schedule_gain
+from meancache.calibration.selection import subset
+from meancache.calibration.selection import tail_score
+from meancache.calibration.selection import uniform_schedule
+from meancache.calibration.selection import validation_split
+from meancache.flows import GaussianMixtureFlow
+from meancache.flows import shifted_sigmas
+
+
+def _recording(seed=3, steps=20, inputs=8, dim=8, scale=None, spread=3.0):
+    flow = GaussianMixtureFlow(dim=dim, components=5, seed=seed, spread=spread, scale=scale)
+    x = torch.randn(inputs, dim, generator=torch.Generator().manual_seed(100 + seed))
+    return flow, x, shifted_sigmas(steps, 3.0), meancache.record(flow, x, shifted_sigmas(steps, 3.0), progress=False)
+
+
+def test_the_split_and_the_folds_are_fixed_lists():
+    """Deterministic: the same number of inputs gives the same split on every machine (no random draw)."""
+    assert validation_split(8) == ([0, 1, 2, 4, 5, 6], [3, 7])
+    assert validation_split(3) == ([0, 1], [2])
+    assert folds(6) == [([0, 2, 4], [1, 3, 5]), ([1, 3, 5], [0, 2, 4])]
+    assert folds(1) == [([0], [0])]
+    for p in range(1, 40):
+        search, held = validation_split(p)
+        assert held and search and (p == 1 or not set(search) & set(held))
+        covered = sorted(i for _, val in folds(p) for i in val)
+        assert covered == list(range(p))  # every input validates once
+
+
+def test_the_same_recording_gives_the_same_schedules_within_the_tie_rule():
+    _, _, _, rec = _recording(seed=4)
+    first, again = [], []
+    a = meancache.calibrate(rec, budget=[5, 8], report=first)
+    b = meancache.calibrate(rec, budget=[5, 8], report=again)
+    assert a == b and [r["chosen"] for r in first] == [r["chosen"] for r in again]
+    # another machine rounds differently: latents moved by ~1e-7 relative. Compare the score of what it picks,
+    # never the pick itself among near-ties
+    nudged = meancache.Recording(rec.sigmas, rec.latents * (1 + 1e-7), rec.velocities, rec.meta)
+    other = []
+    meancache.calibrate(nudged, budget=[5, 8], report=other)
+    for mine, theirs in zip(first, other):
+        assert theirs["scores"][theirs["chosen"]] == pytest.approx(mine["scores"][mine["chosen"]], rel=1e-3)
+
+
+@pytest.mark.parametrize("seed, scale", [(3, None), (5, 0.4), (7, 0.45)])
+def test_the_choice_is_never_worse_than_any_candidate_on_validation(seed, scale):
+    """The chosen candidate's out-of-fold score is the least (within COST_RTOL) of every candidate in the running,
+    the safe schedules and the published search included."""
+    _, _, _, rec = _recording(seed=seed, scale=scale, spread=2.5)
+    report = []
+    meancache.calibrate(rec, budget=[4, 6, 10], report=report)
+    for entry in report:
+        scores = {k: v for k, v in entry["scores"].items() if v is not None}
+        assert {"default", "uniform p1", "uniform e1", "published"} <= set(scores)
+        least = min(scores.values())
+        assert scores[entry["chosen"]] <= least * (1 + COST_RTOL), entry
+        # the safe candidates are scored on every input, by the same replay
+        for name, sched in safe_candidates(entry["budget"], rec.num_steps):
+            assert scores[name] == pytest.approx(tail_score(input_errors(rec, sched)), rel=1e-12)
+
+
+def test_a_flow_where_the_safe_prediction_is_exact_is_calibrated_exactly():
+    """v = alpha + beta * sigma: ``predict`` p = 1 reproduces the Euler reference once two velocities are known,
+    while extrapolate (the step's mean) and the published estimator (a damped trend) do not. Schedule.default
+    computes steps 0 and 1 at these budgets, so it is exact; the calibration must find an exact schedule."""
+    alpha = torch.tensor([0.5, -1.0, 0.25, 2.0])
+    beta = torch.tensor([2.0, 1.0, -3.0, 0.5])
+    sigmas = torch.linspace(1, 0, 17)  # dyadic: the float32 run is exact
+    rec = meancache.record(lambda x, s: alpha + beta * s + 0 * x, torch.zeros(4, 4), sigmas, progress=False)
+    report = []
+    for sched in meancache.calibrate(rec, budget=[6, 9], report=report):
+        assert tail_score(input_errors(rec, sched)) < 1e-6
+    for entry in report:
+        assert entry["scores"]["default"] < 1e-6 and entry["scores"]["uniform e1"] > 1e-4
+        assert entry["scores"]["published"] > 1e-4
+
+
+def test_a_flow_where_the_published_search_is_right_is_not_lost():
+    """A recording where only the published estimator's replay is good (the polynomial ones are disabled by
+    estimators=): the safe candidates drop out and the published search is chosen."""
+    _, _, _, rec = _recording(seed=6)
+    report = []
+    found = meancache.calibrate(rec, budget=6, estimators=("meancache",), report=report)
+    assert found.published and report[0]["chosen"] == "published"
+
+
+def test_gain_caps_keep_every_polynomial_segment_under_the_cap():
+    _, _, sig, rec = _recording(seed=8, steps=24)
+    graph = joint_costs(rec, max_len=6)
+    for cap in GAIN_CAPS:
+        sched = joint_solve(graph.restricted(max_gain=cap), 8)
+        assert schedule_gain(sched, rec.sigmas) <= cap * (1 + 1e-12)
+    with pytest.raises(ValueError, match=r"max_gain=0.5: must be None or a number >= 1"):
+        graph.restricted(max_gain=0.5)
+
+
+def test_refinement_never_increases_the_validation_error():
+    flow, x, sig, rec = _recording(seed=9, steps=20, inputs=8)
+    report = []
+    meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], refine=400, report=report, progress=False)
+    _, val = validation_split(8)
+
+    def real(schedule):  # the scorer's own measure: real runs of the model from the validation inputs
+        with torch.no_grad():
+            out = meancache.sample(flow, x[val], sig, schedule)
+        ref = rec.latents[val, -1]
+        return tail_score((out - ref).norm(dim=1).double() / ref.norm(dim=1).double())
+
+    for entry in report:
+        assert entry["score"] <= real(entry["start"]) * (1 + COST_RTOL) + 1e-12
+
+
+def test_refine_keeps_only_moves_that_help_every_group():
+    """A move that helps the total by hurting one group is not taken."""
+    start = Schedule([0, 4, 9], [1, 1], 10, ["predict", "predict"])
+
+    def errors(s):  # any move trades input 1 for input 0: better in total, worse for group [1]
+        return torch.tensor([1.0, 1.0], dtype=torch.float64) if s == start else torch.tensor([0.1, 1.2])
+
+    best, value, spent = refine(start, errors, max_scores=10, groups=[[0], [1]])
+    assert best == start and value == tail_score(torch.tensor([1.0, 1.0])) and spent <= 10
+    best, _, _ = refine(start, errors, max_scores=10)
+    assert best != start
+    with pytest.raises(ValueError, match="max_scores=0"):
+        refine(start, errors, max_scores=0)
+
+
+@pytest.mark.parametrize("steps", [6, 12])
+def test_every_budget_calibrates_with_the_defaults(steps):
+    _, _, _, rec = _recording(seed=10, steps=steps, inputs=4)
+    found = meancache.calibrate(rec, budget=list(range(2, steps + 1)))
+    assert [s.budget for s in found] == list(range(2, steps + 1))
+    assert found[0] == Schedule([0, steps - 1], [1], steps) and found[-1] == Schedule.full(steps)
+
+
+def test_small_budgets_on_fifty_steps_need_no_max_len():
+    """B = 3 and 4 of 50 need segments of 25 and 17 steps: the default lengthens them (issue 19: budget 6
+    used to raise unless max_len was raised by hand) and bounds the graph by dropping high orders."""
+    _, _, _, rec = _recording(seed=11, steps=50, inputs=4, dim=4)
+    assert auto_max_len(50, 3) == 25 and auto_max_len(50, 6) == 10 and auto_max_len(50, 17) == 8
+    for b, sched in zip((3, 4, 6), meancache.calibrate(rec, budget=[3, 4, 6])):
+        gaps = [y - x for x, y in zip(sched.compute_steps, sched.compute_steps[1:])]
+        assert sched.budget == b and max(gaps) <= auto_max_len(50, b)
+
+
+def test_labels_of_a_segment_from_step_zero_follow_one_rule():
+    """Issue 18 item 15: from step 0 every estimator is plain reuse; calibrate labels it K1 whichever candidate
+    won (the tie rule gives ties to the published estimator)."""
+    for seed in (3, 12):
+        _, _, _, rec = _recording(seed=seed)
+        for sched in meancache.calibrate(rec, budget=[4, 6, 9]):
+            if sched.compute_steps[1] > 1:
+                assert sched.labels[0] == "K1"
+
+
+def test_report_is_checked():
+    _, _, _, rec = _recording(seed=3, steps=8, inputs=2)
+    with pytest.raises(ValueError, match="report is a dict: must be None or a list"):
+        meancache.calibrate(rec, budget=4, report={})
+    with pytest.raises(ValueError, match=r"refine=-1: must be None or an int >= 0"):
+        meancache.calibrate(rec, budget=4, refine=-1)
+
+
+def test_uniform_schedule_and_safe_candidates():
+    s = uniform_schedule(6, 50, "extrapolate", 1)
+    assert s.compute_steps == (0, 10, 20, 29, 39, 49) and set(s.labels) == {"e1"}
+    assert [n for n, _ in safe_candidates(6, 50)] == ["default", "uniform p1", "uniform e1"]
+    assert subset(_recording(steps=6, inputs=3)[3], [0, 2]).num_inputs == 2
+    with pytest.raises(ValueError, match="budget=1"):
+        uniform_schedule(1, 10)
+    assert math.isclose(tail_score(torch.tensor([3.0, 4.0])), math.sqrt(12.5))
