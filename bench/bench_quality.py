@@ -404,7 +404,7 @@ def measure(
     sigmas = grid(STEPS)
     cal = _calibrations(name, budgets, calibration_inputs, raw=raw, base=base)
     ours, published = cal["default"], cal["published"]
-    transfer = _calibrations(HELD_OUT[name], budgets, raw=False) if name in HELD_OUT else None
+    transfer = _calibrations(HELD_OUT[name], budgets, calibration_inputs, raw=False) if name in HELD_OUT else None
 
     full = meancache.sample(flow, noise, sigmas, Schedule.full(STEPS))
     exact = rk4(flow, noise[:n_exact].double(), grid(EXACT_STEPS))

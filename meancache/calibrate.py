@@ -36,15 +36,17 @@ from .calibration import RECORDING_FORMAT  # noqa: F401
 from .calibration import RECORDING_FORMAT_VERSION  # noqa: F401
 from .calibration import Recording
 from .calibration import record
-from .calibration import segment_costs
+from .calibration import segment_costs  # noqa: F401
 from .calibration import solve
 from .calibration.joint import DEFAULT_ESTIMATORS
 from .calibration.joint import _check_estimators
 from .calibration.joint import _check_orders
 from .calibration.joint import joint_costs
 from .calibration.joint import joint_solve
+from .calibration.joint import JointCosts
 from .calibration.joint import shared_weights
 from .calibration.recording import _check_inputs
+from .calibration.recording import element_subset
 from .calibration.selection import _relative
 from .calibration.selection import folds
 from .calibration.selection import input_errors
@@ -57,6 +59,9 @@ from .calibration.selection import tail_score
 from .calibration.selection import validation_split
 from .calibration.recording import _pipeline_inputs
 from .calibration.search import _check_budgets
+from .calibration.search import _per_order_costs
+from .calibration.search import costs_from_orders
+from .calibration.search import shared_costs
 from .calibration.search import _check_gamma
 from .calibration.search import _check_max_len
 from .estimators import MAX_EXTRAPOLATION_ORDER
@@ -64,6 +69,7 @@ from .estimators import POLYNOMIAL_ESTIMATORS
 from .hooks import is_pipeline
 from .sampler import sample
 from .schedule import DEFAULT_MAX_SEGMENT
+from .schedule import MAX_ORDER
 from .schedule import Schedule
 from .schedule import _check_num_steps
 from .sigmas import as_sigma_list
@@ -71,6 +77,10 @@ from .validation import is_int
 
 # the stage names stay importable from here (their former home); the front door itself is calibrate()
 __all__ = ["calibrate"]
+
+
+#: Latent elements per input the search and the validation read by default (see ``calibrate(elements=)``).
+SEARCH_ELEMENTS = 4096
 
 
 def calibrate(
@@ -87,6 +97,7 @@ def calibrate(
     select: bool = True,
     refine: int | None = None,
     report: list | None = None,
+    elements: int | None = SEARCH_ELEMENTS,
     progress: bool = True,
     **pipeline_kwargs,
 ) -> Schedule | list[Schedule]:
@@ -143,7 +154,21 @@ def calibrate(
             ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (whether refinement changed it)
             and ``score`` (the final schedule's score, by the refinement's measure). Budgets answered at once
             (2, N, or ``select=False``) give only ``budget`` and ``chosen``.
+        elements: search and validate on a fixed, seeded subset of this many elements of each input's latent
+            (:meth:`Recording.elements`, the same subset on every machine; default :data:`SEARCH_ELEMENTS`), so
+            the search costs the same for any latent size; with a model target only these elements are recorded
+            too (:func:`record`). Every estimator acts element by element, so the subset's costs are unbiased
+            estimates of the full ones. None: every element.
         progress: tqdm progress bar while recording.
+
+    Cost (after the recording): with ``E = min(elements, latent size)`` elements per input, P inputs and N steps,
+    each longest-segment length L in use (one per budget group, :func:`auto_max_len`) builds at most three joint
+    graphs (two folds and all inputs), each ``O(N * L ** (p + 1))`` states and segments for the orders p kept under
+    :data:`JOINT_SIZE_CAP` (so at most ``O(JOINT_SIZE_CAP)``), priced with ``O(N * L ** (p + 1) * P * E)``
+    arithmetic; the published search prices ``N * L <= PUBLISHED_SIZE_CAP`` segments at ``O(L * P * E)`` each;
+    every candidate is validated by whole-run replays, ``O(N * P * E)`` each. None of it grows with the latent past
+    ``elements``, and no budget makes it grow as a power of N above the caps: above them fewer orders (then only
+    the safe schedules) are weighed. Measured figures are in bench/RESULTS.md.
 
     Returns:
         A :class:`~meancache.Schedule` (int budget) or a list of them (list budget), with the best estimator and
@@ -168,6 +193,8 @@ def calibrate(
     extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
     if max_len is not None:
         max_len = _check_max_len(max_len)
+    if elements is not None and (not is_int(elements) or elements < 1):
+        raise ValueError(f"elements={elements!r}: must be None or an int >= 1 (latent elements per input)")
     if refine is not None and (not is_int(refine) or refine < 0):
         raise ValueError(f"refine={refine!r}: must be None or an int >= 0 (model evaluations)")
     gamma = _check_gamma(gamma)
@@ -218,18 +245,21 @@ def calibrate(
     if isinstance(target, Recording):
         rec = target
     elif is_pipeline(target):
-        rec = record(target, inputs, progress=progress, **pipeline_kwargs)
+        rec = record(target, inputs, progress=progress, elements=elements, **pipeline_kwargs)
         n = rec.num_steps
         _check_num_steps(n)
         budgets, many = _check_budgets(budget, n, n - 1 if max_len is None else max_len)
     else:
-        rec = record(target, inputs, sigmas, progress=progress)
+        rec = record(target, inputs, sigmas, progress=progress, elements=elements)
     scorer = None
     if refine and not isinstance(target, Recording) and not is_pipeline(target):
         scorer = _model_scorer(target, inputs, rec)
+    if elements is not None:
+        rec = rec.elements(elements)
     if report is not None and not isinstance(report, list):
         raise ValueError(f"report is a {type(report).__name__}: must be None or a list to append to")
-    with shared_weights():  # the folds and the full recording share one grid: their weight tables are computed once
+    # the folds and the full recording share one grid: their weight tables and per-K replays are computed once
+    with shared_weights(), shared_costs():
         schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
                                 scorer, progress, report if report is not None else [])
     return schedules if many else schedules[0]
@@ -244,6 +274,10 @@ REFINE_SCORES = 100
 #: Largest ``N * max_len ** (p + 1)`` (states times segments of an order-p joint graph) the default search builds;
 #: above it the highest orders are dropped (a long max_len for a small budget), so no budget meets an N^5 corner.
 JOINT_SIZE_CAP = 500_000
+#: Largest ``N * max_len`` (segments) the published search prices (each segment K = 1..6 replays over the
+#: elements); above it (N above 2,500 at max_len 8) only the joint graph, if it fits, and the safe schedules are
+#: weighed, so no N and budget make the search's cost explode.
+PUBLISHED_SIZE_CAP = 20_000
 
 
 def auto_max_len(num_steps: int, budget: int) -> int:
@@ -269,16 +303,35 @@ class _Searches:
 
     def __init__(self, rec: Recording, families, orders, gamma, max_len: int):
         self.rec, self.families, self.gamma, self.max_len = rec, families, gamma, max_len
+        self.num_steps = rec.num_steps
         self.polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
         self.orders = _bounded_orders(rec.num_steps, max_len, orders) if self.polynomial else []
         self._graph = None
         self._published = None
-        names = ["published"] if "meancache" in families else []
+        names = ["published"] if "meancache" in families and rec.num_steps * max_len <= PUBLISHED_SIZE_CAP else []
         if self.orders:
             names += [f"joint g{cap:g}" for cap in sorted(GAIN_CAPS)]
             if "meancache" in families:
                 names.append(f"polynomial g{min(GAIN_CAPS):g}")
         self.names = names
+
+    @classmethod
+    def combined(cls, parts: list["_Searches"], sizes: list[int]) -> "_Searches":
+        """The searches of the union of the parts' (disjoint) inputs, from their priced costs: every cost is a mean
+        over inputs, so the union's is the size-weighted mean and nothing is priced again."""
+        first = parts[0]
+        out = cls.__new__(cls)
+        out.__dict__.update({k: v for k, v in first.__dict__.items() if k not in ("rec", "_graph", "_published")})
+        out.rec = None
+        out._graph = JointCosts.mean([p.graph() for p in parts], sizes) if first.orders else None
+        out._published = None
+        if "published" in first.names:
+            per_k = sum(p.per_k() * (w / sum(sizes)) for p, w in zip(parts, sizes))
+            out._published = costs_from_orders(per_k, list(range(1, MAX_ORDER + 1)), first.max_len)
+        return out
+
+    def per_k(self) -> torch.Tensor:
+        return _per_order_costs(self.rec, self.max_len, list(range(1, MAX_ORDER + 1)))
 
     def graph(self):
         if self._graph is None:
@@ -289,9 +342,9 @@ class _Searches:
     def solve(self, name: str, budgets: list[int]) -> list[Schedule | None]:
         if name == "published":
             if self._published is None:
-                self._published = segment_costs(self.rec, max_len=self.max_len)
+                self._published = costs_from_orders(self.per_k(), list(range(1, MAX_ORDER + 1)), self.max_len)
             cost, best_k = self._published
-            return [_published_path(cost, best_k, b, self.gamma, self.max_len, self.rec.num_steps) for b in budgets]
+            return [_published_path(cost, best_k, b, self.gamma, self.max_len, self.num_steps) for b in budgets]
         if name == "joint":
             graph = self.graph()
         elif name.startswith("joint g"):
@@ -327,18 +380,28 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
     for L, group in by_len.items():
         everything = _Searches(rec, families, orders, gamma, L)
         if not select or not polynomial:
-            name = "joint" if everything.orders else "published"
-            for b, sched in zip(group, everything.solve(name, group)):
-                found[b], entries[b] = sched, {"budget": b, "chosen": name}
-            continue
+            name = "joint" if everything.orders and polynomial else "published"
+            if name == "joint" or "published" in everything.names:
+                for b, sched in zip(group, everything.solve(name, group)):
+                    found[b], entries[b] = sched, {"budget": b, "chosen": name}
+                continue
+            if not polynomial:
+                raise ValueError(
+                    f"num_steps={n}, max_len={L}: the published estimator's search prices N * max_len segments, "
+                    f"at most {PUBLISHED_SIZE_CAP}; add the polynomial estimators (the default) or use fewer steps"
+                )
         # every searched candidate is judged on inputs its search did not read: two folds validate every input once
         errors = {name: torch.zeros(len(group), rec.num_inputs, dtype=torch.float64) for name in everything.names}
+        parts = []
         for search_idx, val_idx in folds(rec.num_inputs):
             fold = _Searches(subset(rec, search_idx), families, orders, gamma, L)
+            parts.append(fold)
             vrec = subset(rec, val_idx)
             for name in everything.names:
                 for j, sched in enumerate(fold.solve(name, group)):
                     errors[name][j, val_idx] = math.inf if sched is None else input_errors(vrec, sched)
+        if rec.num_inputs > 1:  # the two folds' searched inputs are all the inputs: their costs give the union's
+            everything = _Searches.combined(parts, [len(search_idx) for search_idx, _ in folds(rec.num_inputs)])
         for j, b in enumerate(group):
             # the safe schedules keep to the estimators asked for and to the longest segment
             safe = [(name, s) for name, s in safe_candidates(b, n)
@@ -396,11 +459,16 @@ def _model_scorer(velocity_fn, inputs, rec: Recording):
     else:
         starts, per_run = [inputs[i] for i in val_idx], len(val_idx)
     ref = rec.latents[val_idx, -1].double()
+    subset = rec.meta.get("elements")
+    idx = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
 
     def errors(schedule: Schedule) -> torch.Tensor:
         with torch.no_grad():
-            outs = [sample(velocity_fn, x, rec.sigmas, schedule).to("cpu", torch.float64) for x in starts]
-        return _relative(torch.cat([o.reshape(-1, *rec.shape) for o in outs]), ref)
+            outs = [sample(velocity_fn, x, rec.sigmas, schedule) for x in starts]
+        out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
+        if idx is not None:  # the recording keeps a subset of each latent: compare on the same elements
+            out = out[:, idx.to(out.device)]
+        return _relative(out.to("cpu", torch.float64), ref.reshape(len(val_idx), -1))
 
     half = len(val_idx) // 2
     groups = [list(range(half)), list(range(half, len(val_idx)))] if half else None

@@ -33,8 +33,11 @@ __all__ = ["StaticPlan", "plan_for", "default_budget", "family_of", "FAMILIES", 
 
 logger = logging.getLogger("meancache")
 
-#: Class-name prefixes (of a pipeline or its transformer) and the preset family whose published schedules they use.
-FAMILIES = {"QwenImage": "qwen-image", "ZImage": "z-image", "Digits": "digits"}
+#: Class-name prefixes (of a pipeline or its transformer) and the preset family whose schedules they use by
+#: default. Qwen-Image and Z-Image: the published tables, the only ones calibrated on those models. The digits
+#: model: ``digits-joint`` (every estimator), 9.2 / 9.0 dB above the published-estimator ``digits`` preset at
+#: B = 17 / 25 on the demo (bench/RESULTS.md); ``digits`` stays available by name.
+FAMILIES = {"QwenImage": "qwen-image", "ZImage": "z-image", "Digits": "digits-joint"}
 #: Step count the published presets were calibrated at.
 PRESET_STEPS = 50
 #: Budget used when neither ``budget`` nor ``schedule`` is given: about a third of the steps, like the middle

@@ -229,16 +229,28 @@ def test_shipped_digits_joint_preset_is_what_the_joint_calibration_finds(pipe):
         assert theirs <= ours * (1 + JOINT_REPLAY_RTOL), (found.budget, theirs / ours - 1)
 
 
-def test_accelerate_picks_the_digits_preset(pipe):
-    meancache.accelerate(pipe, budget=10)
+@pytest.mark.parametrize("budget", [6, 10, 25])
+def test_accelerate_picks_the_digits_joint_preset(pipe, budget):
+    """Issue 20: the one-liner on the digits model uses the best shipped schedule, digits-joint."""
+    meancache.accelerate(pipe, budget=budget)
     try:
         out = pipe(list(range(10)), latents=sample_noise(range(10)), output_type="latent").images
         summary = meancache.summary(pipe)
     finally:
         meancache.disable(pipe)
-    assert summary.schedule == meancache.Schedule.preset("digits", 10)
-    assert summary.model_calls == 10 and summary.skipped_steps == 40
+    assert summary.schedule == meancache.Schedule.preset("digits-joint", budget)
+    assert summary.model_calls == budget and summary.skipped_steps == 50 - budget
     assert torch.isfinite(out).all()
+
+
+def test_the_published_digits_preset_stays_available_by_name(pipe):
+    meancache.accelerate(pipe, schedule=meancache.Schedule.preset("digits", 10))
+    try:
+        pipe(list(range(10)), latents=sample_noise(range(10)), output_type="latent")
+        summary = meancache.summary(pipe)
+    finally:
+        meancache.disable(pipe)
+    assert summary.schedule == meancache.Schedule.preset("digits", 10) and summary.model_calls == 10
 
 
 def test_preset_file_is_well_formed():

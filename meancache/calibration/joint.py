@@ -383,6 +383,34 @@ class JointCosts:
                           self.length, self._candidates[:, keep], [self._labels[j] for j in keep],
                           self._gains[:, keep], max_gain)
 
+    @classmethod
+    def mean(cls, graphs: Sequence["JointCosts"], weights: Sequence[float]) -> "JointCosts":
+        """The graph of the union of disjoint input sets from the graphs of each (built with the same steps,
+        ``max_len``, estimators and orders): every candidate's cost is a mean over inputs, so the union's is the
+        ``weights``-weighted mean (weights: the sets' input counts). Costs below the noise floor were zeroed per
+        set, so near the floor this differs from pricing the union directly by at most that floor.
+
+        Example:
+            >>> import torch
+            >>> rec = record(lambda x, s: torch.sin(3 * x) - s, torch.randn(4, 4), torch.linspace(1, 0, 9),
+            ...              progress=False)
+            >>> from meancache.calibration.selection import subset
+            >>> a, b = joint_costs(subset(rec, [0, 1]), max_len=4), joint_costs(subset(rec, [2, 3]), max_len=4)
+            >>> whole, both = joint_costs(rec, max_len=4), JointCosts.mean([a, b], [2, 2])
+            >>> bool(torch.allclose(whole._candidates, both._candidates, rtol=1e-9, atol=1e-12))
+            True
+        """
+        first = graphs[0]
+        for g in graphs[1:]:
+            if (g.num_steps, g.max_len, g.depth, g.estimators, g._labels) != (
+                first.num_steps, first.max_len, first.depth, first.estimators, first._labels
+            ) or not torch.equal(g.src, first.src):
+                raise ValueError("JointCosts.mean: the graphs must share steps, max_len, estimators and orders")
+        total = float(sum(weights))
+        cand = sum(g._candidates * (w / total) for g, w in zip(graphs, weights))
+        return cls(first.num_steps, first.max_len, first.depth, first.estimators, first.states, first.src, first.dst,
+                   first.length, cand, list(first._labels), first._gains, first.max_gain)
+
     def __repr__(self):
         return (f"JointCosts(num_steps={self.num_steps}, max_len={self.max_len}, depth={self.depth}, "
                 f"estimators={self.estimators}, states={self.states.shape[0]}, segments={self.src.shape[0]})")

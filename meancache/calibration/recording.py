@@ -5,6 +5,8 @@ MeanCache caches, at ``scheduler.step``, algorithm.md §7).
 
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 from typing import Callable
@@ -24,13 +26,38 @@ from ..sigmas import as_sigma_list
 from ..validation import check_latents
 from ..validation import check_velocity
 
-__all__ = ["RECORDING_FORMAT", "RECORDING_FORMAT_VERSION", "Recording", "record", "record_pipeline"]
+__all__ = ["RECORDING_FORMAT", "RECORDING_FORMAT_VERSION", "SUBSET_SEED", "Recording", "element_subset", "record",
+           "record_pipeline"]
 
 logger = logging.getLogger("meancache")
 
 RECORDING_FORMAT = "meancache.recording"
 #: Version written by :meth:`Recording.save`; :meth:`Recording.load` rejects every other version.
 RECORDING_FORMAT_VERSION = 1
+#: Seed of :func:`element_subset`: the same elements on every machine, for every recording of one shape.
+SUBSET_SEED = 20260119
+
+
+def element_subset(numel: int, count: int, seed: int = SUBSET_SEED) -> torch.Tensor | None:
+    """The flat indices (sorted int64 ``(count,)``) of a fixed, seeded subset of ``count`` of an input's
+    ``numel`` latent elements, or None when ``count >= numel`` (every element is kept).
+
+    Every estimator and the Euler step act element by element, so a segment's cost (a mean over elements) and a
+    replay's per-element deviation computed on a uniform random subset are unbiased estimates of the full ones:
+    the search then costs the same for an 8x8 digit and a 720p video. The draw is ``torch.randperm`` of a CPU
+    generator seeded with ``seed``, which gives the same subset on every machine.
+
+    Example:
+        >>> idx = element_subset(10, 4)
+        >>> idx.tolist() == element_subset(10, 4).tolist(), len(idx), element_subset(10, 10) is None
+        (True, 4, True)
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"elements={count!r}: must be None or an int >= 1 (latent elements kept per input)")
+    if count >= numel:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(numel, generator=g)[:count].sort().values
 def _check_meta(meta, where: str) -> dict:
     """Meta must survive ``torch.load(weights_only=True)``: nested dicts/lists of str, int, float, bool, None."""
 
@@ -118,6 +145,26 @@ class Recording:
 
     def __repr__(self):
         return f"Recording(num_inputs={self.num_inputs}, num_steps={self.num_steps}, shape={self.shape})"
+
+    def elements(self, count: int) -> "Recording":
+        """This recording on a fixed subset of ``count`` elements of each input's latent (:func:`element_subset`):
+        latents ``(P, N + 1, count)``, velocities ``(P, N, count)``; itself when it has no more elements.
+        ``meta["elements"]`` records the subset (its size, seed and the full shape).
+
+        Example:
+            >>> import torch
+            >>> rec = Recording([1.0, 0.0], torch.ones(2, 2, 3, 4), torch.ones(2, 1, 3, 4))
+            >>> rec.elements(5).shape, rec.elements(12) is rec
+            ((5,), True)
+        """
+        idx = element_subset(math.prod(self.shape), count)
+        if idx is None:
+            return self
+        p = self.num_inputs
+        meta = dict(self.meta)
+        meta["elements"] = {"count": count, "seed": SUBSET_SEED, "of_shape": list(self.shape)}
+        return Recording(self.sigmas, self.latents.reshape(p, self.num_steps + 1, -1)[:, :, idx].contiguous(),
+                         self.velocities.reshape(p, self.num_steps, -1)[:, :, idx].contiguous(), meta)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the recording with ``torch.save`` (tensors, lists and plain dicts only, readable with
@@ -224,6 +271,7 @@ def record(
     sigmas: Sequence[float] | torch.Tensor | None = None,
     *,
     progress: bool = True,
+    elements: int | None = None,
     **pipeline_kwargs,
 ) -> Recording:
     """Run the uncached Euler sampler on calibration inputs and record every latent and velocity.
@@ -244,6 +292,10 @@ def record(
             that want their own batch layout. float16, bfloat16, float32 or float64; any device.
         sigmas: ``N + 1`` decreasing floats (1-D tensor or sequence).
         progress: show a tqdm progress bar over the model evaluations.
+        elements: keep only this many elements of each input's latent (:func:`element_subset`, the same on every
+            machine): the latents and velocities stay where the model runs and only the subset is copied to the
+            host, so the recording takes ``P * (2N + 1) * elements * 4`` bytes whatever the model (4 MiB for 4
+            inputs, 50 steps and 4096 elements). None (default): every element.
 
     Returns:
         A :class:`Recording` with ``latents (P, N + 1, *shape)`` and ``velocities (P, N, *shape)``.
@@ -260,7 +312,8 @@ def record(
     if is_pipeline(velocity_fn):
         if sigmas is not None:
             raise ValueError("sigmas given with a pipeline: its scheduler sets the grid; pass num_inference_steps")
-        return record_pipeline(velocity_fn, _pipeline_inputs(inputs), progress=progress, **pipeline_kwargs)
+        return record_pipeline(velocity_fn, _pipeline_inputs(inputs), progress=progress, elements=elements,
+                               **pipeline_kwargs)
     if pipeline_kwargs:
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
     if not callable(velocity_fn):
@@ -274,8 +327,17 @@ def record(
     n = len(sig) - 1
     shape = tuple(tensors[0].shape[1:]) if batched else tuple(tensors[0].shape)
     p = tensors[0].shape[0] if batched else len(tensors)
+    idx = None if elements is None else element_subset(math.prod(shape), elements)
+    full_shape = shape
+    if idx is not None:
+        idx = idx.to(tensors[0].device)  # the subset is taken where the model runs; only it crosses to the host
+        shape = (len(idx),)
     latents = torch.empty((p, n + 1, *shape), dtype=torch.float32)
     velocities = torch.empty((p, n, *shape), dtype=torch.float32)
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.reshape(-1, *shape) if idx is None else t.reshape(-1, math.prod(full_shape))[:, idx]
     # rows of `latents` that each tensor of `tensors` fills
     rows = [slice(0, p)] if batched else [slice(j, j + 1) for j in range(p)]
     bar = _progress_bar(n * len(tensors), progress)
@@ -290,15 +352,15 @@ def record(
                     check_velocity(v, x, f"velocity_fn at step {i}")
                     # copied into the recording now: a velocity_fn may hand back a buffer it overwrites at the
                     # next call, and a kept reference would then hold the last step's values at every step
-                    latents[rows[j], i] = x.detach().reshape(-1, *shape)
-                    velocities[rows[j], i] = v.detach().reshape(-1, *shape)
+                    latents[rows[j], i] = kept(x)
+                    velocities[rows[j], i] = kept(v)
                     step[0] += 1
                     bar.update(1)
                     return v
 
                 # the package's own sampler, every step computed: the recording is exactly what a run sees
                 final = sample(logged, x0, sig, StaticPlan(Schedule.full(n) if n >= 2 else None, n))
-                latents[rows[j], n] = final.detach().reshape(-1, *shape)
+                latents[rows[j], n] = kept(final)
     finally:
         bar.close()
     meta = {
@@ -307,6 +369,8 @@ def record(
         "batched": batched,
         "model_evaluations": n * len(tensors),
     }
+    if idx is not None:
+        meta["elements"] = {"count": len(idx), "seed": SUBSET_SEED, "of_shape": list(full_shape)}
     return Recording(sig, latents, velocities, meta)
 
 
@@ -327,7 +391,7 @@ def _pipeline_inputs(inputs) -> list[dict]:
     return out
 
 
-def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Recording:
+def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None = None, **call_kwargs) -> Recording:
     """Run the uncached ``pipe`` once per input and record ``x_i`` and the guided velocity at every step.
 
     Args:
@@ -336,6 +400,8 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Re
             ``{"prompt": "...", "generator": torch.Generator().manual_seed(i)}`` or precomputed prompt embeddings).
             Every input must give latents of one shape and the same sigma grid.
         progress: tqdm progress bar over the inputs.
+        elements: keep only this many elements of each input's latent (as :func:`record`): taken on the
+            pipeline's device, so only the subset is copied to the host at each step.
         call_kwargs: keyword arguments shared by every call (``num_inference_steps``, ``guidance_scale``, sizes).
             ``output_type`` defaults to ``"latent"`` so nothing is decoded.
 
@@ -374,13 +440,25 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Re
     for n, extra in enumerate(iterator):
         xs, vs, final = [], [], []
 
+        subset: list = []
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            if elements is not None:
+                if not subset:
+                    found = element_subset(t.numel(), elements)
+                    subset.append(None if found is None else found.to(t.device))
+                if subset[0] is not None:
+                    t = t.reshape(-1)[subset[0]]  # on the pipeline's device: only the subset crosses to the host
+            return t.to("cpu", torch.float32, copy=True)
+
         def make_hook(original):
             def step(model_output, timestep, sample, *args, **kwargs):
-                xs.append(sample.detach().to("cpu", torch.float32, copy=True))
-                vs.append(model_output.detach().to("cpu", torch.float32, copy=True))
+                xs.append(host(sample))
+                vs.append(host(model_output))
                 out = original(model_output, timestep, sample, *args, **kwargs)
                 prev = out[0] if isinstance(out, tuple) else out.prev_sample
-                final[:] = [prev.detach().to("cpu", torch.float32, copy=True)]
+                final[:] = [host(prev)]
                 return out
 
             return step
@@ -403,4 +481,6 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, **call_kwargs) -> Re
     latents = torch.stack([torch.stack(x) for x, _ in runs])
     velocities = torch.stack([torch.stack(v) for _, v in runs])
     meta = {"pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__, "inputs": len(inputs)}
+    if elements is not None and runs and runs[0][0][0].dim() == 1:
+        meta["elements"] = {"count": int(runs[0][0][0].numel()), "seed": SUBSET_SEED}
     return Recording(grids[0], latents, velocities, meta)

@@ -4,6 +4,7 @@ run-time estimator from the reference state (:func:`segment_costs`), then find t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -17,7 +18,7 @@ from ..validation import is_real
 from .recording import Recording
 from .recording import record  # noqa: F401  (the doctests build recordings with it)
 
-__all__ = ["COST_FLOOR", "COST_RTOL", "DEFAULT_GAMMA", "segment_costs", "solve"]
+__all__ = ["COST_FLOOR", "COST_RTOL", "DEFAULT_GAMMA", "costs_from_orders", "segment_costs", "shared_costs", "solve"]
 
 #: Default peak-suppression exponent of :func:`solve` and :func:`calibrate`. Measured on analytic Gaussian-mixture
 #: flows (``python bench/bench_quality.py --gamma``: 12 flows x 2 calibration seeds x budgets 10/17/25 of 50,
@@ -113,7 +114,30 @@ def segment_costs(
     length = min(max_len, n - 1)
     if length < 2 or n - 2 < 1:
         return cost, best_k
-    per_k = _per_order_costs(recording, max_len, ks)
+    return costs_from_orders(_per_order_costs(recording, max_len, ks), ks, max_len)
+
+
+def costs_from_orders(per_k: torch.Tensor, ks: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segment_costs`' ``(cost, best_k)`` from its per-K banded costs ``per_k[j, a, L]`` (K = ``ks[j]``):
+    the choice of K per segment, the smallest within :data:`COST_RTOL` of the least. Segment costs are means over
+    inputs, so per-K costs of disjoint input sets average (weighted by their input counts) into those of their
+    union before this choice.
+
+    Example:
+        >>> import torch
+        >>> per_k = torch.full((2, 3, 3), float("inf"), dtype=torch.float64); per_k[:, 0, 2] = torch.tensor([1.0, 0.5])
+        >>> cost, best_k = costs_from_orders(per_k, [1, 2], 2)
+        >>> cost[0, 2].item(), int(best_k[0, 2])
+        (0.5, 2)
+    """
+    n = per_k.shape[1]
+    cost = torch.full((n, n), math.inf, dtype=torch.float64)
+    best_k = torch.zeros((n, n), dtype=torch.int64)
+    for a in range(n - 1):
+        cost[a, a + 1] = 0.0
+    length = min(max_len, n - 1)
+    if length < 2 or n - 2 < 1:
+        return cost, best_k
     # the smallest K whose cost is within COST_RTOL of the least: differences below it are rounding, not signal
     least = per_k.min(dim=0).values
     tied = per_k <= least + COST_RTOL * least
@@ -136,7 +160,40 @@ def _noise_floor(lat: torch.Tensor) -> torch.Tensor:
     return torch.tensor([COST_FLOOR * lat[:, i].double().abs().mean().item() for i in range(lat.shape[1])])
 
 
+#: ``_per_order_costs`` results kept inside :func:`shared_costs` (recording kept alive beside them, so an id is
+#: never reused while it is held); None outside it.
+_ORDER_CACHE: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_costs():
+    """Within the ``with`` block, the per-K replay costs of one recording (:func:`segment_costs`, and the
+    published columns of :func:`~meancache.calibration.joint.joint_costs`) are computed once; dropped after.
+
+    Example:
+        >>> with shared_costs():
+        ...     pass
+    """
+    global _ORDER_CACHE
+    outer = _ORDER_CACHE
+    _ORDER_CACHE = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _ORDER_CACHE = outer
+
+
 def _per_order_costs(recording: Recording, max_len: int, ks: list[int]) -> torch.Tensor:
+    key = (id(recording), max_len, tuple(ks))
+    if _ORDER_CACHE is not None and key in _ORDER_CACHE:
+        return _ORDER_CACHE[key][1]
+    out = _replayed_order_costs(recording, max_len, ks)
+    if _ORDER_CACHE is not None:
+        _ORDER_CACHE[key] = (recording, out)
+    return out
+
+
+def _replayed_order_costs(recording: Recording, max_len: int, ks: list[int]) -> torch.Tensor:
     """Banded per-K costs of :func:`segment_costs` before the choice of K: ``per_k[j, a, L]`` is the cost of
     ``a -> a + L`` with window ``ks[j]`` (float64 ``(len(ks), N, min(max_len, N - 1) + 1)``; ``inf`` where there
     is no such segment, for ``L < 2``, and for every K but the smallest at ``a = 0``)."""
