@@ -80,7 +80,10 @@ __all__ = ["calibrate"]
 
 
 #: Latent elements per input the search and the validation read by default (see ``calibrate(elements=)``).
-SEARCH_ELEMENTS = 4096
+#: Measured on a 64-channel Gaussian-mixture field of 8,192 elements per input (4 inputs, N = 50, budgets 6, 8, 10,
+#: 17, 25): 256, 1,024 and 4,096 elements found the full-data schedules at every budget but one (1,024 at B = 17:
+#: another schedule, 0.8 % lower held-out rel L2), in 7 %, 24 % and 52 % of the full search's time.
+SEARCH_ELEMENTS = 1024
 
 
 def calibrate(
@@ -115,10 +118,12 @@ def calibrate(
         sigmas: the grid (``N + 1`` values) for a ``velocity_fn``; must be None with a Recording.
         num_steps: optional check: must equal N of the grid or recording.
         gamma: peak-suppression exponent of :func:`solve` (default :data:`DEFAULT_GAMMA`).
-        max_len: longest segment, in steps. None (default): per budget, 8 (the longest in the published tables)
-            or as long as the budget needs (:func:`auto_max_len`), so every budget from 2 to N calibrates; the
-            highest polynomial orders are dropped where a long segment would make the joint graph larger than
-            :data:`JOINT_SIZE_CAP`. Budget 2 and budget N are answered at once.
+        max_len: longest segment, in steps. None (default): 8 (the longest in the published tables) or as long
+            as the smallest budget needs (:func:`auto_max_len`), so every budget from 2 to N calibrates; one graph
+            at that length serves every budget unless it would drop polynomial orders that a shorter length keeps
+            (the highest orders are dropped where a long segment would make the joint graph larger than
+            :data:`JOINT_SIZE_CAP`): then each length gets its own graph. Budget 2 and budget N are answered at
+            once.
         estimators: the estimator families searched per segment, a non-empty tuple from ``("meancache",
             "extrapolate", "predict")``. All three (the default): the joint search (:func:`joint_costs`,
             :func:`joint_solve`) chooses the compute steps and each segment's estimator together, every window K
@@ -142,13 +147,16 @@ def calibrate(
             :data:`COST_RTOL`) go to the earlier candidate, safe ones first. The winner is then searched (or
             taken) on all inputs and refined (``refine``). False: the joint search's schedules on all inputs, as
             they are.
-        refine: local moves after the choice (:func:`~meancache.calibration.selection.refine`: shift one compute
-            step, change one segment's estimator or order), never raising the largest gain above the cap or the
-            start's, each kept only when it lowers the score. None (default): up to :data:`REFINE_SCORES` moves
-            per budget, scored by whole-run replays on the recording. An int: model evaluations per budget; with
-            a ``velocity_fn`` target the moves are scored by real sampled runs of the model from the validation
-            inputs (every fourth, :func:`~meancache.calibration.selection.validation_split`; B evaluations per
-            run and input), else by replays, counted as B evaluations each. 0: no refinement.
+        refine: model evaluations per budget for local moves after the choice
+            (:func:`~meancache.calibration.selection.refine`: shift one compute step, change one segment's
+            estimator or order), never raising the largest gain above the cap or the start's, each kept only when
+            it lowers the score and makes neither half of the scored inputs worse. With a ``velocity_fn`` target
+            the moves are scored by real sampled runs of the model from the validation inputs (every fourth,
+            :func:`~meancache.calibration.selection.validation_split`; B evaluations per run and input); with a
+            recording or a pipeline, by whole-run replays on the recording (counted as B evaluations each). None
+            or 0 (default): no refinement. Off by default because, measured on two sharp held-out flows, the moves
+            fit the few scored inputs: they lowered the held-out median error at most budgets but raised the held-
+            out rel L2 (a few more runaway inputs) at B = 8, 10 and 25 (bench/RESULTS.md).
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``scores`` (each candidate's validation score, None for a candidate not in the running),
             ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (whether refinement changed it)
@@ -269,8 +277,6 @@ def calibrate(
 #: searches were dropped: on a sharp held-out flow (48-d mixture, component std 0.4) the uncapped joint schedule had
 #: 2-10x the held-out rel L2 of the cap-4 one at B = 8..25 (0.0143 against 0.0012 at B = 25).
 GAIN_CAPS = (8.0, 4.0)
-#: Replays a refinement may spend per budget when nothing else is said (``refine=None``).
-REFINE_SCORES = 100
 #: Largest ``N * max_len ** (p + 1)`` (states times segments of an order-p joint graph) the default search builds;
 #: above it the highest orders are dropped (a long max_len for a small budget), so no budget meets an N^5 corner.
 JOINT_SIZE_CAP = 500_000
@@ -377,6 +383,12 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             found[b], entries[b] = Schedule([0, n - 1], [1], n), {"budget": b, "chosen": "reuse"}
         else:
             by_len.setdefault(max_len if max_len is not None else auto_max_len(n, b), []).append(b)
+    if max_len is None and len(by_len) > 1:
+        # one graph at the longest length serves every budget when it keeps the same orders: the shorter budgets'
+        # paths are all in it, and the graphs are the search's main cost
+        longest, shortest = max(by_len), min(by_len)
+        if _bounded_orders(n, longest, orders) == _bounded_orders(n, shortest, orders):
+            by_len = {longest: [b for group in by_len.values() for b in group]}
     for L, group in by_len.items():
         everything = _Searches(rec, families, orders, gamma, L)
         if not select or not polynomial:

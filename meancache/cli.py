@@ -485,6 +485,10 @@ def _pipeline_plan(args) -> _PipelinePlan:
              "output_type": ("--pipeline", source, "the command records latents: output_type='latent'")}
     if args.prompts is not None:
         inputs = [{"prompt": p} for p in _read_prompts(args.prompts)]
+        for component in ("tokenizer", "text_encoder"):
+            if component in null_components:  # e.g. saved without its text encoders to run from embeddings
+                raise _OptionError(f"--prompts {args.prompts}: the pipeline was saved without a {component}: it "
+                                   "cannot encode prompts; give --call-args with precomputed prompt embeddings")
         needs["prompt"] = ("--prompts", args.prompts, "give --call-args with the arguments it takes, such as "
                                                       "prompt embeddings")
     else:

@@ -64,15 +64,17 @@ def main(out: pathlib.Path, pipeline_dir: str, call_args: str) -> None:
     from meancache.calibration.distributed import RankFailed
     from meancache.calibration.distributed import record_sharded
 
-    rank = int(os.environ["RANK"])
-    # 1. the command, which starts its own group
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # 1. the command, with no process group yet: it starts (and ends) its own from torchrun's environment
     code = cli.main(["calibrate", "--pipeline", pipeline_dir, "--call-args", call_args, "--out", str(out / "cli"),
                      *CLI_ARGS])
     assert code == 0, f"rank {rank}: meancache calibrate exited with {code}"
     assert not dist.is_initialized(), "the command left its process group behind"
 
-    # 2. the library function in a group of the script's own
-    dist.init_process_group("gloo")
+    # 2. the library function, in a group of the script's own. Its rendezvous is a fresh file store, not torchrun's
+    # store again: rank 1 leaves the command while rank 0 still searches, and a second group on the same store
+    # can then meet the first group's stale addresses (torch 2.14 hangs in init_process_group on one rank)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world_size)
     flow, inputs, sigmas = flow_case()
     record_sharded(flow, inputs, sigmas, progress=False).save(out / f"flow-rank{rank}.pt")
 

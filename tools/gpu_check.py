@@ -739,7 +739,7 @@ def stage_e2e(ctx: Context, stage: Stage) -> None:
         if _dry_check(ctx, stage, "e2e plan", [*argv, "--dry-run"], out):
             stage.data["e2e"] = json.loads(out.read_text())
         return
-    if _without_diffusers(ctx, stage, "run FLUX end to end (README, GPU check)"):
+    if _without_diffusers(ctx, stage, "run FLUX end to end (docs/kernels.md, The GPU check)"):
         return
     run = ctx.run(stage, "e2e", argv)
     result = json.loads(out.read_text()) if out.is_file() else {"status": "failed", "reason": run.tail(10)}

@@ -26,7 +26,7 @@ from .recording import Recording
 from .recording import record  # noqa: F401  (the doctests build recordings with it)
 from .search import COST_RTOL
 
-__all__ = ["pick_by_replay", "replay_error"]
+__all__ = ["pick_by_replay", "replay_error", "replayed_final"]
 
 
 def replay_error(recording: Recording, schedule: Schedule) -> float:
@@ -51,6 +51,27 @@ def replay_error(recording: Recording, schedule: Schedule) -> float:
         >>> replay_error(rec, Schedule.full(8)) < 1e-6, replay_error(rec, Schedule([0, 4, 7], [2, 2], 8)) > 0
         (True, True)
     """
+    out = replayed_final(recording, schedule)
+    ref = recording.latents[:, -1].double()
+    dist = float(torch.linalg.vector_norm(out - ref))
+    norm = float(torch.linalg.vector_norm(ref))
+    # an all-zero reference has no relative error (0/0): the distance itself keeps every pick defined
+    return dist / norm if norm > 0 else dist
+
+
+def replayed_final(recording: Recording, schedule: Schedule) -> torch.Tensor:
+    """The final latents ``(P, *S)`` float64 of ``schedule`` replayed over the whole run on the recording: the
+    engine (:func:`meancache.sample` in float64) from the recorded initial latents, where each computed step ``c``
+    returns the recorded velocity ``v_c`` and every skipped step runs the schedule's estimator with the run-time
+    history (its own estimates included); no model is needed.
+
+    Example:
+        >>> import torch
+        >>> from meancache import Schedule
+        >>> rec = record(lambda x, s: x - 1.0, torch.zeros(2, 3), [1.0, 0.5, 0.0], progress=False)
+        >>> replayed_final(rec, Schedule.full(2)).tolist()
+        [[0.75, 0.75, 0.75], [0.75, 0.75, 0.75]]
+    """
     if schedule.num_steps != recording.num_steps:
         raise ValueError(f"schedule.num_steps={schedule.num_steps} != the recording's {recording.num_steps} steps")
     latents = recording.latents.double()
@@ -61,12 +82,7 @@ def replay_error(recording: Recording, schedule: Schedule) -> float:
         return velocities[:, next(computed)]
 
     with torch.no_grad():
-        out = sample(recorded, latents[:, 0], recording.sigmas, schedule)
-    ref = latents[:, -1]
-    dist = float(torch.linalg.vector_norm(out - ref))
-    norm = float(torch.linalg.vector_norm(ref))
-    # an all-zero reference has no relative error (0/0): the distance itself keeps every pick defined
-    return dist / norm if norm > 0 else dist
+        return sample(recorded, latents[:, 0], recording.sigmas, schedule)
 
 
 def pick_by_replay(recording: Recording, candidates: Sequence[Schedule]) -> Schedule:

@@ -107,13 +107,8 @@ def segment_costs(
         raise ValueError(f"orders={list(orders)!r}: must be a non-empty collection of ints in 1..{MAX_ORDER}")
 
     n = recording.num_steps
-    cost = torch.full((n, n), math.inf, dtype=torch.float64)
-    best_k = torch.zeros((n, n), dtype=torch.int64)
-    for a in range(n - 1):
-        cost[a, a + 1] = 0.0
-    length = min(max_len, n - 1)
-    if length < 2 or n - 2 < 1:
-        return cost, best_k
+    if min(max_len, n - 1) < 2:  # nothing to replay: chains only (an empty per-K table gives just those)
+        return costs_from_orders(torch.empty(len(ks), n, 0, dtype=torch.float64), ks, max_len)
     return costs_from_orders(_per_order_costs(recording, max_len, ks), ks, max_len)
 
 

@@ -28,10 +28,10 @@ import torch
 
 from ..estimators import POLYNOMIAL_ESTIMATORS
 from ..estimators import polynomial_weights
-from ..sampler import sample
 from ..schedule import Schedule
 from .recording import Recording
 from .recording import record  # noqa: F401  (the doctests build recordings with it)
+from .replay import replayed_final
 from .search import COST_RTOL
 
 __all__ = [
@@ -161,18 +161,8 @@ def input_errors(recording: Recording, schedule: Schedule) -> torch.Tensor:
         >>> e.shape, bool((e > 0).all()), float(input_errors(rec, Schedule.full(8)).max()) < 1e-6
         (torch.Size([3]), True, True)
     """
-    if schedule.num_steps != recording.num_steps:
-        raise ValueError(f"schedule.num_steps={schedule.num_steps} != the recording's {recording.num_steps} steps")
-    latents = recording.latents.double()
-    velocities = recording.velocities.double()
-    computed = iter(schedule.compute_steps)  # the engine calls the velocity once per computed step, in order
-
-    def recorded(x, sigma):
-        return velocities[:, next(computed)]
-
-    with torch.no_grad():
-        out = sample(recorded, latents[:, 0], recording.sigmas, schedule)
-    return _relative(out, latents[:, -1])
+    out = replayed_final(recording, schedule)
+    return _relative(out, recording.latents[:, -1].double())
 
 
 def tail_score(errors: torch.Tensor) -> float:

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         result.update(status="dry-run", diffusers_found=have_diffusers)
     elif not have_diffusers:
-        result.update(status="skipped", reason="diffusers is not installed (carry its wheel: README, 'GPU check')")
+        result.update(status="skipped", reason="diffusers is not installed (carry its wheel: docs/kernels.md, 'The GPU check')")
     else:
         try:
             result.update(_run(args))
