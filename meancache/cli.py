@@ -57,6 +57,7 @@ import sys
 import torch
 
 from .calibrate import DEFAULT_GAMMA
+from .calibrate import SEARCH_ELEMENTS
 from .calibrate import Recording
 from .calibrate import calibrate
 from .calibrate import record
@@ -221,7 +222,11 @@ def _check_numbers(args) -> None:
     by the library's own validators, so the command cannot drift from :func:`meancache.calibrate`. The budgets of
     a --recording are checked against its steps once it is loaded (:func:`_check_budget_options`).
     """
-    _library_rule("--max-len", args.max_len, _check_max_len)
+    if args.max_len is not None:  # None: as long as the budgets need (calibrate's default)
+        _library_rule("--max-len", args.max_len, _check_max_len)
+    if args.elements is not None:
+        _own_rule("--elements", args.elements, is_int(args.elements) and args.elements >= 1,
+                  "must be an int >= 1 (latent elements per input the search reads and the recording keeps)")
     _library_rule("--gamma", args.gamma, _check_gamma)
     if args.steps is not None:  # None: --pipeline without --steps, the pipeline's default (_pipeline_plan)
         _library_rule("--steps", args.steps, _check_num_steps)
@@ -267,12 +272,15 @@ def _check_numbers(args) -> None:
         _check_budget_options(args.budget, args.steps, args.max_len, f"with --steps {args.steps}")
 
 
-def _check_budget_options(budgets: list[int], num_steps: int, max_len: int, steps: str) -> None:
+def _check_budget_options(budgets: list[int], num_steps: int, max_len: int | None, steps: str) -> None:
     """Each budget against the step count and --max-len, by the search's own rule (``_check_budgets``).
 
     ``steps`` says where ``num_steps`` came from, for the message."""
     for b in budgets:
-        _library_rule("--budget", b, _check_budgets, num_steps, max_len, given=f"{steps}, --max-len {max_len}")
+        if max_len is None:  # the search lengthens its segments as the budget needs: any budget 2..N
+            _library_rule("--budget", b, _check_budgets, num_steps, num_steps - 1, given=steps)
+        else:
+            _library_rule("--budget", b, _check_budgets, num_steps, max_len, given=f"{steps}, --max-len {max_len}")
 
 
 # -- --pipeline: a diffusers pipeline of the user's -------------------------------------------------------------------
@@ -485,7 +493,7 @@ def _pipeline_plan(args) -> _PipelinePlan:
              "output_type": ("--pipeline", source, "the command records latents: output_type='latent'")}
     if args.prompts is not None:
         inputs = [{"prompt": p} for p in _read_prompts(args.prompts)]
-        for component in ("tokenizer", "text_encoder"):
+        for component in ("text_encoder", "tokenizer"):
             if component in null_components:  # e.g. saved without its text encoders to run from embeddings
                 raise _OptionError(f"--prompts {args.prompts}: the pipeline was saved without a {component}: it "
                                    "cannot encode prompts; give --call-args with precomputed prompt embeddings")
@@ -521,8 +529,8 @@ def _pipeline_plan(args) -> _PipelinePlan:
             param = _call_parameters(pipeline_class)[0].get("num_inference_steps")
             default = None if param is None else param.default
         if not is_int(default):
-            raise _OptionError(f"--steps: not given, and {name}.__call__ states no default num_inference_steps; "
-                               "give --steps")
+            raise _OptionError(f"--steps: not given, and {name or 'the pipeline'}.__call__ states no default "
+                               "num_inference_steps (or diffusers does not export the class): give --steps")
         num_steps = default
         where_steps = f"with {name}'s default {num_steps} steps"
         _library_rule("--steps", num_steps, _check_num_steps, given=f"{name}'s default")
@@ -570,7 +578,7 @@ def _on_device(value, device: torch.device, dtype: torch.dtype):
     return value
 
 
-def _pipeline_recording(plan: _PipelinePlan, pipe, quiet: bool) -> Recording | None:
+def _pipeline_recording(plan: _PipelinePlan, pipe, quiet: bool, elements: int | None = None) -> Recording | None:
     """Record the plan's inputs (this rank's share under torchrun; None on ranks other than 0)."""
     if plan.pipeline_class is None:  # a class diffusers does not export: its __call__ is known only now
         _check_call(type(pipe), plan.needs)
@@ -582,7 +590,7 @@ def _pipeline_recording(plan: _PipelinePlan, pipe, quiet: bool) -> Recording | N
         call["generator"] = torch.Generator(plan.device).manual_seed(plan.seed + i)
         inputs.append(call)
     return record_sharded(pipe, inputs, progress=not quiet and plan.rank == 0,
-                          dst=0 if plan.world_size > 1 else None, **plan.common)
+                          dst=0 if plan.world_size > 1 else None, elements=elements, **plan.common)
 
 
 def _json_ready(value):
@@ -633,7 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--budget", type=int, nargs="+", required=True, help="model evaluations, one or more")
     cal.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
     cal.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="peak-suppression exponent")
-    cal.add_argument("--max-len", type=int, default=DEFAULT_MAX_SEGMENT, help="longest segment in steps")
+    cal.add_argument("--max-len", type=int, default=None,
+                     help="longest segment in steps (default: as long as the budgets need, at least "
+                          f"{DEFAULT_MAX_SEGMENT})")
+    cal.add_argument("--elements", type=int, default=SEARCH_ELEMENTS,
+                     help="latent elements per input the search reads, and a --pipeline recording keeps (default "
+                          f"{SEARCH_ELEMENTS}, a fixed seeded subset)")
     cal.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS),
                      help="estimator families searched, comma-separated: meancache, extrapolate, predict (default all)")
     cal.add_argument("--steps", type=int, default=None,
@@ -647,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="--model, --pipeline: guidance scale (guidance_scale; default: the model's)")
     cal.add_argument("--seed", type=int, default=0,
                      help="--flow: seed of the flow and the noise; --pipeline: input i is seeded with seed + i")
-    cal.add_argument("--prompts", type=pathlib.Path, default=None,
+    cal.add_argument("--prompts", type=pathlib.Path, default=None, metavar="FILE",
                      help="--pipeline: UTF-8 text file, one prompt per line (blank lines skipped)")
     cal.add_argument("--call-args", type=pathlib.Path, default=None, metavar="FILE",
                      help="--pipeline, instead of --prompts: a list of dicts of call arguments saved with torch.save "
@@ -703,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             args.inputs = 16 if args.inputs is None else args.inputs
             rec = _flow_recording(args)
         schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len,
-                              estimators=estimators)
+                              estimators=estimators, elements=args.elements)
     except ValueError as exc:
         return fail(str(exc))
     except OSError as exc:  # missing or unreadable file: the OS reason and the path, not a traceback
@@ -759,7 +772,7 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
             return fail(f"--pipeline {args.pipeline}: cannot load the pipeline ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})")
         try:
-            rec = _pipeline_recording(plan, pipe, args.quiet)
+            rec = _pipeline_recording(plan, pipe, args.quiet, args.elements)
         except _OptionError as exc:
             return fail(str(exc))
         except RankFailed as exc:
@@ -779,7 +792,7 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
         report: list = []
         try:
             schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len,
-                                  estimators=estimators, report=report)
+                                  estimators=estimators, report=report, elements=args.elements)
         except ValueError as exc:
             return fail(str(exc))
         settings = {
@@ -789,7 +802,7 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
             "inputs": rec.num_inputs, "steps": rec.num_steps, "guidance": args.guidance, "height": args.height,
             "width": args.width, "frames": args.frames, "seed": args.seed, "device": str(plan.device),
             "dtype": str(plan.dtype).replace("torch.", ""), "world_size": plan.world_size,
-            "budgets": list(args.budget), "gamma": args.gamma, "max_len": args.max_len,
+            "budgets": list(args.budget), "gamma": args.gamma, "max_len": args.max_len, "elements": args.elements,
             "estimators": list(estimators),
         }
         try:

@@ -2,8 +2,9 @@
 read back offline: FLUX from prompts (with tiny text encoders) and from precomputed embeddings, Qwen-Image and
 HunyuanVideo (``--frames``) from embeddings; and every argument checked before any weight is loaded.
 
-The recordings the command writes are compared value for value with ``meancache.record`` on the in-memory
-pipeline that was saved, so loading, seeding and call arguments are all checked against an independent run.
+The recordings the command writes are compared value for value with ``meancache.record`` on the saved folder
+read back by the test itself, so the command's loading (null components, dtype, device), seeding and call
+arguments are all checked against an independent run.
 """
 
 from __future__ import annotations
@@ -97,10 +98,22 @@ def saved(tmp_path_factory):
 
 @pytest.fixture
 def offline(monkeypatch):
-    """No hub: a saved folder must load without it."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """One process, and every from_pretrained call of the command seen: a saved folder is read with
+    local_files_only=True (no hub; HF_HUB_OFFLINE would come too late, huggingface_hub reads it when imported)."""
+    from diffusers import DiffusionPipeline
+
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
+    calls = []
+    original = DiffusionPipeline.from_pretrained
+
+    def seen(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", seen)
+    yield calls
+    assert all(call.get("local_files_only") is True for call in calls), calls
 
 
 def _run(argv, capsys) -> list[dict]:
@@ -110,8 +123,22 @@ def _run(argv, capsys) -> list[dict]:
     return [json.loads(line) for line in captured.out.splitlines()]
 
 
+def _loaded(folder: pathlib.Path, pipe):
+    """The saved folder read back by the test itself, its absent components named from the in-memory ``pipe``.
+
+    Not the in-memory pipeline: a model built from its config and the same model read back by from_pretrained
+    differ in the last bits (Qwen-Image's and FLUX's transformers, transformers' text encoders), which a bitwise
+    comparison would see."""
+    from diffusers import DiffusionPipeline
+
+    loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True,
+                                               **{k: None for k, v in pipe.components.items() if v is None})
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
 def _reference(pipe, inputs: list[dict], seed: int, **common) -> Recording:
-    """meancache.record of the in-memory pipeline, each input seeded as the command documents (seed + i)."""
+    """meancache.record of ``pipe``, each input seeded as the command documents (seed + i)."""
     calls = [dict(own, generator=torch.Generator("cpu").manual_seed(seed + i)) for i, own in enumerate(inputs)]
     return meancache.record(pipe, calls, progress=False, **common)
 
@@ -149,16 +176,12 @@ def test_prompts_file_on_a_saved_flux_with_text_encoders(saved, offline, tmp_pat
                   "--steps", str(STEPS), *SIZE, "--guidance", "2.5", "--seed", "7", "--device", "cpu", "--dtype",
                   "float32", "--budget", *map(str, BUDGETS), "--out", str(out), "--quiet"], capsys)
     prompts = ["a red cat on the mat", "a blue dog under the tree", "the green house"]
-    # the reference loads the folder itself: a text encoder built from its config (as the fixture's is) and the
-    # same one read back by from_pretrained differ in the last bits (transformers picks the attention kernel when
-    # loading), which a bitwise comparison would see
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(saved["root"] / "flux-text", local_files_only=True, vae=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _loaded(saved["root"] / "flux-text", saved["pipes"]["flux-text"])
     want = _reference(pipe, [{"prompt": p} for p in prompts], seed=7, num_inference_steps=STEPS, guidance_scale=2.5,
                       height=32, width=32)
     _check_outputs(out, lines, want, plots=True)
+    # loaded once, from the folder, offline (the fixture checks local_files_only), in the dtype asked for
+    assert len(offline) == 2 and offline[0].get("torch_dtype", offline[0].get("dtype")) is torch.float32
     settings = json.loads((out / "report.json").read_text())["settings"]
     assert settings["pipeline_class"] == "FluxPipeline" and settings["inputs"] == 3 and settings["steps"] == STEPS
     assert (settings["guidance"], settings["seed"], settings["dtype"], settings["world_size"]) == (2.5, 7, "float32", 1)
@@ -180,7 +203,7 @@ def test_call_args_on_saved_pipelines_without_text_encoders(saved, offline, tmp_
     lines = _run(["--pipeline", str(saved["root"] / name), "--call-args", str(saved["root"] / f"{name}.pt"),
                   "--steps", str(STEPS), *SIZE, *extra, "--budget", *map(str, BUDGETS), "--out", str(out),
                   "--no-plot", "--quiet"], capsys)
-    want = _reference(saved["pipes"][name], saved["args"][name], seed=0, num_inference_steps=STEPS, height=32,
+    want = _reference(_loaded(saved["root"] / name, saved["pipes"][name]), saved["args"][name], seed=0, num_inference_steps=STEPS, height=32,
                       width=32, **common)
     _check_outputs(out, lines, want, plots=False)
     rec = Recording.load(out / "recording.pt")
@@ -268,8 +291,6 @@ def test_every_pipeline_argument_is_checked_before_loading(saved, no_loading, tm
          f"--pipeline {root / 'prompts.txt'}: is a file; give a folder written by save_pretrained"),
         (["--pipeline", str(no_index), "--prompts", prompts],
          f"--pipeline {no_index}: the folder has no model_index.json: not a pipeline written by save_pretrained"),
-        (["--pipeline", "nobody/no-such-model", "--prompts", prompts],
-         "--pipeline nobody/no-such-model: cannot read its model_index.json ("),
         (["--pipeline", str(unipc), "--call-args", args],
          f"--pipeline {unipc}: its scheduler is UniPCMultistepScheduler; meancache records pipelines whose "
          "scheduler is FlowMatchEulerDiscreteScheduler"),
@@ -309,9 +330,9 @@ def test_every_pipeline_argument_is_checked_before_loading(saved, no_loading, tm
         # numbers, budgets against the steps (given, or the pipeline's default), seeds
         (["--pipeline", flux, "--call-args", args, "--steps", "1"], "--steps 1: must be >= 2"),
         (["--pipeline", flux, "--call-args", args, "--steps", "8", "--budget", "9"],
-         "--budget 9 (with --steps 8, --max-len 8): must be an int with 2 <= budget <= num_steps=8"),
+         "--budget 9 (with --steps 8): must be an int with 2 <= budget <= num_steps=8"),
         (["--pipeline", flux, "--call-args", args, "--budget", "40"],
-         "--budget 40 (with FluxPipeline's default 28 steps, --max-len 8): must be an int with 2 <= budget <= "
+         "--budget 40 (with FluxPipeline's default 28 steps): must be an int with 2 <= budget <= "
          "num_steps=28"),
         (["--pipeline", flux, "--call-args", args, "--guidance", "-1"],
          "--guidance -1.0: must be a finite number >= 0"),
@@ -346,3 +367,22 @@ def test_every_pipeline_argument_is_checked_before_loading(saved, no_loading, tm
         line = _one_error_line(capsys)
         assert line.startswith(message), (argv, line)
         assert not (tmp_path / "o").exists()
+
+
+def test_a_hub_id_is_read_from_the_hub_and_its_failure_is_one_line(saved, no_loading, monkeypatch, tmp_path, capsys):
+    """owner/name that is no folder here: model_index.json is asked of the hub (local_files_only=False), and a
+    failure to reach it (this machine has no network) is one error line, before any weight is loaded."""
+    from diffusers import DiffusionPipeline
+
+    asked = []
+
+    def unreachable(source, **kwargs):
+        asked.append((source, kwargs))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", unreachable)
+    assert cli.main(["calibrate", "--pipeline", "owner/some-model", "--prompts", str(saved["root"] / "prompts.txt"),
+                     "--steps", "8", "--budget", "4", "--out", str(tmp_path / "o")]) == 2
+    assert _one_error_line(capsys) == ("--pipeline owner/some-model: cannot read its model_index.json (OSError: We "
+                                       "couldn't connect to 'https://huggingface.co' to load the files)")
+    assert asked == [("owner/some-model", {"local_files_only": False})]

@@ -106,6 +106,7 @@ def _one_error_line(capsys) -> str:
 BAD_NUMBERS = [
     (["--inputs", "-3"], "--inputs -3: must be an int >= 1"),
     (["--inputs", "0"], "--inputs 0: must be an int >= 1"),
+    (["--elements", "0"], "--elements 0: must be an int >= 1"),
     (["--steps", "1"], "--steps 1: must be >= 2"),
     (["--steps", "0"], "--steps 0: must be >= 2"),
     (["--steps", "20000", "--budget", "10"], "--steps 20000: must be <= MAX_STEPS=10000"),
@@ -173,10 +174,10 @@ def test_non_numeric_values_are_argparse_errors(tmp_path, capsys, no_recording):
 @pytest.mark.parametrize("source", [["--flow", "gaussian-mixture"], ["--model", "digits"]], ids=["flow", "model"])
 @pytest.mark.parametrize("option, message", [
     (["--budget", "60", "--steps", "50"],
-     "--budget 60 (with --steps 50, --max-len 8): must be an int with 2 <= budget <= num_steps=50"),
+     "--budget 60 (with --steps 50): must be an int with 2 <= budget <= num_steps=50"),
     (["--budget", "10", "60", "--steps", "50"],
-     "--budget 60 (with --steps 50, --max-len 8): must be an int with 2 <= budget <= num_steps=50"),
-    (["--budget", "2", "--steps", "50"],
+     "--budget 60 (with --steps 50): must be an int with 2 <= budget <= num_steps=50"),
+    (["--budget", "2", "--steps", "50", "--max-len", "8"],
      "--budget 2 (with --steps 50, --max-len 8): budget=2 cannot span num_steps=50 with max_len=8"),
     (["--budget", "5", "--steps", "50", "--max-len", "4"],
      "--budget 5 (with --steps 50, --max-len 4): budget=5 cannot span num_steps=50 with max_len=4"),
@@ -193,11 +194,12 @@ def test_budget_rules_of_a_saved_recording_name_its_steps(tmp_path, capsys, monk
     rec = record(flow, torch.randn(2, 4), shifted_sigmas(16).tolist(), progress=False)
     rec.save(tmp_path / "rec.pt")
     monkeypatch.setattr(cli, "calibrate", lambda *a, **k: pytest.fail("calibrated before the budgets were checked"))
-    for budgets, message in [(["20"], "--budget 20 (with the recording's 16 steps, --max-len 8): must be an int "
-                                      "with 2 <= budget <= num_steps=16"),
-                             (["5", "2"], "--budget 2 (with the recording's 16 steps, --max-len 8): budget=2 "
-                                          "cannot span num_steps=16")]:
-        assert cli.main(["calibrate", "--recording", str(tmp_path / "rec.pt"), "--budget", *budgets,
+    for budgets, extra, message in [
+        (["20"], [], "--budget 20 (with the recording's 16 steps): must be an int with 2 <= budget <= num_steps=16"),
+        (["5", "2"], ["--max-len", "8"],
+         "--budget 2 (with the recording's 16 steps, --max-len 8): budget=2 cannot span num_steps=16"),
+    ]:
+        assert cli.main(["calibrate", "--recording", str(tmp_path / "rec.pt"), "--budget", *budgets, *extra,
                          "--out", str(tmp_path / "o")]) == 2
         assert _one_error_line(capsys).startswith(message)
 
