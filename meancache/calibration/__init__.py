@@ -7,6 +7,8 @@ from .recording import RECORDING_FORMAT_VERSION
 from .recording import Recording
 from .recording import record
 from .recording import record_pipeline
+from .distributed import RankFailed
+from .distributed import record_sharded
 from .joint import JointCosts
 from .joint import extrapolation_costs
 from .joint import joint_costs
@@ -27,6 +29,7 @@ __all__ = [
     "JointCosts",
     "RECORDING_FORMAT",
     "RECORDING_FORMAT_VERSION",
+    "RankFailed",
     "Recording",
     "extrapolation_costs",
     "joint_costs",
@@ -34,6 +37,7 @@ __all__ = [
     "pick_by_replay",
     "record",
     "record_pipeline",
+    "record_sharded",
     "replay_error",
     "schedule_costs",
     "segment_costs",
