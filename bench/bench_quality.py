@@ -297,13 +297,17 @@ def _problem(name: str, eval_inputs: int | None = None, calibration_inputs: int 
 
 
 def code_stamp() -> str:
-    """The first 12 hex digits of the SHA-256 of the calibration code this process imported
-    (``meancache/calibrate.py`` and ``meancache/calibration/*.py``): which version a table was measured with."""
+    """The first 12 hex digits of the SHA-256 of the calibration code on disk (``meancache/calibrate.py`` and
+    ``meancache/calibration/*.py``): which version a table was measured with."""
     root = pathlib.Path(meancache.__file__).parent
     h = hashlib.sha256()
     for path in [root / "calibrate.py", *sorted((root / "calibration").glob("*.py"))]:
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:12]
+
+
+#: :func:`code_stamp` when this module was imported (the files may change on disk during a long run).
+CODE_STAMP = code_stamp()
 
 
 def _recording(name: str, calibration_inputs: int | None = None):
@@ -452,7 +456,7 @@ def measure(
         "scores": {r["budget"]: r.get("scores") for r in cal["report"]},
         "full_vs_exact": errors(full[:n_exact], exact),
         "seconds": cal["seconds"],
-        "code": code_stamp(),
+        "code": CODE_STAMP,
     }
     if "previous" in cal:
         result["schedules_previous"] = {b: " ".join(cal["previous"][b].pattern()) for b in budgets}
@@ -573,7 +577,7 @@ def refine_measure(name: str, budgets=BUDGETS, evals: int = REFINE_EVALS) -> dic
         "chosen": {r["budget"]: r["chosen"] for r in reports[refined_label]},
         "refined": {r["budget"]: r.get("refined") for r in reports[refined_label]},
         "schedules": {lab: {b: " ".join(s.pattern()) for b, s in sch.items()} for lab, sch in schedules.items()},
-        "code": code_stamp(),
+        "code": CODE_STAMP,
     }
 
 
@@ -834,7 +838,7 @@ def test_default_candidates_share_the_compute_steps():
 
 def _header(mode: str) -> str:
     return (f"{mode}: {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch thread(s), calibration code {code_stamp()}")
+            f"{torch.get_num_threads()} torch thread(s), calibration code {CODE_STAMP}")
 
 
 if __name__ == "__main__":
