@@ -415,10 +415,11 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
         if rec.num_inputs > 1:  # the two folds' searched inputs are all the inputs: their costs give the union's
             everything = _Searches.combined(parts, [len(search_idx) for search_idx, _ in folds(rec.num_inputs)])
         for j, b in enumerate(group):
-            # the safe schedules keep to the estimators asked for and to the longest segment
+            # the safe schedules keep to the estimators asked for, and to a longest segment the caller set (the
+            # default length only bounds the search's graph: a safe schedule is always in the running)
             safe = [(name, s) for name, s in safe_candidates(b, n)
                     if set(s.estimators) <= set(families) | {"meancache"}
-                    and max(y - x for x, y in zip(s.compute_steps, s.compute_steps[1:])) <= L]
+                    and (max_len is None or max(y - x for x, y in zip(s.compute_steps, s.compute_steps[1:])) <= L)]
             scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
             scores.update({name: tail_score(e[j]) for name, e in errors.items()})
             order = [name for name, _ in safe] + everything.names
