@@ -8,10 +8,13 @@ of 50 steps, every method starts from the same held-out noise and is compared wi
 relative error (robust to the few samples that end in another mixture component, which dominate rel L2 at small
 budgets). Methods at each budget B:
 
-* ``calibrated (default)``: :func:`meancache.calibrate` with every default (``calibrate(recording, budget=B)``:
-  the searches scored on the fold of the calibration inputs they did not read, the safe schedules beside them,
-  the least root-mean-square replay error chosen and re-solved on all inputs), recorded on separate calibration
-  noise; ``report=`` gives the chosen candidate per budget;
+* ``calibrated (default)``: :func:`meancache.calibrate` with every default, given the model as a user with the
+  model calls it (``calibrate(velocity, calibration_noise, sigmas=grid, budget=B)``: each candidate, the safe
+  schedules and the searches on all calibration inputs, sampled for real from them, the least mean per-input
+  error chosen), on separate calibration noise; ``report=`` gives the chosen candidate per budget;
+* ``calibrated (recording only)``: every default from the recording alone (``calibrate(recording, budget=B)``: the
+  searches scored on the fold of the calibration inputs they did not read, the safe schedules beside them, the
+  least root-mean-square replay error chosen and re-solved on all inputs), what the CLI's recordings get;
 * ``calibrated (published)``: the published estimator only (``estimators=("meancache",)``);
 * ``joint search (select=False)``: the joint search's schedule on all calibration inputs, no choice on held-out
   folds (what the selection is measured against);
@@ -102,6 +105,7 @@ PROBLEMS = list(FLOWS) + ["digits"]
 # RK4 steps of the exact reference (on the flows above, 100 and 200 steps agree to ~1e-6)
 EXACT_STEPS = 100
 DEFAULT_CAL = "calibrated (default)"
+REPLAY_CAL = "calibrated (recording only)"
 PUBLISHED = "calibrated (published)"
 JOINT_RAW = "joint search (select=False)"
 PREVIOUS = "calibrated (previous code)"
@@ -368,17 +372,22 @@ def previous_calibration(recording, budgets, base: str) -> tuple[dict[int, Sched
 def _calibrations(name: str, budgets, calibration_inputs: int | None = None, *, raw: bool = True,
                   base: str | None = None) -> dict:
     """One problem's calibrations at ``budgets``, each ``{budget: Schedule}``: ``"default"`` (every default, all
-    budgets in one call), ``"published"``, ``"raw"`` (``select=False``; only with ``raw``) and ``"previous"`` (the
+    budgets in one call, from the model, as a user with the model calls it: candidates chosen by real runs),
+    ``"replay"`` (every default, from the recording: candidates chosen by the replay folds), ``"published"``, ``"raw"`` (``select=False``; only with ``raw``) and ``"previous"`` (the
     checkout at ``base``; only with it), plus ``"report"`` (the default calibration's ``report=`` entries) and
     ``"seconds"`` (record, and each calibration's wall time)."""
     budgets = list(budgets)
     recording, record_s = _recording(name, calibration_inputs)
     seconds = {"record": record_s}
     report: list = []
+    flow, grid, calib, _, _, _ = _problem(name, eval_inputs=1, calibration_inputs=calibration_inputs)
     t0 = time.perf_counter()
-    out = {"default": dict(zip(budgets, meancache.calibrate(recording, budget=budgets, report=report,
-                                                            progress=False)))}
-    seconds["default"] = time.perf_counter() - t0
+    out = {"default": dict(zip(budgets, meancache.calibrate(flow, calib, sigmas=grid(STEPS), budget=budgets,
+                                                            report=report, progress=False)))}
+    seconds["default"] = time.perf_counter() - t0  # the recording included
+    t0 = time.perf_counter()
+    out["replay"] = dict(zip(budgets, meancache.calibrate(recording, budget=budgets, progress=False)))
+    seconds["replay"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out["published"] = dict(zip(budgets, meancache.calibrate(recording, budget=budgets, estimators=("meancache",),
                                                              progress=False)))
@@ -423,6 +432,7 @@ def measure(
     presets = meancache.preset_names()
     for b in budgets:
         put(DEFAULT_CAL, b, cached(ours[b]))
+        put(REPLAY_CAL, b, cached(cal["replay"][b]))
         put(PUBLISHED, b, cached(published[b]))
         if "raw" in cal:
             put(JOINT_RAW, b, cached(cal["raw"][b]))
@@ -538,7 +548,8 @@ def losses(result: dict) -> list[str]:
 
 def calibration_times(name: str, budgets=BUDGETS, base: str | None = None) -> dict:
     """Wall seconds of one problem's calibration (one torch thread): ``record``, ``default`` (this tree's
-    ``calibrate(recording, budget=budgets)``, one call) and, with ``base``, ``previous`` (that checkout's, in a
+    ``calibrate(recording, budget=budgets)``, one call), ``model`` (``calibrate(velocity, inputs, ...)``: the
+    recording and the real runs that choose included) and, with ``base``, ``previous`` (that checkout's, in a
     subprocess, its calibrate calls only), plus each budget's chosen candidate."""
     recording, record_s = _recording(name)
     report: list = []
@@ -546,6 +557,10 @@ def calibration_times(name: str, budgets=BUDGETS, base: str | None = None) -> di
     meancache.calibrate(recording, budget=list(budgets), report=report, progress=False)
     out = {"flow": name, "record": record_s, "default": time.perf_counter() - t0,
            "chosen": {r["budget"]: r["chosen"] for r in report}, "inputs": recording.num_inputs}
+    flow, grid, calib, _, _, _ = _problem(name, eval_inputs=1)
+    t0 = time.perf_counter()
+    meancache.calibrate(flow, calib, sigmas=grid(STEPS), budget=list(budgets), progress=False)
+    out["model"] = time.perf_counter() - t0  # recording and the real runs that choose included
     if base is not None:
         out["previous"] = previous_calibration(recording, budgets, base)[1]
     return out
@@ -757,12 +772,13 @@ def refine_markdown(result: dict) -> str:
 
 def times_markdown(times: list[dict]) -> str:
     """The ``--calibration-time`` table: per flow, record and calibrate wall seconds, new against previous."""
-    lines = ["| flow | inputs | record | calibrate, this tree (5 budgets, one call) | calibrate, previous code | "
-             "ratio |", "|---|---|---|---|---|---|"]
+    lines = ["| flow | inputs | record | calibrate(recording), this tree (5 budgets, one call) | calibrate(model), "
+             "recording and real runs included | calibrate(recording), previous code | ratio (recording) |",
+             "|---|---|---|---|---|---|---|"]
     for t in times:
         prev = t.get("previous")
         lines.append(
-            f"| {t['flow']} | {t['inputs']} | {t['record']:.1f} s | {t['default']:.1f} s | "
+            f"| {t['flow']} | {t['inputs']} | {t['record']:.1f} s | {t['default']:.1f} s | {t['model']:.1f} s | "
             + (f"{prev:.1f} s | {t['default'] / prev:.2f}x |" if prev is not None else "not measured | - |")
         )
     return "\n".join(lines)

@@ -52,6 +52,7 @@ from .calibration.selection import folds
 from .calibration.selection import input_errors
 from .calibration.selection import refine as refine_moves
 from .calibration.selection import reuse_labelled
+from .calibration.selection import run_score
 from .calibration.selection import safe_candidates
 from .calibration.selection import schedule_gain
 from .calibration.selection import subset
@@ -98,6 +99,7 @@ def calibrate(
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
     select: bool = True,
+    validate: str = "auto",
     refine: int | None = None,
     report: list | None = None,
     elements: int | None = SEARCH_ELEMENTS,
@@ -147,6 +149,15 @@ def calibrate(
             :data:`COST_RTOL`) go to the earlier candidate, safe ones first. The winner is then searched (or
             taken) on all inputs and refined (``refine``). False: the joint search's schedules on all inputs, as
             they are.
+        validate: how ``select`` scores the candidates. ``"runs"``: real sampled runs of the model from every
+            calibration input (B evaluations per input and candidate), each candidate searched on all inputs, the
+            score the mean per-input relative error (:func:`~meancache.calibration.selection.run_score`); needs a
+            ``velocity_fn`` target. ``"replay"``: the two folds and whole-run replays described under ``select``
+            (no model needed). ``"auto"`` (default): ``"runs"`` with a ``velocity_fn`` target, ``"replay"`` with a
+            recording or a pipeline (where a real run per candidate would cost more than the recording). Why:
+            on eight Gaussian-mixture flows the bench does not use (B = 6 to 25 of 50), the candidate chosen by
+            real runs had a held-out rel L2 1.24x that of the best candidate (geometric mean over the 40 cells),
+            against 1.63x for the replay folds (bench/RESULTS.md).
         refine: model evaluations per budget for local moves after the choice
             (:func:`~meancache.calibration.selection.refine`: shift one compute step, change one segment's
             estimator or order), never raising the largest gain above the cap or the start's, each kept only when
@@ -160,7 +171,8 @@ def calibrate(
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``scores`` (each candidate's validation score, None for a candidate not in the running),
             ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (whether refinement changed it)
-            and ``score`` (the final schedule's score, by the refinement's measure). Budgets answered at once
+            ``score`` (the final schedule's score, by the refinement's measure) and ``candidates`` (each
+            candidate's schedule on all inputs, None where it has none, before refinement). Budgets answered at once
             (2, N, or ``select=False``) give only ``budget`` and ``chosen``.
         elements: search and validate on a fixed, seeded subset of this many elements of each input's latent
             (:meth:`Recording.elements`, the same subset on every machine; default :data:`SEARCH_ELEMENTS`), so
@@ -198,6 +210,8 @@ def calibrate(
     families = _check_estimators(estimators)
     if not isinstance(select, bool):
         raise ValueError(f"select={select!r}: must be True or False")
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate={validate!r}: must be one of {VALIDATE_MODES}")
     extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
     if max_len is not None:
         max_len = _check_max_len(max_len)
@@ -235,6 +249,10 @@ def calibrate(
         raise ValueError(
             f"target={type(target).__name__}: must be a meancache.Recording or a velocity_fn(x, sigma) callable"
         )
+    model_fn = callable(target) and not isinstance(target, Recording) and not is_pipeline(target)
+    if validate == "runs" and not model_fn:
+        raise ValueError(f"validate='runs' with a {type(target).__name__} target: real runs need a velocity_fn "
+                         "target; use 'replay' or 'auto'")
     if pipeline_kwargs and not is_pipeline(target):
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
     if n is not None:
@@ -259,9 +277,11 @@ def calibrate(
         budgets, many = _check_budgets(budget, n, n - 1 if max_len is None else max_len)
     else:
         rec = record(target, inputs, sigmas, progress=progress, elements=elements)
-    scorer = None
-    if refine and not isinstance(target, Recording) and not is_pipeline(target):
+    scorer = runs = None
+    if refine and model_fn:
         scorer = _model_scorer(target, inputs, rec)
+    if select and model_fn and validate in ("auto", "runs"):
+        runs = _model_scorer(target, inputs, rec, every=True)[0]
     if elements is not None:
         rec = rec.elements(elements)
     if report is not None and not isinstance(report, list):
@@ -269,7 +289,7 @@ def calibrate(
     # the folds and the full recording share one grid: their weight tables and per-K replays are computed once
     with shared_weights(), shared_costs():
         schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
-                                scorer, progress, report if report is not None else [])
+                                scorer, progress, report if report is not None else [], report is not None, runs)
     return schedules if many else schedules[0]
 
 
@@ -277,6 +297,8 @@ def calibrate(
 #: searches were dropped: on a sharp held-out flow (48-d mixture, component std 0.4) the uncapped joint schedule had
 #: 2-10x the held-out rel L2 of the cap-4 one at B = 8..25 (0.0143 against 0.0012 at B = 25).
 GAIN_CAPS = (8.0, 4.0)
+#: The ways ``calibrate(validate=)`` scores the candidates it chooses between.
+VALIDATE_MODES = ("auto", "runs", "replay")
 #: Largest ``N * max_len ** (p + 1)`` (states times segments of an order-p joint graph) the default search builds;
 #: above it the highest orders are dropped (a long max_len for a small budget), so no budget meets an N^5 corner.
 JOINT_SIZE_CAP = 500_000
@@ -369,8 +391,10 @@ class _Searches:
             return out
 
 
-def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, scorer, progress, report):
-    """One schedule per budget (see :func:`calibrate`)."""
+def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, scorer, progress, report,
+                reported=False, runs=None):
+    """One schedule per budget (see :func:`calibrate`); ``runs(schedule) -> per-input errors`` of real sampled
+    runs on every input, when the choice is made by them (``validate``), else the replay folds."""
     n = rec.num_steps
     polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
     found: dict[int, Schedule] = {}
@@ -402,6 +426,20 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                     f"num_steps={n}, max_len={L}: the published estimator's search prices N * max_len segments, "
                     f"at most {PUBLISHED_SIZE_CAP}; add the polynomial estimators (the default) or use fewer steps"
                 )
+        if runs is not None:  # real runs of each candidate searched on all inputs: no folds to search
+            for b in group:
+                safe = _safe(b, n, families, max_len, L)
+                candidates = {**dict(safe), **{nm: everything.solve(nm, [b])[0] for nm in everything.names}}
+                scores = {nm: (run_score(runs(s)) if s is not None else math.inf) for nm, s in candidates.items()}
+                name = _least(scores)
+                final, value, kept = _refined(rec, candidates[name], refine, scorer, progress)
+                found[b] = final
+                entries[b] = {"budget": b, "measure": "runs", "chosen": name, "start": candidates[name],
+                              "refined": kept, "score": value,
+                              "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()}}
+                if reported:
+                    entries[b]["candidates"] = candidates
+            continue
         # every searched candidate is judged on inputs its search did not read: two folds validate every input once
         errors = {name: torch.zeros(len(group), rec.num_inputs, dtype=torch.float64) for name in everything.names}
         parts = []
@@ -415,23 +453,36 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
         if rec.num_inputs > 1:  # the two folds' searched inputs are all the inputs: their costs give the union's
             everything = _Searches.combined(parts, [len(search_idx) for search_idx, _ in folds(rec.num_inputs)])
         for j, b in enumerate(group):
-            # the safe schedules keep to the estimators asked for, and to a longest segment the caller set (the
-            # default length only bounds the search's graph: a safe schedule is always in the running)
-            safe = [(name, s) for name, s in safe_candidates(b, n)
-                    if set(s.estimators) <= set(families) | {"meancache"}
-                    and (max_len is None or max(y - x for x, y in zip(s.compute_steps, s.compute_steps[1:])) <= L)]
+            safe = _safe(b, n, families, max_len, L)
             scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
             scores.update({name: tail_score(e[j]) for name, e in errors.items()})
-            order = [name for name, _ in safe] + everything.names
-            least = min(v for v in scores.values() if math.isfinite(v))
-            name = next(nm for nm in order if scores[nm] <= least + COST_RTOL * least)
+            name = _least(scores)
             chosen = dict(safe)[name] if name in dict(safe) else everything.solve(name, [b])[0]
             final, value, kept = _refined(rec, chosen, refine, scorer, progress)
             found[b] = final
-            entries[b] = {"budget": b, "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()},
-                          "chosen": name, "start": chosen, "refined": kept, "score": value}
+            entries[b] = {"budget": b, "measure": "replay", "chosen": name, "start": chosen, "refined": kept,
+                          "score": value,
+                          "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()}}
+            if reported:  # every candidate's answer on all inputs, for a caller who weighs them itself
+                entries[b]["candidates"] = {**dict(safe), **{nm: everything.solve(nm, [b])[0]
+                                                             for nm in everything.names}}
     report.extend(entries[b] for b in budgets)
     return [reuse_labelled(found[b]) for b in budgets]
+
+
+def _safe(budget: int, num_steps: int, families, max_len, length: int) -> list[tuple[str, Schedule]]:
+    """The safe candidates in the running: those that keep to the estimators asked for, and to a longest segment
+    the caller set (the default length only bounds the search's graph: a safe schedule is always in the running)."""
+    return [(name, s) for name, s in safe_candidates(budget, num_steps)
+            if set(s.estimators) <= set(families) | {"meancache"}
+            and (max_len is None or max(y - x for x, y in zip(s.compute_steps, s.compute_steps[1:])) <= length)]
+
+
+def _least(scores: dict[str, float]) -> str:
+    """The first candidate (in ``scores``' order: safe ones first) within :data:`COST_RTOL` of the least finite
+    score, so rounding never decides between near-ties."""
+    least = min(v for v in scores.values() if math.isfinite(v))
+    return next(nm for nm, v in scores.items() if v <= least + COST_RTOL * least)
 
 
 def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> tuple[Schedule, float | None, bool]:
@@ -462,29 +513,30 @@ def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> tuple
     return best, value, best != start
 
 
-def _model_scorer(velocity_fn, inputs, rec: Recording):
+def _model_scorer(velocity_fn, inputs, rec: Recording, every: bool = False):
     """``(errors, model calls per step, groups)``: per-input relative errors of real sampled runs of
-    ``velocity_fn`` from the validation inputs against the recorded uncached finals, and the two halves of them as
-    the groups a kept refinement move must not make worse."""
-    _, val_idx = validation_split(rec.num_inputs)
+    ``velocity_fn`` against the recorded uncached finals, from the validation inputs (every fourth,
+    :func:`~meancache.calibration.selection.validation_split`) or, with ``every``, from all of them; and the two
+    halves of them as the groups a kept refinement move must not make worse."""
+    idx = list(range(rec.num_inputs)) if every else validation_split(rec.num_inputs)[1]
     if isinstance(inputs, torch.Tensor):
-        starts, per_run = [inputs[val_idx]], 1
+        starts, per_run = [inputs[idx]], 1
     else:
-        starts, per_run = [inputs[i] for i in val_idx], len(val_idx)
-    ref = rec.latents[val_idx, -1].double()
+        starts, per_run = [inputs[i] for i in idx], len(idx)
+    ref = rec.latents[idx, -1].double()
     subset = rec.meta.get("elements")
-    idx = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
+    elem = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
 
     def errors(schedule: Schedule) -> torch.Tensor:
         with torch.no_grad():
             outs = [sample(velocity_fn, x, rec.sigmas, schedule) for x in starts]
         out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
-        if idx is not None:  # the recording keeps a subset of each latent: compare on the same elements
-            out = out[:, idx.to(out.device)]
-        return _relative(out.to("cpu", torch.float64), ref.reshape(len(val_idx), -1))
+        if elem is not None:  # the recording keeps a subset of each latent: compare on the same elements
+            out = out[:, elem.to(out.device)]
+        return _relative(out.to("cpu", torch.float64), ref.reshape(len(idx), -1))
 
-    half = len(val_idx) // 2
-    groups = [list(range(half)), list(range(half, len(val_idx)))] if half else None
+    half = len(idx) // 2
+    groups = [list(range(half)), list(range(half, len(idx)))] if half else None
     return errors, per_run, groups
 
 
