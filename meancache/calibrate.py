@@ -169,7 +169,8 @@ def calibrate(
             fit the few scored inputs: they lowered the held-out median error at most budgets but raised the held-
             out rel L2 (a few more runaway inputs) at B = 8, 10 and 25 (bench/RESULTS.md).
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
-            ``budget``, ``scores`` (each candidate's validation score, None for a candidate not in the running),
+            ``budget``, ``measure`` (``"runs"`` or ``"replay"``, see ``validate``), ``scores`` (each candidate's
+            validation score, None for a candidate not in the running),
             ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (whether refinement changed it)
             ``score`` (the final schedule's score, by the refinement's measure) and ``candidates`` (each
             candidate's schedule on all inputs, None where it has none, before refinement). Budgets answered at once

@@ -189,3 +189,60 @@ def test_uniform_schedule_and_safe_candidates():
     with pytest.raises(ValueError, match="budget=1"):
         uniform_schedule(1, 10)
     assert math.isclose(tail_score(torch.tensor([3.0, 4.0])), math.sqrt(12.5))
+
+
+@pytest.mark.parametrize("seed,scale", [(3, None), (6, 0.45)])
+def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale):
+    """validate="runs" (the default with a velocity_fn): every candidate, safe ones included, is sampled for real
+    from the calibration inputs; the chosen one's mean per-input error is the least within COST_RTOL, and the
+    scores are those of real runs of the schedules the report gives."""
+    flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30)
+    report = []
+    got = meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False)
+    for entry, schedule in zip(report, got):
+        assert entry["measure"] == "runs"
+        scores = {k: v for k, v in entry["scores"].items() if v is not None}
+        assert {"default", "uniform p1", "uniform e1", "published"} <= set(scores)
+        assert scores[entry["chosen"]] <= min(scores.values()) * (1 + COST_RTOL), entry
+        assert schedule == meancache.calibration.selection.reuse_labelled(entry["candidates"][entry["chosen"]])
+        for name in ("default", entry["chosen"]):  # the score is the mean error of a real run of that schedule
+            out = meancache.sample(flow, x, sig, entry["candidates"][name])
+            full = meancache.sample(flow, x, sig, Schedule.full(30))
+            err = ((out - full).double().norm(dim=1) / full.double().norm(dim=1)).mean().item()
+            assert err == pytest.approx(scores[name], rel=1e-4, abs=1e-7)
+
+
+def test_validate_modes_and_their_targets():
+    flow, x, sig, rec = _recording(seed=5)
+    replayed, ran = [], []
+    by_replay = meancache.calibrate(flow, x, sigmas=sig, budget=6, validate="replay", report=replayed,
+                                    progress=False)
+    assert replayed[0]["measure"] == "replay"
+    assert by_replay == meancache.calibrate(rec, budget=6)  # replay from the model = replay from its recording
+    meancache.calibrate(rec, budget=6, report=ran)
+    assert ran[0]["measure"] == "replay"  # a recording has no model to run
+    with pytest.raises(ValueError, match=r"validate='runs' with a Recording target"):
+        meancache.calibrate(rec, budget=6, validate="runs")
+    for bad in ("Runs", None, 1):
+        with pytest.raises(ValueError, match=rf"validate={bad!r}: must be one of"):
+            meancache.calibrate(flow, x, sigmas=sig, budget=6, validate=bad, progress=False)
+
+
+def test_real_runs_find_an_exact_schedule_where_the_safe_prediction_is_exact():
+    """v = alpha + beta * sigma (as above): Schedule.default is exact by real runs too, and the runs must choose a
+    schedule that is exact, while the candidates that are not (extrapolate, the published estimator) score worse."""
+    alpha = torch.tensor([0.5, -1.0, 0.25, 2.0])
+    beta = torch.tensor([2.0, 1.0, -3.0, 0.5])
+    sigmas = torch.linspace(1, 0, 17)
+
+    def field(x, s):
+        return alpha + beta * s + 0 * x
+
+    report = []
+    got = meancache.calibrate(field, torch.zeros(4, 4), sigmas=sigmas, budget=[6, 9], report=report,
+                              progress=False)
+    full = meancache.sample(field, torch.zeros(4, 4), sigmas, Schedule.full(16))
+    for sched, entry in zip(got, report):
+        assert torch.allclose(meancache.sample(field, torch.zeros(4, 4), sigmas, sched), full, atol=1e-6)
+        assert entry["scores"]["default"] < 1e-6
+        assert entry["scores"]["uniform e1"] > 1e-4 and entry["scores"]["published"] > 1e-4
