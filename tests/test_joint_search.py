@@ -23,6 +23,7 @@ from meancache.calibration import joint_costs
 from meancache.calibration import joint_solve
 from meancache.calibration import schedule_costs
 from meancache.estimators import extrapolation_weights
+from meancache.estimators import polynomial_weights
 from meancache.flows import GaussianMixtureFlow
 from meancache.flows import shifted_sigmas
 
@@ -428,3 +429,32 @@ def test_a_restricted_graph_is_the_graph_built_for_those_estimators():
         assert joint_solve(cut, [4, 7]) == joint_solve(fresh, [4, 7])
     with pytest.raises(ValueError, match=r"estimators=\('meancache',\): restricted\(\) needs a polynomial"):
         full.restricted(("meancache",))
+
+
+@pytest.mark.parametrize("estimator", ["predict", "extrapolate"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_batched_node_weights_are_the_run_time_weights_bit_for_bit(estimator, order):
+    """The calibration prices every (path, skipped step) with one batched table; each entry must be the very
+    float64 the engine's per-step call gives, the order guard included: a grid with a repeated sigma (nodes that
+    coincide) and one dense at sigma -> 0 (weights that exceed MAX_GAIN, so lower orders are taken)."""
+    from meancache.calibration.joint import _node_weights_batched
+    from meancache.calibration.joint import _windows
+
+    grids = [tuple(float(s) for s in shifted_sigmas(24, 3.0)),
+             (1.0, 0.9, 0.9, 0.7, 0.55, 0.5, 0.3, 0.2, 0.12, 0.05, 0.01, 0.0),
+             tuple(float(s) for s in torch.linspace(1, 0, 16) ** 3)]
+    for sig in grids:
+        n, max_len = len(sig) - 1, 6
+        windows, _ = _windows(n, max_len, 3, n - 1)
+        for a in range(n - 2):
+            sub = windows[windows[:, -1] == a]
+            reach = min(max_len, n - 1 - a)
+            if reach < 2 or len(sub) == 0:
+                continue
+            got = _node_weights_batched(estimator, order, sig, sub, a, reach)
+            for r, row in enumerate(sub.tolist()):
+                present = [sig[c] for c in row if c >= 0]
+                for t, i in enumerate(range(a + 1, a + reach)):
+                    q, w = polynomial_weights(estimator, present, sig[i], sig[i + 1], order)
+                    want = [0.0] * (len(row) - q - 1) + list(w)
+                    assert got[r, t].tolist() == want, (sig, row, i)

@@ -36,7 +36,8 @@ import torch
 from ..estimators import ESTIMATORS
 from ..estimators import MAX_EXTRAPOLATION_ORDER
 from ..estimators import POLYNOMIAL_ESTIMATORS
-from ..estimators import polynomial_weights
+from ..estimators import MAX_GAIN
+from ..estimators import _GAUSS
 from ..schedule import DEFAULT_MAX_SEGMENT
 from ..schedule import MAX_ORDER
 from ..schedule import Schedule
@@ -143,8 +144,8 @@ def extrapolation_costs(
     if the sigmas are equal), in float64, 0 below :data:`COST_FLOOR` times the mean ``|x_b|``.
 
     Batched: the rows sharing a start ``a`` are priced by one matrix product of their coefficients with the
-    recording's velocity rows (float64), all lengths at once. The cost is O(S * L * P * D) arithmetic plus S * L
-    calls of :func:`~meancache.estimators.polynomial_weights`.
+    recording's velocity rows (float64), all lengths at once. The cost is O(S * L * P * D) arithmetic; the S * L
+    weight vectors are formed in one batch per start (:func:`_node_weights_batched`), bit-equal to the calls.
 
     Args:
         recording: a :class:`Recording` with N steps.
@@ -268,17 +269,55 @@ def _node_weights(estimator: str, order: int, sig: tuple, sub: torch.Tensor, a: 
     found = None if _WEIGHT_CACHE is None else _WEIGHT_CACHE.get(key)
     if found is not None:
         return found
-    m = sub.shape[1]
-    flat: list[float] = []
-    for row in sub.tolist():
-        present = [sig[c] for c in row if c >= 0]
-        for i in range(a + 1, a + reach):
-            q, w = polynomial_weights(estimator, present, sig[i], sig[i + 1], order)
-            flat.extend([0.0] * (m - q - 1))
-            flat.extend(w)
-    table = torch.tensor(flat, dtype=torch.float64).view(len(sub), reach - 1, m)
+    table = _node_weights_batched(estimator, order, sig, sub, a, reach)
     if _WEIGHT_CACHE is not None:
         _WEIGHT_CACHE[key] = table
+    return table
+
+
+def _node_weights_batched(estimator: str, order: int, sig: tuple, sub: torch.Tensor, a: int, reach: int):
+    """:func:`_node_weights`' table, every row and step at once: the same float64 operations, in the same order,
+    as :func:`~meancache.estimators.polynomial_weights` (so the same bits, which tests/test_joint_search.py
+    checks against the per-step calls), with its order guard applied per entry: the highest ``q <= order`` whose
+    nodes are present and distinct and whose weights are finite with ``sum |w| <= MAX_GAIN``; else reuse."""
+    rows, m = sub.shape
+    steps = torch.arange(a + 1, a + reach)
+    grid = torch.tensor(sig, dtype=torch.float64)
+    now = grid[steps][None, :]  # (1, I)
+    nxt = now if estimator == "predict" else grid[steps + 1][None, :]
+    mid = 0.5 * (now + nxt)
+    half = _GAUSS * (nxt - now)
+    points = (mid - half, mid + half)
+    node_sig = grid[sub.clamp(min=0)]  # (rows, m); padded columns are never read
+    count = (sub >= 0).sum(dim=1)  # nodes present per row
+    table = torch.zeros(rows, reach - 1, m, dtype=torch.float64)
+    table[:, :, m - 1] = 1.0  # q = 0: reuse of the newest node
+    done = torch.zeros(rows, reach - 1, dtype=torch.bool)
+    for q in range(min(order, m - 1), 0, -1):
+        nodes = node_sig[:, m - q - 1 :]  # (rows, q + 1), oldest first
+        ok = (count >= q + 1)[:, None].expand(rows, reach - 1).clone()
+        weights = []
+        for j in range(q + 1):
+            total = torch.zeros(rows, reach - 1, dtype=torch.float64)
+            for g in points:
+                term = torch.ones(rows, reach - 1, dtype=torch.float64)
+                for k in range(q + 1):
+                    if k != j:
+                        gap = (nodes[:, j] - nodes[:, k])[:, None]
+                        ok &= gap != 0.0
+                        term = term * ((g - nodes[:, k][:, None]) / gap)
+                total = total + term
+            weights.append(0.5 * total)
+        gain = torch.zeros(rows, reach - 1, dtype=torch.float64)
+        for w in weights:  # left to right, as Python's sum
+            ok &= torch.isfinite(w)
+            gain = gain + w.abs()
+        take = ok & (gain <= MAX_GAIN) & ~done
+        if take.any():
+            new = torch.zeros(rows, reach - 1, m, dtype=torch.float64)
+            new[:, :, m - q - 1 :] = torch.stack(weights, dim=2)
+            table = torch.where(take[:, :, None], new, table)
+            done |= take
     return table
 
 
