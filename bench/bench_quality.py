@@ -373,8 +373,8 @@ def _calibrations(name: str, budgets, calibration_inputs: int | None = None, *, 
                   base: str | None = None) -> dict:
     """One problem's calibrations at ``budgets``, each ``{budget: Schedule}``: ``"default"`` (every default, all
     budgets in one call, from the model, as a user with the model calls it: candidates chosen by real runs),
-    ``"replay"`` (every default, from the recording: candidates chosen by the replay folds), ``"published"``, ``"raw"`` (``select=False``; only with ``raw``) and ``"previous"`` (the
-    checkout at ``base``; only with it), plus ``"report"`` (the default calibration's ``report=`` entries) and
+    ``"replay"`` (every default, from the recording: candidates chosen by the replay folds), ``"published"``,
+    ``"raw"`` (``select=False``; only with ``raw``) and ``"previous"`` (the checkout at ``base``; only with it), plus ``"report"`` (the default calibration's ``report=`` entries) and
     ``"seconds"`` (record, and each calibration's wall time)."""
     budgets = list(budgets)
     recording, record_s = _recording(name, calibration_inputs)

@@ -170,10 +170,10 @@ def calibrate(
             out rel L2 (a few more runaway inputs) at B = 8, 10 and 25 (bench/RESULTS.md).
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``measure`` (``"runs"`` or ``"replay"``, see ``validate``), ``scores`` (each candidate's
-            validation score, None for a candidate not in the running),
-            ``chosen`` (its name), ``start`` (the chosen schedule before refinement), ``refined`` (whether refinement changed it)
-            ``score`` (the final schedule's score, by the refinement's measure) and ``candidates`` (each
-            candidate's schedule on all inputs, None where it has none, before refinement). Budgets answered at once
+            validation score, None for a candidate not in the running), ``chosen`` (its name), ``start`` (the
+            chosen schedule before refinement), ``refined`` (whether refinement changed it), ``score`` (the final
+            schedule's score, by the refinement's measure) and ``candidates`` (each candidate's schedule on all
+            inputs, None where it has none, before refinement). Budgets answered at once
             (2, N, or ``select=False``) give only ``budget`` and ``chosen``.
         elements: search and validate on a fixed, seeded subset of this many elements of each input's latent
             (:meth:`Recording.elements`, the same subset on every machine; default :data:`SEARCH_ELEMENTS`), so
@@ -187,9 +187,10 @@ def calibrate(
     graphs (two folds and all inputs), each ``O(N * L ** (p + 1))`` states and segments for the orders p kept under
     :data:`JOINT_SIZE_CAP` (so at most ``O(JOINT_SIZE_CAP)``), priced with ``O(N * L ** (p + 1) * P * E)``
     arithmetic; the published search prices ``N * L <= PUBLISHED_SIZE_CAP`` segments at ``O(L * P * E)`` each;
-    every candidate is validated by whole-run replays, ``O(N * P * E)`` each. None of it grows with the latent past
-    ``elements``, and no budget makes it grow as a power of N above the caps: above them fewer orders (then only
-    the safe schedules) are weighed. Measured figures are in bench/RESULTS.md.
+    every candidate is validated by whole-run replays, ``O(N * P * E)`` each (with ``validate="runs"``: no folds,
+    one graph, and a real run of the model per candidate, ``B * P`` evaluations). None of it grows with the latent
+    past ``elements``, and no budget makes it grow as a power of N above the caps: above them fewer orders (then
+    only the safe schedules) are weighed. Measured figures are in bench/RESULTS.md.
 
     Returns:
         A :class:`~meancache.Schedule` (int budget) or a list of them (list budget), with the best estimator and
