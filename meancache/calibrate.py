@@ -157,7 +157,9 @@ def calibrate(
             recording or a pipeline (where a real run per candidate would cost more than the recording). Why:
             on eight Gaussian-mixture flows the bench does not use (B = 6 to 25 of 50), the candidate chosen by
             real runs had a held-out rel L2 1.24x that of the best candidate (geometric mean over the 40 cells),
-            against 1.63x for the replay folds (bench/RESULTS.md).
+            against 1.63x for the replay folds, and 1.43x when the runs scored fold searches on the other fold
+            (searches on half the inputs are worse, and a run does not score what the search priced, so scoring
+            on the searched inputs costs little) (bench/RESULTS.md).
         refine: model evaluations per budget for local moves after the choice
             (:func:`~meancache.calibration.selection.refine`: shift one compute step, change one segment's
             estimator or order), never raising the largest gain above the cap or the start's, each kept only when
@@ -428,7 +430,9 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                     f"num_steps={n}, max_len={L}: the published estimator's search prices N * max_len segments, "
                     f"at most {PUBLISHED_SIZE_CAP}; add the polynomial estimators (the default) or use fewer steps"
                 )
-        if runs is not None:  # real runs of each candidate searched on all inputs: no folds to search
+        if runs is not None:
+            # real runs of each candidate searched on all inputs, scored on those inputs: measured, this chose
+            # better on held-out inputs than real runs of fold searches on the other fold (RESULTS.md)
             for b in group:
                 safe = _safe(b, n, families, max_len, L)
                 candidates = {**dict(safe), **{nm: everything.solve(nm, [b])[0] for nm in everything.names}}
