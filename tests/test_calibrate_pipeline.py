@@ -50,3 +50,15 @@ def test_pipeline_calibration_rejects_bad_arguments():
         meancache.calibrate(pipe, [], budget=4)
     with pytest.raises(ValueError, match=r"\['guidance_scale'\]: extra keyword arguments apply to pipeline"):
         meancache.calibrate(lambda x, s: x, torch.zeros(2, 3), budget=2, sigmas=[1.0, 0.5, 0.0], guidance_scale=2.0)
+
+
+def test_a_pipeline_recording_streamed_to_disk(tmp_path):
+    """Each input's rows go to the file once its run ends: the same recording as in memory, no part file left."""
+    pipe, kw, _ = tiny_pipelines.build("flux")
+    inputs, common = _inputs(dict(kw, num_inference_steps=8), seeds=[1, 2])
+    held = meancache.record(pipe, inputs, progress=False, elements=50, **common)
+    inputs, _ = _inputs(kw, seeds=[1, 2])
+    streamed = meancache.record(pipe, inputs, progress=False, elements=50, out=tmp_path / "rec.pt", **common)
+    assert torch.equal(streamed.latents, held.latents) and torch.equal(streamed.velocities, held.velocities)
+    assert streamed.meta == held.meta and [p.name for p in tmp_path.iterdir()] == ["rec.pt"]
+    assert torch.equal(Recording.load(tmp_path / "rec.pt").latents, held.latents)

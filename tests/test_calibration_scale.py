@@ -108,3 +108,59 @@ def test_elements_is_checked_before_any_work():
     rec = Recording([1.0, 0.5, 0.0], torch.zeros(1, 3, 4), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="elements=True"):
         rec.elements(True)
+
+
+def _mapped(path) -> bool:
+    """Whether this process maps ``path`` (Linux: /proc/self/maps), that is, reads it without copying it in."""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+def test_a_recording_streamed_to_disk_equals_the_one_in_memory_and_is_read_mapped(tmp_path):
+    flow, sig = _flow(), shifted_sigmas(10, 3.0)
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(0))
+    held = meancache.record(flow, x, sig, progress=False, elements=40)
+    out = tmp_path / "rec.pt"
+    streamed = meancache.record(flow, x, sig, progress=False, elements=40, out=out)
+    assert torch.equal(streamed.latents, held.latents) and torch.equal(streamed.velocities, held.velocities)
+    assert streamed.meta == held.meta and sorted(p.name for p in tmp_path.iterdir()) == ["rec.pt"]  # no part file
+    assert _mapped(out)  # the returned recording is mapped from the file, not a copy in memory
+    again = Recording.load(out, mmap=True)
+    assert torch.equal(again.latents, held.latents)
+    assert meancache.calibrate(again, budget=[4, 6]) == meancache.calibrate(held, budget=[4, 6])
+    listed = meancache.record(flow, list(x[:, None]), sig, progress=False, out=tmp_path / "list.pt")
+    assert torch.equal(listed.latents[:, :, 0], meancache.record(flow, x, sig, progress=False).latents)
+
+
+def test_a_failed_streamed_recording_leaves_no_file(tmp_path):
+    flow, sig = _flow(), shifted_sigmas(10, 3.0)
+    calls = [0]
+
+    def breaks(x, s):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("the model failed at its fourth call")
+        return flow(x, s)
+
+    with pytest.raises(RuntimeError, match="fourth call"):
+        meancache.record(breaks, torch.randn(2, 16), sig, progress=False, out=tmp_path / "rec.pt")
+    assert list(tmp_path.iterdir()) == []
+    # a part file that an interrupted process left behind is not read as data
+    (tmp_path / "rec.pt.latents.part").write_bytes(b"\xff" * 4096)
+    rec = meancache.record(flow, torch.zeros(2, 16), sig, progress=False, out=tmp_path / "rec.pt")
+    assert torch.equal(rec.latents, meancache.record(flow, torch.zeros(2, 16), sig, progress=False).latents)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.pt"]
+
+
+@pytest.mark.parametrize("out,rule", [(".", "must name a file in an existing folder"),
+                                      ("no/such/folder/rec.pt", "must name a file in an existing folder"),
+                                      (3, "must be None or a file path")])
+def test_out_is_checked_before_any_model_evaluation(tmp_path, monkeypatch, out, rule):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    with pytest.raises(ValueError, match=rf"out={out!r}: {rule}"):
+        meancache.record(lambda x, s: calls.append(1) or x, torch.zeros(2, 4), [1.0, 0.5, 0.0], progress=False,
+                         out=out)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="mmap=1: must be True or False"):
+        Recording.load(tmp_path / "x.pt", mmap=1)

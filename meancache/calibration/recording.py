@@ -190,16 +190,24 @@ class Recording:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recording":
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> "Recording":
         """Read a file written by :meth:`save`.
+
+        Args:
+            path: the file.
+            mmap: map the latents and velocities from the file instead of reading them into memory
+                (``torch.load(mmap=True)``): pages are read as the search touches them and the kernel may drop
+                them again, so a recording larger than memory can be calibrated.
 
         Raises:
             ValueError: naming the path, for a corrupt file, another format, a missing or different version, or
                 inconsistent content. A missing file raises the usual ``FileNotFoundError``.
         """
+        if not isinstance(mmap, bool):
+            raise ValueError(f"mmap={mmap!r}: must be True or False")
         where = os.fspath(path)
         try:
-            data = torch.load(where, map_location="cpu", weights_only=True)
+            data = torch.load(where, map_location="cpu", weights_only=True, mmap=mmap)
         except OSError:
             raise
         except Exception as exc:  # torch raises several unrelated types for a damaged file; all mean "corrupt"
@@ -272,6 +280,7 @@ def record(
     *,
     progress: bool = True,
     elements: int | None = None,
+    out: str | os.PathLike | None = None,
     **pipeline_kwargs,
 ) -> Recording:
     """Run the uncached Euler sampler on calibration inputs and record every latent and velocity.
@@ -296,6 +305,11 @@ def record(
             machine): the latents and velocities stay where the model runs and only the subset is copied to the
             host, so the recording takes ``P * (2N + 1) * elements * 4`` bytes whatever the model (1.7 MB for 4
             inputs, 50 steps and 1024 elements). None (default): every element.
+        out: stream the recording to this file as it is made (float32, :meth:`Recording.save`'s format): each
+            step's rows go to memory-mapped part files beside it, which become ``out`` at the end, and the
+            returned recording is mapped from ``out`` (:meth:`Recording.load` with ``mmap=True``), so memory
+            stays bounded whatever the model and the number of inputs. The part files are removed even when the
+            run fails. None (default): in memory.
 
     Returns:
         A :class:`Recording` with ``latents (P, N + 1, *shape)`` and ``velocities (P, N, *shape)``.
@@ -313,7 +327,7 @@ def record(
         if sigmas is not None:
             raise ValueError("sigmas given with a pipeline: its scheduler sets the grid; pass num_inference_steps")
         return record_pipeline(velocity_fn, _pipeline_inputs(inputs), progress=progress, elements=elements,
-                               **pipeline_kwargs)
+                               out=out, **pipeline_kwargs)
     if pipeline_kwargs:
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
     if not callable(velocity_fn):
@@ -324,6 +338,7 @@ def record(
     sig = as_sigma_list(sigmas)
     if not isinstance(progress, bool):
         raise ValueError(f"progress={progress!r}: must be True or False")
+    sink = _Sink(_check_out(out))
     n = len(sig) - 1
     shape = tuple(tensors[0].shape[1:]) if batched else tuple(tensors[0].shape)
     p = tensors[0].shape[0] if batched else len(tensors)
@@ -332,8 +347,8 @@ def record(
     if idx is not None:
         idx = idx.to(tensors[0].device)  # the subset is taken where the model runs; only it crosses to the host
         shape = (len(idx),)
-    latents = torch.empty((p, n + 1, *shape), dtype=torch.float32)
-    velocities = torch.empty((p, n, *shape), dtype=torch.float32)
+    sink.allocate(p, n, shape)
+    latents, velocities = sink.latents, sink.velocities
 
     def kept(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -361,6 +376,9 @@ def record(
                 # the package's own sampler, every step computed: the recording is exactly what a run sees
                 final = sample(logged, x0, sig, StaticPlan(Schedule.full(n) if n >= 2 else None, n))
                 latents[rows[j], n] = kept(final)
+    except BaseException:
+        sink.discard()
+        raise
     finally:
         bar.close()
     meta = {
@@ -371,7 +389,59 @@ def record(
     }
     if idx is not None:
         meta["elements"] = {"count": len(idx), "seed": SUBSET_SEED, "of_shape": list(full_shape)}
-    return Recording(sig, latents, velocities, meta)
+    try:
+        return sink.finish(sig, meta)
+    finally:
+        sink.discard()
+
+
+def _check_out(out) -> str | None:
+    """``out`` as a path string, checked before any model evaluation: None, or a file path whose folder exists."""
+    if out is None:
+        return None
+    if not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"out={out!r}: must be None or a file path (str or os.PathLike)")
+    path = os.fspath(out)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise ValueError(f"out={path!r}: must name a file in an existing folder (the recording is written there)")
+    return path
+
+
+class _Sink:
+    """Where a recording's rows go as they are made: tensors in memory, or, with ``out``, float32 maps of two
+    part files beside ``out`` (written as each row arrives, so the recording never has to fit in memory), saved
+    as one :meth:`Recording.save` file at the end and read back mapped. Part files never outlive the call."""
+
+    def __init__(self, out: str | None):
+        self.out = out
+        self.parts = [] if out is None else [f"{out}.latents.part", f"{out}.velocities.part"]
+        self.latents = self.velocities = None
+
+    def allocate(self, inputs: int, steps: int, shape: tuple) -> None:
+        dims = ((inputs, steps + 1, *shape), (inputs, steps, *shape))
+        if self.out is None:
+            self.latents, self.velocities = (torch.empty(d, dtype=torch.float32) for d in dims)
+            return
+        self.discard()  # a stale part file of an earlier, failed call must not be mapped with its data
+        self.latents, self.velocities = (
+            torch.from_file(part, shared=True, size=math.prod(d), dtype=torch.float32).view(d)
+            for part, d in zip(self.parts, dims)
+        )
+
+    def finish(self, sigmas, meta: dict) -> "Recording":
+        rec = Recording(sigmas, self.latents, self.velocities, meta)
+        if self.out is None:
+            return rec
+        rec.save(self.out)
+        self.discard()
+        return Recording.load(self.out, mmap=True)
+
+    def discard(self) -> None:
+        self.latents = self.velocities = None
+        for part in self.parts:
+            if os.path.exists(part):
+                os.remove(part)
 
 
 def _pipeline_inputs(inputs) -> list[dict]:
@@ -391,7 +461,8 @@ def _pipeline_inputs(inputs) -> list[dict]:
     return out
 
 
-def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None = None, **call_kwargs) -> Recording:
+def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None = None,
+                    out: str | os.PathLike | None = None, **call_kwargs) -> Recording:
     """Run the uncached ``pipe`` once per input and record ``x_i`` and the guided velocity at every step.
 
     Args:
@@ -402,6 +473,8 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None
         progress: tqdm progress bar over the inputs.
         elements: keep only this many elements of each input's latent (as :func:`record`): taken on the
             pipeline's device, so only the subset is copied to the host at each step.
+        out: stream the recording to this file (as :func:`record`): each input's rows are written to mapped part
+            files once its run ends, so memory holds one input's run at a time.
         call_kwargs: keyword arguments shared by every call (``num_inference_steps``, ``guidance_scale``, sizes).
             ``output_type`` defaults to ``"latent"`` so nothing is decoded.
 
@@ -429,9 +502,28 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None
         raise ValueError(
             f"inputs={type(inputs).__name__}: must be a non-empty list of dicts of call arguments, one per input"
         )
+    sink = _Sink(_check_out(out))
     call_kwargs.setdefault("output_type", "latent")
     scheduler = pipe.scheduler
-    runs, grids = [], []
+    try:
+        grids = _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink)
+    except BaseException:
+        sink.discard()
+        raise
+    first = sink.latents[0, 0]
+    meta = {"pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__, "inputs": len(inputs)}
+    if elements is not None and first.dim() == 1:
+        meta["elements"] = {"count": int(first.numel()), "seed": SUBSET_SEED}
+    try:
+        return sink.finish(grids[0], meta)
+    finally:
+        sink.discard()
+
+
+def _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink: _Sink) -> list[list[float]]:
+    """One uncached call per input, its rows written to ``sink`` as soon as the call ends; the grids."""
+    grids: list = []
+    shape = None
     iterator = inputs
     if progress:
         from tqdm.auto import tqdm
@@ -470,17 +562,15 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None
         start = scheduler.step_index - len(xs) if scheduler.step_index is not None else 0
         grid = sigma_grid(scheduler, start)
         grid = grid[: len(xs) + 1]
-        if runs and (grid != grids[0] or xs[0].shape != runs[0][0][0].shape):
+        if grids and (grid != grids[0] or tuple(xs[0].shape) != shape):
             raise ValueError(
                 f"input {n}: latents of shape {tuple(xs[0].shape)} on a {len(grid) - 1}-step grid differ from input "
-                f"0 ({tuple(runs[0][0][0].shape)}, {len(grids[0]) - 1} steps): one recording needs one shape and "
-                "one grid"
+                f"0 ({shape}, {len(grids[0]) - 1} steps): one recording needs one shape and one grid"
             )
-        runs.append((xs + final, vs))
+        if not grids:
+            shape = tuple(xs[0].shape)
+            sink.allocate(len(inputs), len(vs), shape)
+        sink.latents[n] = torch.stack(xs + final)
+        sink.velocities[n] = torch.stack(vs)
         grids.append(grid)
-    latents = torch.stack([torch.stack(x) for x, _ in runs])
-    velocities = torch.stack([torch.stack(v) for _, v in runs])
-    meta = {"pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__, "inputs": len(inputs)}
-    if elements is not None and runs and runs[0][0][0].dim() == 1:
-        meta["elements"] = {"count": int(runs[0][0][0].numel()), "seed": SUBSET_SEED}
-    return Recording(grids[0], latents, velocities, meta)
+    return grids
