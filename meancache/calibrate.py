@@ -46,8 +46,9 @@ from .calibration.joint import joint_solve
 from .calibration.joint import JointCosts
 from .calibration.joint import shared_weights
 from .calibration.recording import _check_inputs
-from .calibration.recording import element_subset
-from .calibration.selection import _relative
+from .calibration.runs import generator_states
+from .calibration.runs import model_runs
+from .calibration.runs import pipeline_runs
 from .calibration.selection import folds
 from .calibration.selection import input_errors
 from .calibration.selection import refine as refine_moves
@@ -57,7 +58,6 @@ from .calibration.selection import safe_candidates
 from .calibration.selection import schedule_gain
 from .calibration.selection import subset
 from .calibration.selection import tail_score
-from .calibration.selection import validation_split
 from .calibration.recording import _pipeline_inputs
 from .calibration.search import _check_budgets
 from .calibration.search import _per_order_costs
@@ -151,10 +151,12 @@ def calibrate(
             they are.
         validate: how ``select`` scores the candidates. ``"runs"``: real sampled runs of the model from every
             calibration input (B evaluations per input and candidate), each candidate searched on all inputs, the
-            score the mean per-input relative error (:func:`~meancache.calibration.selection.run_score`); needs a
-            ``velocity_fn`` target. ``"replay"``: the two folds and whole-run replays described under ``select``
-            (no model needed). ``"auto"`` (default): ``"runs"`` with a ``velocity_fn`` target, ``"replay"`` with a
-            recording or a pipeline (where a real run per candidate would cost more than the recording). Why:
+            score the mean per-input relative error (:func:`~meancache.calibration.selection.run_score`); needs the
+            model: a ``velocity_fn``, or a pipeline whose inputs each carry a seeded ``generator`` (each run
+            restores the state it had before recording, so it draws the recorded noise again). ``"replay"``: the
+            two folds and whole-run replays described under ``select`` (no model needed). ``"auto"`` (default):
+            ``"runs"`` with a ``velocity_fn`` target, ``"replay"`` with a recording or a pipeline (a pipeline's run
+            per candidate and input costs B transformer calls, about 9x the recording over five budgets). Why:
             on eight Gaussian-mixture flows the bench does not use (B = 6 to 25 of 50), the candidate chosen by
             real runs had a held-out rel L2 1.24x that of the best candidate (geometric mean over the 40 cells),
             against 1.63x for the replay folds, and 1.43x when the runs scored fold searches on the other fold
@@ -163,10 +165,11 @@ def calibrate(
         refine: model evaluations per budget for local moves after the choice
             (:func:`~meancache.calibration.selection.refine`: shift one compute step, change one segment's
             estimator or order), never raising the largest gain above the cap or the start's, each kept only when
-            it lowers the score and makes neither half of the scored inputs worse. With a ``velocity_fn`` target
-            the moves are scored by real sampled runs of the model from the validation inputs (every fourth,
+            it lowers the score and makes neither half of the scored inputs worse. With the model (a
+            ``velocity_fn``, or a pipeline whose inputs carry seeded generators) the moves are scored by real
+            sampled runs of it from the validation inputs (every fourth,
             :func:`~meancache.calibration.selection.validation_split`; B evaluations per run and input); with a
-            recording or a pipeline, by whole-run replays on the recording (counted as B evaluations each). None
+            recording, by whole-run replays on the recording (counted as B evaluations each). None
             or 0 (default): no refinement. Off by default because, measured on two sharp held-out flows, the moves
             fit the few scored inputs: they lowered the held-out median error at most budgets but raised the held-
             out rel L2 (a few more runaway inputs) at B = 8, 10 and 25 (bench/RESULTS.md).
@@ -254,9 +257,9 @@ def calibrate(
             f"target={type(target).__name__}: must be a meancache.Recording or a velocity_fn(x, sigma) callable"
         )
     model_fn = callable(target) and not isinstance(target, Recording) and not is_pipeline(target)
-    if validate == "runs" and not model_fn:
-        raise ValueError(f"validate='runs' with a {type(target).__name__} target: real runs need a velocity_fn "
-                         "target; use 'replay' or 'auto'")
+    if validate == "runs" and isinstance(target, Recording):
+        raise ValueError("validate='runs' with a Recording target: real runs need the model (a velocity_fn or a "
+                         "pipeline); use 'replay' or 'auto'")
     if pipeline_kwargs and not is_pipeline(target):
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
     if n is not None:
@@ -275,6 +278,9 @@ def calibrate(
     if isinstance(target, Recording):
         rec = target
     elif is_pipeline(target):
+        states = None
+        if refine or validate == "runs":  # before recording: the runs must draw each input's recorded noise again
+            states = generator_states(inputs, f"refine={refine}" if refine else "validate='runs'")
         rec = record(target, inputs, progress=progress, elements=elements, **pipeline_kwargs)
         n = rec.num_steps
         _check_num_steps(n)
@@ -282,10 +288,14 @@ def calibrate(
     else:
         rec = record(target, inputs, sigmas, progress=progress, elements=elements)
     scorer = runs = None
-    if refine and model_fn:
-        scorer = _model_scorer(target, inputs, rec)
-    if select and model_fn and validate in ("auto", "runs"):
-        runs = _model_scorer(target, inputs, rec, every=True)[0]
+    if model_fn:
+        scorer = model_runs(target, inputs, rec) if refine else None
+        if select and validate in ("auto", "runs"):
+            runs = model_runs(target, inputs, rec, every=True)[0]
+    elif is_pipeline(target):
+        scorer = pipeline_runs(target, inputs, states, rec, pipeline_kwargs) if refine else None
+        if select and validate == "runs":
+            runs = pipeline_runs(target, inputs, states, rec, pipeline_kwargs, every=True)[0]
     if elements is not None:
         rec = rec.elements(elements)
     if report is not None and not isinstance(report, list):
@@ -517,33 +527,6 @@ def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> tuple
     best, value, _ = refine_moves(start, errors, max_scores=max_scores, groups=groups,
                                   progress=progress and scorer is not None)
     return best, value, best != start
-
-
-def _model_scorer(velocity_fn, inputs, rec: Recording, every: bool = False):
-    """``(errors, model calls per step, groups)``: per-input relative errors of real sampled runs of
-    ``velocity_fn`` against the recorded uncached finals, from the validation inputs (every fourth,
-    :func:`~meancache.calibration.selection.validation_split`) or, with ``every``, from all of them; and the two
-    halves of them as the groups a kept refinement move must not make worse."""
-    idx = list(range(rec.num_inputs)) if every else validation_split(rec.num_inputs)[1]
-    if isinstance(inputs, torch.Tensor):
-        starts, per_run = [inputs[idx]], 1
-    else:
-        starts, per_run = [inputs[i] for i in idx], len(idx)
-    ref = rec.latents[idx, -1].double()
-    subset = rec.meta.get("elements")
-    elem = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
-
-    def errors(schedule: Schedule) -> torch.Tensor:
-        with torch.no_grad():
-            outs = [sample(velocity_fn, x, rec.sigmas, schedule) for x in starts]
-        out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
-        if elem is not None:  # the recording keeps a subset of each latent: compare on the same elements
-            out = out[:, elem.to(out.device)]
-        return _relative(out.to("cpu", torch.float64), ref.reshape(len(idx), -1))
-
-    half = len(idx) // 2
-    groups = [list(range(half)), list(range(half, len(idx)))] if half else None
-    return errors, per_run, groups
 
 
 def _published_path(cost, best_k, budget: int, gamma, max_len: int, num_steps: int) -> Schedule:

@@ -62,3 +62,67 @@ def test_a_pipeline_recording_streamed_to_disk(tmp_path):
     assert torch.equal(streamed.latents, held.latents) and torch.equal(streamed.velocities, held.velocities)
     assert streamed.meta == held.meta and [p.name for p in tmp_path.iterdir()] == ["rec.pt"]
     assert torch.equal(Recording.load(tmp_path / "rec.pt").latents, held.latents)
+
+
+def _relative(out, ref):
+    d, r = (out.double() - ref.double()).flatten(), ref.double().flatten()
+    return float(d.norm() / r.norm())
+
+
+@pytest.mark.parametrize("elements", [None, 40])
+def test_real_pipeline_runs_choose_and_refine(elements):
+    """validate="runs" with a pipeline: every candidate is run for real from each input's recorded noise (its
+    generator restored), and its score is the mean relative error of those runs against the uncached outputs;
+    refine= scores its moves by such runs and never ends worse than its start. The pipeline is left as it was."""
+    pipe, kw, info = tiny_pipelines.build("flux")
+    seeds = [1, 2, 3, 4]
+    inputs, common = _inputs(dict(kw, num_inference_steps=12), seeds=seeds)
+    config = getattr(pipe, "_progress_bar_config", None)
+    report = []
+    got = meancache.calibrate(pipe, inputs, budget=6, validate="runs", refine=300, report=report,
+                              elements=elements, progress=False, **common)
+    entry = report[0]
+    assert entry["measure"] == "runs" and got.budget == 6
+    assert not meancache.api._accelerated(pipe) and getattr(pipe, "_progress_bar_config", None) == config
+
+    def runs(schedule):
+        errs = []
+        for s in seeds:
+            call = dict(common, generator=torch.Generator().manual_seed(s))
+            plain = getattr(pipe(**call), info["output_attr"])
+            meancache.accelerate(pipe, schedule=schedule)
+            try:
+                fast = getattr(pipe(**dict(common, generator=torch.Generator().manual_seed(s))), info["output_attr"])
+            finally:
+                meancache.disable(pipe)
+            errs.append(_relative(fast, plain) if elements is None else None)
+        return errs
+
+    for name in ("default", entry["chosen"]):
+        errs = runs(entry["candidates"][name])
+        if elements is None:  # on every element the score is exactly the mean of these runs' errors
+            assert sum(errs) / len(errs) == pytest.approx(entry["scores"][name], rel=1e-5, abs=1e-9)
+    least = min(v for v in entry["scores"].values() if v is not None)
+    assert entry["scores"][entry["chosen"]] <= least * (1 + 1e-6)
+    assert entry["score"] is not None  # refined by runs: its score is the refined schedule's on validation
+    from meancache.calibration.runs import generator_states, pipeline_runs
+    fresh, _ = _inputs(kw, seeds=seeds)
+    states = generator_states(fresh, "test")
+    rec = meancache.record(pipe, fresh, progress=False, elements=elements, **common)
+    errors, _, _ = pipeline_runs(pipe, fresh, states, rec, common)
+    assert float(errors(got).mean()) <= float(errors(entry["start"]).mean()) * (1 + 1e-9)
+
+
+def test_pipeline_runs_need_seeded_generators_before_any_call():
+    pipe, kw, _ = tiny_pipelines.build("flux")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    common = {k: v for k, v in kw.items() if k != "generator"}
+    for setting in ({"validate": "runs"}, {"refine": 100}):
+        with pytest.raises(ValueError, match=r"inputs\[1\] has generator=None: .* needs a seeded torch.Generator"):
+            meancache.calibrate(pipe, [dict(generator=torch.Generator().manual_seed(0)), {}], budget=4,
+                                progress=False, **setting, **common)
+    assert calls == []
+    with pytest.raises(ValueError, match="validate='runs' with a Recording target"):
+        meancache.calibrate(meancache.Recording([1.0, 0.5, 0.0], torch.zeros(1, 3, 2), torch.zeros(1, 2, 2)),
+                            budget=2, validate="runs")

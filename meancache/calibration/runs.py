@@ -1,0 +1,156 @@
+"""Real sampled runs of the model, scored against the recording: what ``calibrate(validate="runs")`` chooses by and
+what ``refine=`` scores its moves with, when the model is there (a ``velocity_fn`` or a diffusers pipeline).
+
+Each scorer returns ``(errors, calls, groups)``: ``errors(schedule)`` runs the schedule from the scored inputs and
+gives each input's relative final error against the recorded uncached run (float64 ``(inputs,)``, on the
+recording's element subset when it keeps one); ``calls`` is the model calls per step of one scoring; ``groups`` are
+the two halves of the scored inputs, which a kept refinement move must not make worse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import MeanCacheConfig
+from ..pipeline import accelerate_pipeline
+from ..pipeline import disable_pipeline
+from ..sampler import sample
+from ..schedule import Schedule
+from .recording import Recording
+from .recording import element_subset
+from .selection import _relative
+from .selection import validation_split
+
+__all__ = ["generator_states", "model_runs", "pipeline_runs"]
+
+
+def _scored(rec: Recording, every: bool) -> list[int]:
+    """The inputs a scorer runs: all of them, or the validation split's (every fourth)."""
+    return list(range(rec.num_inputs)) if every else validation_split(rec.num_inputs)[1]
+
+
+def _halves(count: int):
+    half = count // 2
+    return [list(range(half)), list(range(half, count))] if half else None
+
+
+def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
+    """Runs of ``velocity_fn`` (:func:`meancache.sample`) from the recorded inputs (``inputs`` as given to
+    :func:`~meancache.record`: one batched tensor or a list of tensors), the validation split or ``every`` input.
+
+    Example:
+        >>> import torch
+        >>> from meancache.calibration.recording import record
+        >>> f = lambda x, s: torch.sin(3 * x) - s
+        >>> x = torch.randn(4, 3)
+        >>> rec = record(f, x, torch.linspace(1, 0, 9), progress=False)
+        >>> errors, calls, _ = model_runs(f, x, rec, every=True)
+        >>> float(errors(Schedule.full(8)).max()) < 1e-6, calls
+        (True, 1)
+    """
+    idx = _scored(rec, every)
+    if isinstance(inputs, torch.Tensor):
+        starts, per_run = [inputs[idx]], 1
+    else:
+        starts, per_run = [inputs[i] for i in idx], len(idx)
+    ref = rec.latents[idx, -1].double()
+    subset = rec.meta.get("elements")
+    elem = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
+
+    def errors(schedule: Schedule) -> torch.Tensor:
+        with torch.no_grad():
+            outs = [sample(velocity_fn, x, rec.sigmas, schedule) for x in starts]
+        out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
+        if elem is not None:  # the recording keeps a subset of each latent: compare on the same elements
+            out = out[:, elem.to(out.device)]
+        return _relative(out.to("cpu", torch.float64), ref.reshape(len(idx), -1))
+
+    return errors, per_run, _halves(len(idx))
+
+
+def _generators(value) -> list[torch.Generator] | None:
+    if isinstance(value, torch.Generator):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(g, torch.Generator) for g in value):
+        return list(value)
+    return None
+
+
+def generator_states(inputs: list[dict], why: str) -> list[list[torch.Tensor]]:
+    """Each pipeline input's generator states, taken before it is recorded, so that a later run of the input
+    draws the recorded noise again. Every input must carry ``generator`` (a ``torch.Generator`` or a list of
+    them): ``why`` names the setting that needs the runs, for the error.
+
+    Example:
+        >>> import torch
+        >>> states = generator_states([{"generator": torch.Generator().manual_seed(1)}], "refine=100")
+        >>> len(states), len(states[0])
+        (1, 1)
+    """
+    states = []
+    for i, call in enumerate(inputs):
+        gens = _generators(call.get("generator"))
+        if gens is None:
+            raise ValueError(
+                f"inputs[{i}] has generator={call.get('generator')!r}: {why} runs the pipeline again from each "
+                "input, so each needs a seeded torch.Generator (or a list of them) that repeats its recorded noise"
+            )
+        states.append([g.get_state() for g in gens])
+    return states
+
+
+def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs: dict, every: bool = False):
+    """Runs of the pipeline accelerated with each scored schedule, from the recorded inputs (``inputs`` as given
+    to :func:`~meancache.calibration.recording.record_pipeline`, their generators restored from ``states``, see
+    :func:`generator_states`), the validation split or ``every`` input; the final latents (``output_type=
+    "latent"``) compared with the recorded ones. The pipeline is left as it was (not accelerated) after each run.
+
+    Example (tests/test_calibrate_pipeline.py runs it on tiny pipelines)::
+
+        states = generator_states(inputs, "refine")
+        rec = record_pipeline(pipe, inputs, num_inference_steps=28)
+        errors, calls, halves = pipeline_runs(pipe, inputs, states, rec, {"num_inference_steps": 28})
+    """
+    idx = _scored(rec, every)
+    ref = rec.latents[idx, -1].double()
+    count = (rec.meta.get("elements") or {}).get("count")
+
+    def call_of(i: int) -> dict:
+        call = dict(inputs[i])
+        gens = _generators(call["generator"])
+        fresh = []
+        for g, state in zip(gens, states[i]):
+            f = torch.Generator(device=g.device)
+            f.set_state(state)
+            fresh.append(f)
+        call["generator"] = fresh[0] if isinstance(inputs[i]["generator"], torch.Generator) else fresh
+        return call
+
+    def errors(schedule: Schedule) -> torch.Tensor:
+        outs = []
+        quiet = getattr(pipe, "_progress_bar_config", None)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        try:
+            for i in idx:
+                accelerate_pipeline(pipe, MeanCacheConfig(schedule=schedule).validate(for_pipeline=True))
+                try:
+                    with torch.no_grad():
+                        out = pipe(**{**call_kwargs, "output_type": "latent", **call_of(i)})
+                finally:
+                    disable_pipeline(pipe)
+                latent = (out if isinstance(out, torch.Tensor) else out[0]).detach().reshape(-1)
+                elem = None if count is None else element_subset(latent.numel(), count)
+                if elem is not None:  # only the recorded subset is compared
+                    latent = latent[elem.to(latent.device)]
+                outs.append(latent.to("cpu", torch.float64))
+        finally:
+            if quiet is not None:
+                pipe._progress_bar_config = quiet
+            elif hasattr(pipe, "_progress_bar_config"):
+                del pipe._progress_bar_config
+        return _relative(torch.stack(outs), ref.reshape(len(idx), -1))
+
+    return errors, len(idx), _halves(len(idx))
