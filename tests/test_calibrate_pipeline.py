@@ -126,3 +126,28 @@ def test_pipeline_runs_need_seeded_generators_before_any_call():
     with pytest.raises(ValueError, match="validate='runs' with a Recording target"):
         meancache.calibrate(meancache.Recording([1.0, 0.5, 0.0], torch.zeros(1, 3, 2), torch.zeros(1, 2, 2)),
                             budget=2, validate="runs")
+
+
+def test_pipeline_runs_refuse_an_output_that_is_not_the_schedulers_latents():
+    """A pipeline whose output_type='latent' has another layout than the latents it steps (a subset would then
+    pick unrelated elements) is refused by name, not scored."""
+    from meancache.calibration.runs import generator_states, pipeline_runs
+    pipe, kw, _ = tiny_pipelines.build("flux")
+    inputs, common = _inputs(dict(kw, num_inference_steps=6), seeds=[1, 2])
+    states = generator_states(inputs, "test")
+    rec = meancache.record(pipe, inputs, progress=False, elements=30, **common)
+    assert rec.meta["elements"]["of_shape"] == list(getattr(pipe(**dict(common, generator=torch.Generator()
+                                                                          .manual_seed(1))), "images").shape)
+    original = type(pipe).__call__
+
+    def flattened(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.images = out.images.reshape(-1)
+        return out
+
+    errors, _, _ = pipeline_runs(pipe, inputs, states, rec, common, every=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(pipe), "__call__", flattened)
+        with pytest.raises(ValueError, match=r"returned shape \(\d+,\), but the scheduler's latents were"):
+            errors(meancache.Schedule.default(4, 6))
+    assert not meancache.api._accelerated(pipe)

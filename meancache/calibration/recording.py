@@ -505,23 +505,26 @@ def record_pipeline(pipe, inputs, *, progress: bool = True, elements: int | None
     sink = _Sink(_check_out(out))
     call_kwargs.setdefault("output_type", "latent")
     scheduler = pipe.scheduler
+    full: list = []  # the shape of the scheduler's latents, when only a subset of them is kept
     try:
-        grids = _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink)
+        grids = _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink, full)
     except BaseException:
         sink.discard()
         raise
     first = sink.latents[0, 0]
     meta = {"pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__, "inputs": len(inputs)}
-    if elements is not None and first.dim() == 1:
-        meta["elements"] = {"count": int(first.numel()), "seed": SUBSET_SEED}
+    if elements is not None and first.dim() == 1 and full and math.prod(full) > first.numel():
+        meta["elements"] = {"count": int(first.numel()), "seed": SUBSET_SEED, "of_shape": list(full)}
     try:
         return sink.finish(grids[0], meta)
     finally:
         sink.discard()
 
 
-def _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink: _Sink) -> list[list[float]]:
-    """One uncached call per input, its rows written to ``sink`` as soon as the call ends; the grids."""
+def _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink: _Sink, full: list
+                 ) -> list[list[float]]:
+    """One uncached call per input, its rows written to ``sink`` as soon as the call ends; the grids. ``full``
+    receives the shape of the scheduler's latents."""
     grids: list = []
     shape = None
     iterator = inputs
@@ -536,6 +539,8 @@ def _record_runs(pipe, scheduler, inputs, progress, elements, call_kwargs, sink:
 
         def host(t: torch.Tensor) -> torch.Tensor:
             t = t.detach()
+            if not full:
+                full.extend(t.shape)
             if elements is not None:
                 if not subset:
                     found = element_subset(t.numel(), elements)

@@ -115,7 +115,9 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
     """
     idx = _scored(rec, every)
     ref = rec.latents[idx, -1].double()
-    count = (rec.meta.get("elements") or {}).get("count")
+    kept = rec.meta.get("elements") or {}
+    count = kept.get("count")
+    shape = tuple(kept.get("of_shape") or rec.shape)  # the scheduler's latents, as recorded
 
     def call_of(i: int) -> dict:
         call = dict(inputs[i])
@@ -141,7 +143,14 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
                         out = pipe(**{**call_kwargs, "output_type": "latent", **call_of(i)})
                 finally:
                     disable_pipeline(pipe)
-                latent = (out if isinstance(out, torch.Tensor) else out[0]).detach().reshape(-1)
+                latent = (out if isinstance(out, torch.Tensor) else out[0]).detach()
+                if tuple(latent.shape) != shape:  # another layout would compare unrelated elements
+                    raise ValueError(
+                        f"{type(pipe).__name__}(output_type='latent') returned shape {tuple(latent.shape)}, but "
+                        f"the scheduler's latents were {shape}: real runs cannot be scored against the recording; "
+                        "use validate='replay' and no refine"
+                    )
+                latent = latent.reshape(-1)
                 elem = None if count is None else element_subset(latent.numel(), count)
                 if elem is not None:  # only the recorded subset is compared
                     latent = latent[elem.to(latent.device)]
