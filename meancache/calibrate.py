@@ -444,17 +444,10 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             # real runs of each candidate searched on all inputs, scored on those inputs: measured, this chose
             # better on held-out inputs than real runs of fold searches on the other fold (RESULTS.md)
             for b in group:
-                safe = _safe(b, n, families, max_len, L)
-                candidates = {**dict(safe), **{nm: everything.solve(nm, [b])[0] for nm in everything.names}}
+                candidates = _candidates(_safe(b, n, families, max_len, L), everything, b)
                 scores = {nm: (run_score(runs(s)) if s is not None else math.inf) for nm, s in candidates.items()}
-                name = _least(scores)
-                final, value, kept = _refined(rec, candidates[name], refine, scorer, progress)
-                found[b] = final
-                entries[b] = {"budget": b, "measure": "runs", "chosen": name, "start": candidates[name],
-                              "refined": kept, "score": value,
-                              "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()}}
-                if reported:
-                    entries[b]["candidates"] = candidates
+                found[b], entries[b] = _chosen(rec, b, "runs", scores, candidates, refine, scorer, progress,
+                                               reported)
             continue
         # every searched candidate is judged on inputs its search did not read: two folds validate every input once
         errors = {name: torch.zeros(len(group), rec.num_inputs, dtype=torch.float64) for name in everything.names}
@@ -472,16 +465,13 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             safe = _safe(b, n, families, max_len, L)
             scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
             scores.update({name: tail_score(e[j]) for name, e in errors.items()})
-            name = _least(scores)
-            chosen = dict(safe)[name] if name in dict(safe) else everything.solve(name, [b])[0]
-            final, value, kept = _refined(rec, chosen, refine, scorer, progress)
-            found[b] = final
-            entries[b] = {"budget": b, "measure": "replay", "chosen": name, "start": chosen, "refined": kept,
-                          "score": value,
-                          "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()}}
-            if reported:  # every candidate's answer on all inputs, for a caller who weighs them itself
-                entries[b]["candidates"] = {**dict(safe), **{nm: everything.solve(nm, [b])[0]
-                                                             for nm in everything.names}}
+            if reported:  # every candidate's answer on all inputs (a solve each); else only the winner's
+                candidates = _candidates(safe, everything, b)
+            else:
+                name = _least(scores)
+                candidates = {name: dict(safe)[name] if name in dict(safe) else everything.solve(name, [b])[0]}
+            found[b], entries[b] = _chosen(rec, b, "replay", scores, candidates, refine, scorer, progress,
+                                           reported)
     report.extend(entries[b] for b in budgets)
     return [reuse_labelled(found[b]) for b in budgets]
 
@@ -492,6 +482,23 @@ def _safe(budget: int, num_steps: int, families, max_len, length: int) -> list[t
     return [(name, s) for name, s in safe_candidates(budget, num_steps)
             if set(s.estimators) <= set(families) | {"meancache"}
             and (max_len is None or max(y - x for x, y in zip(s.compute_steps, s.compute_steps[1:])) <= length)]
+
+
+def _candidates(safe: list, searches: "_Searches", budget: int) -> dict[str, Schedule | None]:
+    """Every candidate's schedule at ``budget``: the safe ones, then each search's answer (None where it has
+    no path), in the tie order."""
+    return {**dict(safe), **{nm: searches.solve(nm, [budget])[0] for nm in searches.names}}
+
+
+def _chosen(rec, budget, measure, scores, candidates, refine, scorer, progress, reported) -> tuple[Schedule, dict]:
+    """The least-scored candidate (:func:`_least`), refined, and its report entry."""
+    name = _least(scores)
+    final, value, kept = _refined(rec, candidates[name], refine, scorer, progress)
+    entry = {"budget": budget, "measure": measure, "chosen": name, "start": candidates[name], "refined": kept,
+             "score": value, "scores": {k: (v if math.isfinite(v) else None) for k, v in scores.items()}}
+    if reported:  # for a caller who weighs the candidates itself
+        entry["candidates"] = candidates
+    return final, entry
 
 
 def _least(scores: dict[str, float]) -> str:

@@ -128,6 +128,9 @@ def test_a_recording_streamed_to_disk_equals_the_one_in_memory_and_is_read_mappe
     again = Recording.load(out, mmap=True)
     assert torch.equal(again.latents, held.latents)
     assert meancache.calibrate(again, budget=[4, 6]) == meancache.calibrate(held, budget=[4, 6])
+    # recording to the same file again replaces it without truncating the file the first recording maps
+    other = meancache.record(flow, -x, sig, progress=False, elements=40, out=out)
+    assert torch.equal(streamed.latents, held.latents) and not torch.equal(other.latents, held.latents)
     listed = meancache.record(flow, list(x[:, None]), sig, progress=False, out=tmp_path / "list.pt")
     assert torch.equal(listed.latents[:, :, 0], meancache.record(flow, x, sig, progress=False).latents)
 

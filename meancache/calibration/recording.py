@@ -168,7 +168,9 @@ class Recording:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the recording with ``torch.save`` (tensors, lists and plain dicts only, readable with
-        ``weights_only=True``), tagged with the format name and version.
+        ``weights_only=True``), tagged with the format name and version. The file is written beside ``path`` and
+        renamed onto it, so an existing file at ``path`` is never truncated while a recording loaded from it with
+        ``mmap=True`` still reads it, and a failed write leaves the old file as it was.
 
         Example:
             >>> import os, tempfile, torch
@@ -177,17 +179,24 @@ class Recording:
             >>> rec.save(p); Recording.load(p).meta
             {'seed': 0}
         """
-        torch.save(
-            {
-                "format": RECORDING_FORMAT,
-                "version": RECORDING_FORMAT_VERSION,
-                "sigmas": list(self.sigmas),
-                "latents": self.latents,
-                "velocities": self.velocities,
-                "meta": self.meta,
-            },
-            path,
-        )
+        path = os.fspath(path)
+        partial = f"{path}.{os.getpid()}.tmp"
+        try:
+            torch.save(
+                {
+                    "format": RECORDING_FORMAT,
+                    "version": RECORDING_FORMAT_VERSION,
+                    "sigmas": list(self.sigmas),
+                    "latents": self.latents,
+                    "velocities": self.velocities,
+                    "meta": self.meta,
+                },
+                partial,
+            )
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> "Recording":
