@@ -1,8 +1,8 @@
 """Which steps run the model, and how far back each skipped step looks.
 
 A :class:`Schedule` is the static plan of a MeanCache run (algorithm.md §6.1): the sorted indices of the steps
-that evaluate the model (``compute_steps``; their count is the budget B, the first and the last step always
-included) and one window ``K`` per segment between two consecutive compute steps (``orders``):
+that evaluate the model (``compute_steps``; their count is the budget B, the first step always included) and one
+window ``K`` per segment between two consecutive compute steps (``orders``):
 
 * ``K = 0`` ("chain") only on 1-step segments, where nothing is skipped;
 * ``K = 1`` plain reuse of the last velocity;
@@ -12,6 +12,11 @@ Each segment also names its estimator (``estimators``): ``"meancache"`` (the pub
 default), ``"extrapolate"`` or ``"predict"``, where the segment's order is the polynomial order p = 1..3 of
 :mod:`meancache.estimators` (the polynomial through the last p + 1 computed velocities, averaged over each step or
 evaluated at its start).
+
+The published schedules compute the last step too. A schedule may instead end with an **open tail**: its last
+compute step ``c < N - 1`` starts one more segment, ``c -> N``, whose steps are all estimated (one more entry in
+``orders`` and ``estimators``). At small budgets that gives the evaluation the last step would spend, near
+sigma = 0 where the velocity changes least, to the rest of the run.
 
 Published tables ship as JSON files in ``meancache/presets`` and load with :meth:`Schedule.preset`.
 """
@@ -49,10 +54,11 @@ logger = logging.getLogger("meancache")
 #: (about ``budget * (num_steps - budget)`` vectorised operations, largest at ``budget = num_steps / 2``) at a
 #: second or two. Without a bound, a file with ``"num_steps": 1000000000`` loads and then hangs in ``window``.
 MAX_STEPS = 10_000
-#: Version written into schedule files. Version 2 adds each segment's estimator; :meth:`Schedule.from_json` reads
-#: versions 1 (every segment the published estimator) and 2, and rejects others.
-SCHEDULE_FORMAT_VERSION = 2
-_READ_VERSIONS = (1, 2)
+#: Newest version of schedule files. Version 2 adds each segment's estimator, version 3 the open tail;
+#: :meth:`Schedule.to_dict` writes version 2 for a schedule without a tail (so older releases read it) and 3 for one
+#: with a tail. :meth:`Schedule.from_json` reads versions 1 (every segment the published estimator), 2 and 3.
+SCHEDULE_FORMAT_VERSION = 3
+_READ_VERSIONS = (1, 2, 3)
 SCHEDULE_FORMAT = "meancache.schedule"
 PRESET_FORMAT = "meancache.preset"
 # Segments whose K is 0 ("chain") but that become longer than one step when a table is stretched to more steps
@@ -85,14 +91,16 @@ class Schedule:
     """A validated MeanCache schedule.
 
     Args:
-        compute_steps: strictly increasing step indices that evaluate the model; ``0`` and ``num_steps - 1`` must
-            be included. Their count is the budget (2 <= budget <= num_steps).
-        orders: ``budget - 1`` ints, one per segment between consecutive compute steps: the window K in ``0..6``
-            of a meancache segment (``K = 0`` only on 1-step segments), the order p in ``1..3`` of an
-            extrapolate or predict segment.
+        compute_steps: strictly increasing step indices that evaluate the model; ``0`` must be included. Their
+            count is the budget (2 <= budget <= num_steps). Without ``num_steps - 1`` the schedule has an open tail
+            (see the module docstring).
+        orders: one int per segment: ``budget - 1`` for the segments between consecutive compute steps, plus one
+            for the tail segment ``compute_steps[-1] -> num_steps`` when the last step is not computed. The window
+            K in ``0..6`` of a meancache segment (``K = 0`` only on 1-step segments, so never on a tail), the order
+            p in ``1..3`` of an extrapolate or predict segment.
         num_steps: number of sampler steps N, 2 <= N <= :data:`MAX_STEPS`.
-        estimators: ``budget - 1`` names, ``"meancache"``, ``"extrapolate"`` or ``"predict"``, one per segment;
-            None (the default) makes every segment ``"meancache"``.
+        estimators: one name per segment (as many as ``orders``), ``"meancache"``, ``"extrapolate"`` or
+            ``"predict"``; None (the default) makes every segment ``"meancache"``.
 
     Raises:
         ValueError: naming the field, the bad value and the rule, for every violated invariant.
@@ -104,6 +112,9 @@ class Schedule:
         (4, ('CC..CC', '--22--'))
         >>> Schedule([0, 3, 4], [1, 0], 5, estimators=["extrapolate", "meancache"]).labels
         ('e1', 'K0')
+        >>> t = Schedule([0, 2, 4], [1, 1, 1], 6, estimators=["meancache", "extrapolate", "extrapolate"])
+        >>> t.open_tail, t.pattern()
+        (True, ('C.C.C.', '-1-l-l'))
     """
 
     __slots__ = ("_compute_steps", "_orders", "_num_steps", "_estimators", "_plan")
@@ -137,16 +148,23 @@ class Schedule:
                 )
         if steps[0] != 0:
             raise ValueError(f"compute_steps={list(steps)}: first step {steps[0]} is not 0; step 0 must be computed")
-        if steps[-1] != num_steps - 1:
+        tail = steps[-1] != num_steps - 1
+        if steps[-1] > num_steps - 1:
             raise ValueError(
-                f"compute_steps={list(steps)}: last step {steps[-1]} is not num_steps - 1 = {num_steps - 1}; "
-                "the last step must be computed"
+                f"compute_steps={list(steps)}: last step {steps[-1]} is past num_steps - 1 = {num_steps - 1}"
             )
-        if len(ks) != budget - 1:
-            raise ValueError(
-                f"orders={list(ks)}: length {len(ks)} != budget - 1 = {budget - 1} (one K per segment between "
-                "consecutive compute steps)"
-            )
+        segments = budget if tail else budget - 1
+        if len(ks) != segments:
+            if tail and len(ks) == budget - 1:
+                raise ValueError(
+                    f"compute_steps={list(steps)}: last step {steps[-1]} is not num_steps - 1 = {num_steps - 1}, "
+                    f"so the schedule has an open tail {steps[-1]}->{num_steps}, which needs its own order and "
+                    f"estimator: orders={list(ks)} must have budget = {budget} entries, not {len(ks)}; or compute "
+                    f"step {num_steps - 1}"
+                )
+            rule = (f"budget = {budget} (one per segment, the open tail {steps[-1]}->{num_steps} included)" if tail
+                    else f"budget - 1 = {budget - 1} (one K per segment between consecutive compute steps)")
+            raise ValueError(f"orders={list(ks)}: length {len(ks)} != {rule}")
         if estimators is None:
             names = ("meancache",) * len(ks)
         else:
@@ -154,24 +172,25 @@ class Schedule:
                               "one per segment, or None")
             if len(names) != len(ks):
                 raise ValueError(
-                    f"estimators={list(names)}: length {len(names)} != budget - 1 = {budget - 1} (one estimator per "
-                    "segment)"
+                    f"estimators={list(names)}: length {len(names)} != {len(ks)} (one estimator per segment, as "
+                    "many as orders)"
                 )
+        ends = steps[1:] + ((num_steps,) if tail else ())
         for j, (name, k) in enumerate(zip(names, ks)):
             if not isinstance(name, str) or name not in ESTIMATORS:
                 raise ValueError(f"estimators[{j}]={name!r}: must be one of {', '.join(ESTIMATORS)}")
             if name in POLYNOMIAL_ESTIMATORS:
                 if not 1 <= k <= MAX_EXTRAPOLATION_ORDER:
                     raise ValueError(
-                        f"orders[{j}]={k}: the polynomial order p of the {name} segment {steps[j]}->{steps[j + 1]} "
+                        f"orders[{j}]={k}: the polynomial order p of the {name} segment {steps[j]}->{ends[j]} "
                         f"must be in 1..{MAX_EXTRAPOLATION_ORDER}"
                     )
                 continue
             if not 0 <= k <= MAX_ORDER:
                 raise ValueError(f"orders[{j}]={k}: K must be in 0..{MAX_ORDER}")
-            if k == 0 and steps[j + 1] - steps[j] > 1:
+            if k == 0 and ends[j] - steps[j] > 1:
                 raise ValueError(
-                    f"orders[{j}]=0 on segment {steps[j]}->{steps[j + 1]}: K=0 (chain) is allowed only on 1-step "
+                    f"orders[{j}]=0 on segment {steps[j]}->{ends[j]}: K=0 (chain) is allowed only on 1-step "
                     "segments; a skipped step needs K >= 1"
                 )
         self._compute_steps = tuple(int(c) for c in steps)
@@ -188,13 +207,36 @@ class Schedule:
 
     @property
     def orders(self) -> tuple[int, ...]:
-        """One window K per segment between consecutive compute steps (tuple of int, length budget - 1)."""
+        """One window K (or order p) per segment (tuple of int, length budget - 1, or budget with an open tail)."""
         return self._orders
 
     @property
+    def open_tail(self) -> bool:
+        """Whether the last step is estimated: the last compute step ``c < num_steps - 1`` starts a tail segment
+        ``c -> num_steps``.
+
+        Example:
+            >>> Schedule([0, 3], [1, 1], 5, ["meancache", "extrapolate"]).open_tail, Schedule.full(3).open_tail
+            (True, False)
+        """
+        return self._compute_steps[-1] != self._num_steps - 1
+
+    @property
+    def segments(self) -> tuple[tuple[int, int, str, int], ...]:
+        """``(start, end, estimator, order)`` per segment: steps ``start + 1 .. end - 1`` are estimated with that
+        estimator; ``end`` is the next compute step, or ``num_steps`` for an open tail.
+
+        Example:
+            >>> Schedule([0, 2, 3], [1, 0, 2], 5, ["meancache", "meancache", "predict"]).segments
+            ((0, 2, 'meancache', 1), (2, 3, 'meancache', 0), (3, 5, 'predict', 2))
+        """
+        ends = self._compute_steps[1:] + ((self._num_steps,) if self.open_tail else ())
+        return tuple(zip(self._compute_steps, ends, self._estimators, self._orders))
+
+    @property
     def estimators(self) -> tuple[str, ...]:
-        """One estimator name per segment, ``"meancache"``, ``"extrapolate"`` or ``"predict"`` (tuple of str,
-        length budget - 1)."""
+        """One estimator name per segment, ``"meancache"``, ``"extrapolate"`` or ``"predict"`` (tuple of str, as
+        long as :attr:`orders`)."""
         return self._estimators
 
     @property
@@ -244,7 +286,7 @@ class Schedule:
         """
         if self._plan is None:
             plan = [StepPlan(True, 0)] * self._num_steps
-            for a, b, k, e in zip(self._compute_steps, self._compute_steps[1:], self._orders, self._estimators):
+            for a, b, e, k in self.segments:
                 for i in range(a + 1, b):
                     plan[i] = StepPlan(False, k, e)
             self._plan = tuple(plan)
@@ -264,8 +306,8 @@ class Schedule:
         if not is_int(order) or not 1 <= order <= MAX_ORDER:
             raise ValueError(f"order={order!r}: must be an int in 1..{MAX_ORDER}")
         order = int(order)
-        steps = self._compute_steps
-        return Schedule(steps, [order if b - a > 1 else 0 for a, b in zip(steps, steps[1:])], self._num_steps)
+        return Schedule(self._compute_steps, [order if b - a > 1 else 0 for a, b, _, _ in self.segments],
+                        self._num_steps)
 
     def pattern(self) -> tuple[str, str]:
         """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and the estimator per skipped step (``-`` if
@@ -314,10 +356,10 @@ class Schedule:
 
     # -- serialisation --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """A JSON-ready dict with the format name and version."""
+        """A JSON-ready dict with the format name and version (2, or 3 for a schedule with an open tail)."""
         return {
             "format": SCHEDULE_FORMAT,
-            "version": SCHEDULE_FORMAT_VERSION,
+            "version": SCHEDULE_FORMAT_VERSION if self.open_tail else 2,
             "num_steps": self._num_steps,
             "compute_steps": list(self._compute_steps),
             "orders": list(self._orders),
@@ -336,8 +378,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data) -> "Schedule":
-        """Build from :meth:`to_dict` output, checking the format name and version (1 or 2; a version 1 file has
-        no ``estimators`` and loads as the published estimator on every segment)."""
+        """Build from :meth:`to_dict` output, checking the format name and version (1, 2 or 3; a version 1 file has
+        no ``estimators`` and loads as the published estimator on every segment; only version 3 may leave the last
+        step to an open tail)."""
         if not isinstance(data, dict):
             raise ValueError(f"schedule data={type(data).__name__}: must be a JSON object")
         fmt = data.get("format")
@@ -359,7 +402,13 @@ class Schedule:
             raise ValueError("estimators in a version 1 schedule: per-segment estimators need version 2")
         if version >= 2 and not isinstance(data["estimators"], list):
             raise ValueError(f"estimators={data['estimators']!r}: must be a list of estimator names in version 2")
-        return cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"))
+        out = cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"))
+        if out.open_tail and version < 3:
+            raise ValueError(
+                f"compute_steps={list(out.compute_steps)} leaves the last step {out.num_steps - 1} to an open tail, "
+                f"which needs schedule format version 3 (the file says {version})"
+            )
+        return out
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
@@ -521,11 +570,15 @@ class Schedule:
         least-squares assignment (:func:`_place`), so the budget, the first and the last step are kept and the
         order is preserved. Each new segment keeps the estimator and K (or order) of the segment it came from; a
         K = 0 segment stretched beyond one step gets K = 2 (:data:`STRETCHED_CHAIN_ORDER`). When the budget exceeds M, every one of the M
-        steps is computed (nothing is left to skip) and a warning is logged.
+        steps is computed (nothing is left to skip) and a warning is logged. A schedule with an open tail maps
+        ``c`` to ``c * M / N`` instead (the fraction of the run, the end N to M), placed with the end as a fixed
+        last node, so the tail keeps its share of the run; were it to shrink to nothing, the last step is computed.
 
         Example:
             >>> Schedule.preset("qwen-image", 10).resample(20).compute_steps
             (0, 1, 2, 3, 5, 8, 11, 14, 16, 19)
+            >>> Schedule([0, 10, 20, 30], [1, 1, 1, 1], 40, ["extrapolate"] * 4).resample(20).segments[-1]
+            (15, 20, 'extrapolate', 1)
         """
         _check_num_steps(num_steps)
         if num_steps == self._num_steps:
@@ -536,13 +589,19 @@ class Schedule:
                     "meancache: budget %d exceeds num_steps=%d; every step is computed", self.budget, num_steps
                 )
             return Schedule.full(num_steps)
-        scale = (num_steps - 1) / (self._num_steps - 1)
-        steps = _place([c * scale for c in self._compute_steps], num_steps)
-        orders = [
-            STRETCHED_CHAIN_ORDER if k == 0 and b - a > 1 else k
-            for a, b, k in zip(steps, steps[1:], self._orders)
-        ]
-        return Schedule(steps, orders, num_steps, self._estimators)
+        if self.open_tail:
+            # positions as fractions of the whole run, the end N fixed at M as a virtual last node
+            scale = num_steps / self._num_steps
+            steps = _place([c * scale for c in self._compute_steps] + [num_steps], num_steps + 1)[:-1]
+        else:
+            scale = (num_steps - 1) / (self._num_steps - 1)
+            steps = _place([c * scale for c in self._compute_steps], num_steps)
+        ends = steps[1:] + [num_steps]
+        orders = [STRETCHED_CHAIN_ORDER if k == 0 and b - a > 1 else k for a, b, k in zip(steps, ends, self._orders)]
+        names = list(self._estimators)
+        if self.open_tail and steps[-1] == num_steps - 1:  # the tail shrank to the computed last step
+            orders, names = orders[:-1], names[:-1]
+        return Schedule(steps, orders, num_steps, names)
 
 
 def fit_steps(schedule: Schedule, num_steps: int) -> Schedule:

@@ -22,6 +22,7 @@ from meancache.calibration import extrapolation_costs
 from meancache.calibration import joint_costs
 from meancache.calibration import joint_solve
 from meancache.calibration import schedule_costs
+from meancache.calibration.search import _per_order_costs
 from meancache.estimators import extrapolation_weights
 from meancache.estimators import polynomial_weights
 from meancache.flows import GaussianMixtureFlow
@@ -55,22 +56,26 @@ class _Priced:
     def __init__(self, rec, max_len, families=("meancache", "extrapolate"), ks=range(1, 7), ps=(1, 2, 3)):
         self.rec, self.max_len, self.families, self.ks, self.ps = rec, max_len, families, list(ks), list(ps)
         self.per_k = {k: segment_costs(rec, orders=[k], max_len=max_len)[0] for k in self.ks}
+        # the banded per-K table also holds the segments that end at N (open tails)
+        self.band = {k: _per_order_costs(rec, max_len, [k])[0] for k in self.ks}
         self.cache = {}
 
     def segment(self, path, j):
         a, b = path[j], path[j + 1]
         if b - a == 1:
             return 0.0, ("meancache", 0)
+        n = self.rec.num_steps
         cands = []
         if "meancache" in self.families:
-            cands += [(float(self.per_k[k][a, b]), ("meancache", k)) for k in self.ks if a > 0 or k == self.ks[0]]
+            cands += [(float(self.per_k[k][a, b] if b < n else self.band[k][a, b - a]), ("meancache", k))
+                      for k in self.ks if a > 0 or k == self.ks[0]]
         if "extrapolate" in self.families:
             for p in self.ps:
                 nodes = tuple(path[max(0, j - p) : j + 1])
                 if (nodes, b, p) not in self.cache:
                     row = [-1] * (p + 1 - len(nodes)) + list(nodes)
-                    self.cache[nodes, b, p] = float(extrapolation_costs(self.rec, [row], order=p,
-                                                                        max_len=self.max_len)[0, b - a])
+                    self.cache[nodes, b, p] = float(extrapolation_costs(self.rec, [row], order=p, max_len=self.max_len,
+                                                                        to_end=b == n)[0, b - a])
                 cands.append((self.cache[nodes, b, p], ("extrapolate", p)))
         least = min(c for c, _ in cands)
         return next((c, label) for c, label in cands if c <= least + COST_RTOL * least)
@@ -83,6 +88,17 @@ def _brute_force(priced, n, budget, gamma, max_len):
     best = math.inf
     for inner in itertools.combinations(range(1, n - 1), budget - 2):
         path = (0, *inner, n - 1)
+        if all(b - a <= max_len for a, b in zip(path, path[1:])):
+            best = min(best, priced.value(path, gamma))
+    return best
+
+
+def _brute_force_tail(priced, n, budget, gamma, max_len):
+    """The least value over every path 0 < c_1 < .. < c_{B-1} <= N - 1 that runs on to the end N (the last
+    segment an open tail, or the 1-step chain from N - 1)."""
+    best = math.inf
+    for inner in itertools.combinations(range(1, n), budget - 1):
+        path = (0, *inner, n)
         if all(b - a <= max_len for a, b in zip(path, path[1:])):
             best = min(best, priced.value(path, gamma))
     return best
@@ -130,6 +146,59 @@ def test_joint_dp_is_the_brute_force_optimum(seed, n, shift, families, ps):
                     assert all(e == "extrapolate" for e, a, b in zip(sched.estimators, path, path[1:]) if b - a > 1)
                 checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize(
+    "seed, n, shift, families, ps",
+    [
+        (0, 9, 3.0, ("meancache", "extrapolate"), (1, 2, 3)),
+        (2, 10, 3.0, ("extrapolate",), (1, 2)),
+        (5, 9, 1.0, ("meancache",), (1, 2, 3)),
+    ],
+)
+def test_open_tail_dp_is_the_brute_force_optimum(seed, n, shift, families, ps):
+    """tail=True: the DP's value equals the least over every path to the end N, open tail or not, within the tie
+    tolerance; it is never above the closed answer's; tail=False on the same graph is the closed search's answer
+    (within the tolerance); schedule_costs prices the open tail as the DP does."""
+    rec = _mixture_recording(seed, steps=n, shift=shift)
+    checked = 0
+    for max_len in (3, n - 1):
+        priced = _Priced(rec, max_len, families, ps=ps)
+        graph = joint_costs(rec, estimators=families, max_len=max_len, extrapolation_orders=ps, open_end=True)
+        closed_graph = joint_costs(rec, estimators=families, max_len=max_len, extrapolation_orders=ps)
+        budgets = [b for b in range(2, n) if b * max_len >= n]
+        for gamma in (1.0, DEFAULT_GAMMA):
+            for budget, sched in zip(budgets, joint_solve(graph, budgets, gamma=gamma, tail=True)):
+                assert sched.budget == budget and sched.compute_steps[0] == 0
+                path = (*sched.compute_steps, n)  # a closed answer reaches N by the chain from N - 1
+                value = priced.value(path, gamma)
+                best = _brute_force_tail(priced, n, budget, gamma, max_len)
+                assert best <= value <= best * _tie_factor(gamma, budget + 1) + 1e-300, (budget, value, best)
+                if sched.open_tail:
+                    tail = priced.segment(path, len(path) - 2)
+                    assert (sched.estimators[-1], sched.orders[-1]) == tail[1]
+                    assert schedule_costs(rec, sched)[-1] == pytest.approx(tail[0], rel=1e-12)
+                if (budget - 1) * max_len >= n - 1:
+                    closed = joint_solve(graph, budget, gamma=gamma)
+                    ref = joint_solve(closed_graph, budget, gamma=gamma)
+                    assert not closed.open_tail
+                    closed_value = priced.value(closed.compute_steps, gamma)
+                    assert closed_value <= priced.value(ref.compute_steps, gamma) * _tie_factor(gamma, budget)
+                    assert value <= closed_value * _tie_factor(gamma, budget + 1)
+                checked += 1
+    assert checked >= 8
+
+
+def test_tail_needs_an_open_graph():
+    rec = _mixture_recording(0, steps=8)
+    with pytest.raises(ValueError, match=r"tail=True needs .*open_end=True"):
+        joint_solve(joint_costs(rec, max_len=4), 3, tail=True)
+    with pytest.raises(ValueError, match=r"tail='yes': must be True or False"):
+        joint_solve(joint_costs(rec, max_len=4, open_end=True), 3, tail="yes")
+    with pytest.raises(ValueError, match=r"open_end=1: must be True or False"):
+        joint_costs(rec, max_len=4, open_end=1)
+    with pytest.raises(ValueError, match=r"budget=2 cannot span num_steps=8 with max_len=3, even with an open tail"):
+        joint_solve(joint_costs(rec, max_len=3, open_end=True), 2, tail=True)
 
 
 def test_meancache_only_is_the_old_search():

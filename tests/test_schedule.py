@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import meancache
 from meancache import MAX_ORDER
@@ -576,7 +577,12 @@ CUSTOM = {
     "default-13-of-30": Schedule.default(13, 30),
     "resampled-qwen10-to-28": Schedule.preset("qwen-image", 10, num_steps=28),
 }
-ROUNDTRIP = {**{f"{n}-B{b}": Schedule.preset(n, b) for n, b in PRESETS}, **CUSTOM}
+OPEN_TAILS = {
+    "tail-e1": Schedule([0, 8, 17, 25, 33, 42], [1, 1, 1, 1, 1, 1], 50, ["meancache"] + ["extrapolate"] * 5),
+    "tail-K3": Schedule([0, 1, 4], [0, 2, 3], 7),
+    "tail-of-2": Schedule([0, 1, 2], [0, 0, 1], 4, ["meancache", "meancache", "predict"]),
+}
+ROUNDTRIP = {**{f"{n}-B{b}": Schedule.preset(n, b) for n, b in PRESETS}, **CUSTOM, **OPEN_TAILS}
 
 
 @pytest.mark.parametrize("key", list(ROUNDTRIP), ids=list(ROUNDTRIP))
@@ -589,7 +595,8 @@ def test_json_roundtrip(key):
     assert back.to_json() == text
     assert back.pattern() == s.pattern()
     data = json.loads(text)
-    assert data["version"] == SCHEDULE_FORMAT_VERSION
+    # a schedule without a tail stays version 2, which releases before the tail read
+    assert data["version"] == (SCHEDULE_FORMAT_VERSION if s.open_tail else 2)
     assert isinstance(data["format"], str) and data["format"]
     assert data["num_steps"] == s.num_steps
     assert data["compute_steps"] == list(s.compute_steps)
@@ -826,3 +833,78 @@ def test_load_of_a_non_utf8_file_names_the_path(tmp_path, content):
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
         Schedule.load(path)
     assert "not UTF-8" in str(info.value) and type(info.value) is ValueError
+
+
+# -- open tails: the last step estimated ----------------------------------------------------------------------------
+@pytest.mark.parametrize("key", list(OPEN_TAILS), ids=list(OPEN_TAILS))
+def test_open_tail_expands_to_estimated_last_steps(key):
+    s = OPEN_TAILS[key]
+    plan = s.expand()
+    c = s.compute_steps[-1]
+    assert s.open_tail and len(s.orders) == s.budget == len(s.estimators)
+    assert [p.computed for p in plan].count(True) == s.budget
+    assert all(not p.computed for p in plan[c + 1 :])
+    assert {(p.estimator, p.order) for p in plan[c + 1 :]} == {(s.estimators[-1], s.orders[-1])}
+    assert s.segments[-1][:2] == (c, s.num_steps)
+    assert len(s.pattern()[0]) == s.num_steps
+
+
+def test_open_tail_errors_name_the_rule():
+    with pytest.raises(ValueError, match=r"open tail 4->6.*budget = 3 entries, not 2"):
+        Schedule([0, 2, 4], [1, 1], 6)
+    with pytest.raises(ValueError, match=r"orders\[2\]=0 on segment 4->6"):
+        Schedule([0, 2, 4], [1, 1, 0], 6)
+    with pytest.raises(ValueError, match=r"orders\[2\]=4: the polynomial order p of the predict segment 4->6"):
+        Schedule([0, 2, 4], [1, 1, 4], 6, ["meancache", "meancache", "predict"])
+    with pytest.raises(ValueError, match=r"length 2 != 3 \(one estimator per segment"):
+        Schedule([0, 2, 4], [1, 1, 1], 6, ["meancache", "predict"])
+    # a closed schedule is unchanged: one order per gap
+    with pytest.raises(ValueError, match=r"length 3 != budget - 1 = 2"):
+        Schedule([0, 2, 5], [1, 1, 1], 6)
+
+
+def test_open_tail_needs_format_version_3():
+    data = OPEN_TAILS["tail-e1"].to_dict()
+    assert data["version"] == 3
+    data["version"] = 2
+    with pytest.raises(ValueError, match=r"open tail, which needs schedule format version 3 \(the file says 2\)"):
+        Schedule.from_dict(data)
+
+
+def test_open_tail_with_order_keeps_the_tail():
+    s = OPEN_TAILS["tail-e1"].with_order(2)
+    assert s.published and s.open_tail and s.orders == (2,) * 6
+
+
+@pytest.mark.parametrize("m", [10, 25, 49, 51, 100, 200])
+def test_open_tail_resample_keeps_budget_and_share_of_the_run(m):
+    s = OPEN_TAILS["tail-e1"]
+    r = s.resample(m)
+    assert r.budget == s.budget and r.num_steps == m and r.compute_steps[0] == 0
+    if r.open_tail:
+        assert r.estimators[-1] == "extrapolate"
+        # the tail keeps its fraction of the run (8 of 50 steps) to within one step of rounding
+        assert abs((m - r.compute_steps[-1]) / m - 8 / 50) <= 1.0 / m + 1e-12
+    else:
+        assert r.compute_steps[-1] == m - 1 and len(r.orders) == r.budget - 1
+
+
+def test_open_tail_runs_the_last_steps_on_the_estimate():
+    # v(sigma) = 0.5 + 2 sigma: the extrapolate line through two computed velocities is exact, and its mean over a
+    # step is its value at the step's midpoint; the first segment reuses v_0. The last 3 of 8 steps are never
+    # evaluated.
+    calls = []
+
+    def line(x, sigma):
+        calls.append(sigma)
+        return 0.5 + 2.0 * sigma + 0 * x
+
+    sig = torch.linspace(1, 0, 9, dtype=torch.float64)
+    s = Schedule([0, 2, 4], [1, 1, 1], 8, ["meancache", "extrapolate", "extrapolate"])
+    out = meancache.sample(line, torch.zeros(2, 3, dtype=torch.float64), sig, s)
+    assert len(calls) == 3
+    g = sig.tolist()
+    v = lambda t: 0.5 + 2.0 * t  # noqa: E731
+    used = [v(g[0]), v(g[0]), v(g[2]), v((g[3] + g[4]) / 2), v(g[4])] + [v((g[i] + g[i + 1]) / 2) for i in (5, 6, 7)]
+    expected = sum((g[i + 1] - g[i]) * u for i, u in enumerate(used))
+    assert torch.allclose(out, torch.full((2, 3), expected, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -123,7 +123,7 @@ def _as_nodes(nodes, n: int) -> torch.Tensor:
 
 def extrapolation_costs(
     recording: Recording, nodes, *, order: int, max_len: int = DEFAULT_MAX_SEGMENT, estimator: str = "extrapolate",
-    with_gain: bool = False,
+    with_gain: bool = False, to_end: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Deviation cost of ``extrapolate`` (or ``predict``: ``estimator=``) segments of order ``order``, given their
     nodes: one row per segment start.
@@ -159,11 +159,14 @@ def extrapolation_costs(
         with_gain: also return each segment's *gain*: the largest ``sum_j |w_j(i)|`` over its skipped steps, the
             factor by which the estimate can amplify an error in the velocities it reads (at run time those are
             the model's velocities on the cached trajectory, not the reference's).
+        to_end: also price the segments that end at ``N`` (an open tail: steps ``a + 1 .. N - 1`` estimated,
+            compared with the recording's final sample ``x_N``).
 
     Returns:
         float64 ``(S, min(max_len, N - 1) + 1)``: ``[s, L]`` is the cost of ``a_s -> a_s + L``; ``0`` for
-        ``L = 1`` (nothing is estimated), ``inf`` for ``L = 0`` and where ``a_s + L > N - 1``. With
-        ``with_gain``, a pair ``(cost, gain)`` of that shape (gain 1 where nothing is estimated).
+        ``L = 1`` (nothing is estimated), ``inf`` for ``L = 0`` and where ``a_s + L > N - 1`` (``> N`` with
+        ``to_end``). With ``with_gain``, a pair ``(cost, gain)`` of that shape (gain 1 where nothing is
+        estimated).
 
     Example:
         >>> import torch
@@ -182,11 +185,12 @@ def extrapolation_costs(
     n = recording.num_steps
     table = _as_nodes(nodes, n)
     length = min(max_len, n - 1)
+    end = n if to_end else n - 1  # the last step a segment may end on
     out = torch.full((table.shape[0], length + 1), math.inf, dtype=torch.float64)
     if table.shape[0] == 0:
         return out
     gain = torch.ones_like(out)
-    out[table[:, -1] <= n - 2, 1] = 0.0
+    out[table[:, -1] <= end - 1, 1] = 0.0
     if length < 2:
         return (out, gain) if with_gain else out
     sig = recording.sigmas
@@ -202,7 +206,7 @@ def extrapolation_costs(
     starts = table[:, -1]
     with torch.no_grad():
         for a in sorted(set(starts.tolist())):
-            reach = min(length, n - 1 - a)  # longest segment from a
+            reach = min(length, end - a)  # longest segment from a
             if reach < 2:
                 continue
             which = (starts == a).nonzero().flatten()
@@ -325,10 +329,11 @@ def _node_weights_batched(estimator: str, order: int, sig: tuple, sub: torch.Ten
 
 
 def _keys(windows: torch.Tensor, n: int) -> torch.Tensor:
-    """One int64 per window, increasing with the window read oldest node first (``-1`` smallest)."""
+    """One int64 per window, increasing with the window read oldest node first (``-1`` smallest; entries up to
+    ``n``, the end of an open tail)."""
     key = torch.zeros(windows.shape[0], dtype=torch.int64)
     for col in range(windows.shape[1]):
-        key = key * (n + 1) + (windows[:, col] + 1)
+        key = key * (n + 2) + (windows[:, col] + 1)
     return key
 
 
@@ -367,14 +372,17 @@ class JointCosts:
             missing segment).
         estimator: int64 ``(E,)``: index into :data:`meancache.estimators.ESTIMATORS` of that estimator.
         order: int64 ``(E,)``: its K (meancache; 0 on 1-step segments) or p (extrapolate, predict).
+        open_end: the graph also holds the segments that end at step ``N`` (open tails; the states whose last
+            step is ``N`` are the ends of paths), so :func:`joint_solve` can answer with ``tail=True``.
     """
 
     __slots__ = ("num_steps", "max_len", "depth", "estimators", "states", "src", "dst", "length", "cost",
-                 "estimator", "order", "max_gain", "_candidates", "_labels", "_gains")
+                 "estimator", "order", "max_gain", "open_end", "_candidates", "_labels", "_gains")
 
     def __init__(self, num_steps, max_len, depth, estimators, states, src, dst, length, candidates, labels,
-                 gains=None, max_gain=None):
+                 gains=None, max_gain=None, open_end=False):
         self.num_steps = num_steps
+        self.open_end = open_end
         self.max_len = max_len
         self.depth = depth
         self.estimators = estimators
@@ -420,7 +428,7 @@ class JointCosts:
         keep = [j for j, (e, _) in enumerate(self._labels) if ESTIMATORS[e] in families]
         return JointCosts(self.num_steps, self.max_len, self.depth, families, self.states, self.src, self.dst,
                           self.length, self._candidates[:, keep], [self._labels[j] for j in keep],
-                          self._gains[:, keep], max_gain)
+                          self._gains[:, keep], max_gain, self.open_end)
 
     @classmethod
     def mean(cls, graphs: Sequence["JointCosts"], weights: Sequence[float]) -> "JointCosts":
@@ -441,18 +449,19 @@ class JointCosts:
         """
         first = graphs[0]
         for g in graphs[1:]:
-            if (g.num_steps, g.max_len, g.depth, g.estimators, g._labels) != (
-                first.num_steps, first.max_len, first.depth, first.estimators, first._labels
+            if (g.num_steps, g.max_len, g.depth, g.estimators, g._labels, g.open_end) != (
+                first.num_steps, first.max_len, first.depth, first.estimators, first._labels, first.open_end
             ) or not torch.equal(g.src, first.src):
                 raise ValueError("JointCosts.mean: the graphs must share steps, max_len, estimators and orders")
         total = float(sum(weights))
         cand = sum(g._candidates * (w / total) for g, w in zip(graphs, weights))
         return cls(first.num_steps, first.max_len, first.depth, first.estimators, first.states, first.src, first.dst,
-                   first.length, cand, list(first._labels), first._gains, first.max_gain)
+                   first.length, cand, list(first._labels), first._gains, first.max_gain, first.open_end)
 
     def __repr__(self):
         return (f"JointCosts(num_steps={self.num_steps}, max_len={self.max_len}, depth={self.depth}, "
-                f"estimators={self.estimators}, states={self.states.shape[0]}, segments={self.src.shape[0]})")
+                f"estimators={self.estimators}, states={self.states.shape[0]}, segments={self.src.shape[0]}"
+                + (", open_end=True)" if self.open_end else ")"))
 
 
 def joint_costs(
@@ -462,6 +471,7 @@ def joint_costs(
     max_len: int = DEFAULT_MAX_SEGMENT,
     orders: Iterable[int] = range(1, MAX_ORDER + 1),
     extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
+    open_end: bool = False,
 ) -> JointCosts:
     """States and priced segments of the joint search over compute steps and per-segment estimators.
 
@@ -488,6 +498,10 @@ def joint_costs(
         max_len: longest segment, in steps.
         orders: meancache windows K searched (ints in 1..6).
         extrapolation_orders: polynomial orders p searched for extrapolate and predict (ints in 1..3).
+        open_end: also the segments that end at step ``N``, the open tails of a schedule whose last step is
+            estimated (each priced against the recording's final sample, with every candidate estimator but the
+            chain), so that :func:`joint_solve` can place them (``tail=True``). The segments that end before ``N``
+            are priced as without it.
 
     Returns:
         A :class:`JointCosts`.
@@ -505,18 +519,21 @@ def joint_costs(
     max_len = _check_max_len(max_len)
     ks = _check_orders(orders, "orders", MAX_ORDER)
     ps = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
+    if not isinstance(open_end, bool):
+        raise ValueError(f"open_end={open_end!r}: must be True or False")
     n = recording.num_steps
-    if n > 1 and (n + 1) ** (MAX_EXTRAPOLATION_ORDER + 1) >= 2**62:
+    if n > 1 and (n + 2) ** (MAX_EXTRAPOLATION_ORDER + 1) >= 2**62:
         raise ValueError(f"num_steps={n}: too many steps for the joint search's state keys")
     polynomial = [f for f in POLYNOMIAL_ESTIMATORS if f in families]
     depth = max(ps) if polynomial else 0
     length = min(max_len, n - 1)
-    states, keys = _windows(n, max_len, depth, n - 1)
-    # segments: every state with a <= n - 2, every length that stays inside the trajectory
+    end = n if open_end else n - 1  # the last step a path reaches: N is the end of an open tail
+    states, keys = _windows(n, max_len, depth, end)
+    # segments: every state with a <= end - 1, every length that stays inside the trajectory
     src_parts, len_parts = [], []
     a_of = states[:, -1]
     for seg in range(1, length + 1):
-        ok = (a_of + seg <= n - 1).nonzero().flatten()
+        ok = (a_of + seg <= end).nonzero().flatten()
         src_parts.append(ok)
         len_parts.append(torch.full_like(ok, seg))
     src = torch.cat(src_parts)
@@ -541,7 +558,7 @@ def joint_costs(
         for p in ps:
             windows, wkeys = _windows(n, max_len, p, n - 2)
             table, gain = extrapolation_costs(recording, windows, order=p, max_len=max_len, estimator=family,
-                                              with_gain=True)
+                                              with_gain=True, to_end=open_end)
             multi = seg_len >= 2
             column = torch.full(seg_len.shape, math.inf, dtype=torch.float64)
             column_gain = torch.ones(seg_len.shape, dtype=torch.float64)
@@ -558,7 +575,7 @@ def joint_costs(
     empty = torch.empty(seg_len.shape[0], 0, dtype=torch.float64)
     cand = torch.stack(columns, dim=1) if columns else empty
     return JointCosts(n, max_len, depth, families, states, src, dst, seg_len, cand, labels,
-                      torch.stack(gains, dim=1) if gains else empty)
+                      torch.stack(gains, dim=1) if gains else empty, open_end=open_end)
 
 
 def _choose(cand: torch.Tensor, labels: list[tuple[int, int]], length: torch.Tensor):
@@ -584,7 +601,9 @@ def _choose(cand: torch.Tensor, labels: list[tuple[int, int]], length: torch.Ten
     return cost, est, ords
 
 
-def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> Schedule | list[Schedule]:
+def joint_solve(
+    costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA, tail: bool = False
+) -> Schedule | list[Schedule]:
     """The cheapest schedule with exactly ``budget`` compute steps over the graph of :func:`joint_costs`.
 
     Minimises ``sum cost ** gamma`` over the path's segments, each at its best estimator given the compute steps
@@ -602,6 +621,10 @@ def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> S
         budget: compute steps B (the first and last included), an int, or a list of them: one forward pass serves
             every budget.
         gamma: peak-suppression exponent, > 0.
+        tail: also the schedules that leave the last steps to an open tail (``costs`` built with ``open_end``):
+            the path then runs to the end ``N`` as a last node that costs no evaluation, and one whose last
+            compute step is ``N - 1`` (then a 1-step chain to ``N``, cost 0) is an ordinary schedule. So the answer
+            is the cheapest over both kinds, and never costs more than the one of ``tail=False``.
 
     Returns:
         A :class:`~meancache.Schedule` with ``estimators`` and ``orders`` per segment (1-step segments
@@ -619,15 +642,23 @@ def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> S
         ((0, 1, 3, 7), ('meancache', 'predict', 'predict'), (0, 1, 1))
         >>> [s.budget for s in joint_solve(joint_costs(rec, max_len=4), [3, 5])]
         [3, 5]
+        >>> t = joint_solve(joint_costs(rec, max_len=4, open_end=True), 3, tail=True)
+        >>> t.open_tail, t.segments[-1][1:]
+        (True, (8, 'predict', 1))
     """
     if not isinstance(costs, JointCosts):
         raise ValueError(f"costs is a {type(costs).__name__}: must be the JointCosts of joint_costs()")
     gamma = _check_gamma(gamma)
+    if not isinstance(tail, bool):
+        raise ValueError(f"tail={tail!r}: must be True or False")
+    if tail and not costs.open_end:
+        raise ValueError("tail=True needs the segments that end at step N: build costs with joint_costs(..., "
+                         "open_end=True)")
     n = costs.num_steps
     many = isinstance(budget, (list, tuple))
     if many and not budget:
         raise ValueError("budget=[]: give an int or a non-empty list of ints")
-    budgets = [_check_budget(b, n, costs.max_len) for b in (budget if many else [budget])]
+    budgets = [_check_budget(b, n, costs.max_len, tail) for b in (budget if many else [budget])]
     tol = COST_RTOL * max(1.0, gamma)
     inf = math.inf
     weight = torch.where(torch.isfinite(costs.cost), costs.cost.pow(gamma), inf)
@@ -645,10 +676,12 @@ def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> S
     start = int(torch.nonzero((costs.states[:, -1] == 0) & (costs.states[:, :-1] < 0).all(dim=1))[0])
     value = torch.full((num_states + 1,), inf, dtype=torch.float64)  # the last entry is the dummy state
     value[start] = 0.0
-    finals = (costs.states[:, -1] == n - 1).nonzero().flatten()
-    back: list[torch.Tensor] = []  # back[m - 2][s]: the column of pred[s] on the path with m compute steps
+    # an open tail's path has one more node, the end N, which is not evaluated
+    extra = 1 if tail else 0
+    finals = (costs.states[:, -1] == (n if tail else n - 1)).nonzero().flatten()
+    back: list[torch.Tensor] = []  # back[m - 2][s]: the column of pred[s] on the path with m nodes
     at_end = {1: value[finals].clone()}
-    for m in range(2, max(budgets) + 1):
+    for m in range(2, max(budgets) + extra + 1):
         cand = value[pred_src] + pred_weight  # (states, width)
         least = cand.amin(dim=1, keepdim=True)
         # the first predecessor within the tolerance of the least (an unreachable state keeps inf)
@@ -659,7 +692,7 @@ def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> S
 
     schedules = []
     for b in budgets:
-        vals = at_end[b]
+        vals = at_end[b + extra]
         best = float(vals.min()) if vals.numel() else inf
         if best == inf:
             raise ValueError(
@@ -669,14 +702,20 @@ def joint_solve(costs: JointCosts, budget, *, gamma: float = DEFAULT_GAMMA) -> S
         tied = finals[vals <= best + tol * best].tolist()
         # smallest compute steps read backwards from the end: c_{-1} first, then c_{-2}, ...
         state = min(tied, key=lambda s: costs.states[s].flip(0).tolist())
-        steps, ests, ords = [n - 1], [], []
-        for m in range(b, 1, -1):
+        steps, ests, ords = [int(costs.states[state, -1])], [], []
+        for m in range(b + extra, 1, -1):
             e = int(pred[state, int(back[m - 2][state])])
             state = int(costs.src[e])
             steps.append(int(costs.states[state, -1]))
             ests.append(ESTIMATORS[int(costs.estimator[e])])
             ords.append(int(costs.order[e]))
-        schedules.append(Schedule(steps[::-1], ords[::-1], n, estimators=ests[::-1]))
+        steps, ests, ords = steps[::-1], ests[::-1], ords[::-1]
+        if tail:  # drop the end N; a last compute step N - 1 reaches it by a chain, which is no tail
+            steps.pop()
+            if steps[-1] == n - 1:
+                ests.pop()
+                ords.pop()
+        schedules.append(Schedule(steps, ords, n, estimators=ests))
     return schedules if many else schedules[0]
 
 
@@ -693,7 +732,7 @@ def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
         schedule: a :class:`~meancache.Schedule`.
 
     Returns:
-        ``budget - 1`` floats, one per segment.
+        One float per segment (``budget - 1``, or ``budget`` with an open tail, priced against the final sample).
 
     Example:
         >>> import torch
@@ -712,10 +751,10 @@ def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
     if schedule.num_steps != n:
         raise ValueError(f"schedule.num_steps={schedule.num_steps} != the recording's {n} steps")
     steps = schedule.compute_steps
-    longest = max(b - a for a, b in zip(steps, steps[1:]))
+    longest = max(b - a for a, b, _, _ in schedule.segments)
     out: list[float] = []
     per_k: dict[int, torch.Tensor] = {}
-    for j, (a, b, k, e) in enumerate(zip(steps, steps[1:], schedule.orders, schedule.estimators)):
+    for j, (a, b, e, k) in enumerate(schedule.segments):
         if b - a == 1:
             out.append(0.0)
         elif e == "meancache":
@@ -724,5 +763,6 @@ def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
             out.append(float(per_k[k][a, b - a]))
         else:
             nodes = [-1] * max(0, k + 1 - (j + 1)) + list(steps[max(0, j - k) : j + 1])
-            out.append(float(extrapolation_costs(recording, [nodes], order=k, max_len=b - a, estimator=e)[0, b - a]))
+            out.append(float(extrapolation_costs(recording, [nodes], order=k, max_len=b - a, estimator=e,
+                                                 to_end=b == n)[0, b - a]))
     return out

@@ -191,11 +191,13 @@ def _per_order_costs(recording: Recording, max_len: int, ks: list[int]) -> torch
 def _replayed_order_costs(recording: Recording, max_len: int, ks: list[int]) -> torch.Tensor:
     """Banded per-K costs of :func:`segment_costs` before the choice of K: ``per_k[j, a, L]`` is the cost of
     ``a -> a + L`` with window ``ks[j]`` (float64 ``(len(ks), N, min(max_len, N - 1) + 1)``; ``inf`` where there
-    is no such segment, for ``L < 2``, and for every K but the smallest at ``a = 0``)."""
+    is no such segment, for ``L < 2``, and for every K but the smallest at ``a = 0``). Segments may end at
+    ``b = N``, the open tails of :func:`~meancache.calibration.joint.joint_costs` (``open_end``), priced against
+    the recording's final sample; :func:`costs_from_orders` reads only ``b <= N - 1``."""
     n = recording.num_steps
     sig = recording.sigmas
     length = min(max_len, n - 1)
-    starts = n - 2  # segments of >= 2 steps start at a = 0 .. n-3 (they end at b <= n-1)
+    starts = n - 1  # segments of >= 2 steps start at a = 0 .. n-2 (they end at b <= n, the tails at n)
 
     p = recording.num_inputs
     lat = recording.latents.reshape(p, n + 1, -1)
@@ -246,7 +248,7 @@ def _replayed_order_costs(recording: Recording, max_len: int, ks: list[int]) -> 
                     vr.append(v_hat)
                     xr.append(xr[t] + dt * v_hat)
                     b = i + 1
-                    ok = b <= n - 1
+                    ok = b <= n
                     if not bool(ok.any()):
                         break
                     everywhere = bool(ok.all())
@@ -265,10 +267,16 @@ def _check_gamma(gamma) -> float:
     return float(gamma)
 
 
-def _check_budget(budget, num_steps: int, max_len: int) -> int:
+def _check_budget(budget, num_steps: int, max_len: int, tail: bool = False) -> int:
     if not is_int(budget) or not 2 <= budget <= num_steps:
         raise ValueError(f"budget={budget!r}: must be an int with 2 <= budget <= num_steps={num_steps}")
-    if (budget - 1) * max_len < num_steps - 1:
+    if tail:  # B segments, the open tail included, reach the end N
+        if budget * max_len < num_steps:
+            raise ValueError(
+                f"budget={budget} cannot span num_steps={num_steps} with max_len={max_len}, even with an open tail: "
+                f"{budget} segments of at most {max_len} steps reach {budget * max_len}, short of the end {num_steps}"
+            )
+    elif (budget - 1) * max_len < num_steps - 1:
         raise ValueError(
             f"budget={budget} cannot span num_steps={num_steps} with max_len={max_len}: {budget - 1} segments of "
             f"at most {max_len} steps reach step {(budget - 1) * max_len}, short of the last step {num_steps - 1}"
