@@ -153,13 +153,14 @@ def plot_schedule(rec: Recording, schedule: Schedule, cost, path: str | pathlib.
         top.axvline(c, color="0.85", lw=0.8, zorder=0)
     own = schedule_costs(rec, schedule) if cost is None else None
     mids, devs = [], []
-    for j, (a, b, label) in enumerate(zip(steps, steps[1:], schedule.labels)):
+    spans = [(a, b) for a, b, _, _ in schedule.segments]  # an open tail's segment ends at n
+    for j, ((a, b), label) in enumerate(zip(spans, schedule.labels)):
         mids.append((a + b) / 2)
         devs.append(0.0 if b - a == 1 else own[j] if own is not None else float(cost[a][b]))
         if b - a > 1:
             bottom.annotate(label, ((a + b) / 2, 0), textcoords="offset points", xytext=(0, 4), ha="center",
                             fontsize=7)
-    bottom.bar(mids, devs, width=[b - a for a, b in zip(steps, steps[1:])], alpha=0.4, edgecolor="k",
+    bottom.bar(mids, devs, width=[b - a for a, b in spans], alpha=0.4, edgecolor="k",
                label="predicted deviation of the segment")
     bottom.scatter(steps, [0] * len(steps), marker="|", s=200, color="C3", label="compute steps", zorder=3)
     bottom.set_xlabel("step")

@@ -541,8 +541,7 @@ FLOWS = {
 
 
 def _reuse(sched: Schedule) -> Schedule:
-    steps = sched.compute_steps
-    return Schedule(steps, [1 if b - a > 1 else 0 for a, b in zip(steps, steps[1:])], sched.num_steps)
+    return sched.with_order(1)
 
 
 def _uniform(budget: int, num_steps: int, k: int) -> Schedule:

@@ -22,6 +22,7 @@ from meancache.calibration.selection import safe_candidates
 from meancache.calibration.selection import schedule_gain
 from meancache.calibration.selection import subset
 from meancache.calibration.selection import tail_score
+from meancache.calibration.selection import tail_schedule
 from meancache.calibration.selection import uniform_schedule
 from meancache.calibration.selection import validation_split
 from meancache.flows import GaussianMixtureFlow
@@ -159,7 +160,7 @@ def test_small_budgets_on_fifty_steps_need_no_max_len():
     _, _, _, rec = _recording(seed=11, steps=50, inputs=4, dim=4)
     assert auto_max_len(50, 3) == 25 and auto_max_len(50, 6) == 10 and auto_max_len(50, 17) == 8
     for b, sched in zip((3, 4, 6), meancache.calibrate(rec, budget=[3, 4, 6])):
-        gaps = [y - x for x, y in zip(sched.compute_steps, sched.compute_steps[1:])]
+        gaps = [y - x for x, y, _, _ in sched.segments]
         assert sched.budget == b and max(gaps) <= auto_max_len(50, b)
 
 
@@ -184,7 +185,16 @@ def test_report_is_checked():
 def test_uniform_schedule_and_safe_candidates():
     s = uniform_schedule(6, 50, "extrapolate", 1)
     assert s.compute_steps == (0, 10, 20, 29, 39, 49) and set(s.labels) == {"e1"}
-    assert [n for n, _ in safe_candidates(6, 50)] == ["default", "uniform p1", "uniform e1"]
+    assert [n for n, _ in safe_candidates(6, 50)] == ["default", "uniform p1", "uniform e1", "tail e1"]
+    assert [n for n, _ in safe_candidates(50, 50)] == ["default", "uniform p1", "uniform e1"]
+    for n in (3, 7, 50, 51):  # every budget below N leaves an open tail, evenly spaced, all of it extrapolate p1
+        for b in range(2, n):
+            t = tail_schedule(b, n)
+            assert t.budget == b and t.open_tail and t.compute_steps[-1] <= n - 2
+            assert max(e - a for a, e, _, _ in t.segments) - min(e - a for a, e, _, _ in t.segments) <= 1
+            assert {lab for lab, (a, e, _, _) in zip(t.labels, t.segments) if e - a > 1} == {"e1"}
+    with pytest.raises(ValueError, match=r"budget=5: must be an int in 2..num_steps - 1 = 4"):
+        tail_schedule(5, 5)
     assert subset(_recording(steps=6, inputs=3)[3], [0, 2]).num_inputs == 2
     with pytest.raises(ValueError, match="budget=1"):
         uniform_schedule(1, 10)
