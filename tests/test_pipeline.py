@@ -91,6 +91,30 @@ def test_matches_independent_loop_and_counts_calls(name):
     assert rel_err(out, _latents(plain, kw2, info)) > 1e-7
 
 
+TAIL = Schedule([0, 1, 4], [0, 3, 2], N)  # an open tail: steps 5..7 estimated with K = 2, never evaluated
+
+
+@pytest.mark.parametrize("name", tiny_pipelines.PIPELINES)
+def test_open_tail_in_a_pipeline_matches_the_official_rule_per_step(name):
+    """The last steps of an open tail run on the published estimate inside the pipeline too: the result equals a
+    scheduler that applies the official estimate at each skipped step (the per-step rule read from the schedule,
+    the tail included), with B transformer calls per branch."""
+    pipe, kw, info = tiny_pipelines.build(name)
+    rule = OfficialRuleScheduler.from_config(pipe.scheduler.config)
+    rule._rule = ([p.computed for p in TAIL.expand()], [p.order for p in TAIL.expand()])
+    rule._log = []
+    pipe.scheduler = rule
+    expected = _latents(pipe, kw, info)
+    pipe, kw, info = tiny_pipelines.build(name)
+    meancache.accelerate(pipe, schedule=TAIL)
+    counts, _ = _counting(pipe)
+    out = _latents(pipe, kw, info)
+    assert counts["calls"] == TAIL.budget * info["calls_per_step"]
+    assert rel_err(out, expected) <= 1e-5
+    s = meancache.summary(pipe)
+    assert (s.computed_steps, s.skipped_steps) == (3, N - 3) and s.completed and s.schedule == TAIL
+
+
 @pytest.mark.parametrize("name", tiny_pipelines.PIPELINES)
 def test_without_guidance(name):
     expected = _official(name, cfg=False)
