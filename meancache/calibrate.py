@@ -23,6 +23,7 @@ states that hold those steps.
 from __future__ import annotations
 
 import math
+import os
 
 from typing import Iterable
 from typing import Sequence
@@ -104,6 +105,7 @@ def calibrate(
     report: list | None = None,
     elements: int | None = SEARCH_ELEMENTS,
     progress: bool = True,
+    out: str | os.PathLike | None = None,
     **pipeline_kwargs,
 ) -> Schedule | list[Schedule]:
     """Search MeanCache schedules for a model: record (or reuse a recording), cost the segments, solve the path.
@@ -191,6 +193,10 @@ def calibrate(
             too (:func:`record`). Every estimator acts element by element, so the subset's costs are unbiased
             estimates of the full ones. None: every element.
         progress: tqdm progress bar while recording.
+        out: with a model or pipeline target, stream the recording this calibration makes to this file
+            (:func:`record`'s ``out``: memory-mapped as it is made, :meth:`Recording.save`'s format), so it can be
+            searched again later (``calibrate(Recording.load(out), ...)``) without running the model. Checked
+            before any model evaluation. None (default): the recording is kept in memory and dropped.
 
     Cost (after the recording): with ``E = min(elements, latent size)`` elements per input, P inputs and N steps,
     each longest-segment length L in use (one per budget group, :func:`auto_max_len`) builds at most three joint
@@ -237,6 +243,9 @@ def calibrate(
     if num_steps is not None and (not is_int(num_steps) or num_steps < 2):
         raise ValueError(f"num_steps={num_steps!r}: must be None or an int >= 2")
     if isinstance(target, Recording):
+        if out is not None:
+            raise ValueError(f"out={out!r} given with a Recording: out is where a calibration that records writes its "
+                             "recording; this one records nothing (save the recording with Recording.save)")
         if inputs is not None:
             raise ValueError("inputs given with a Recording: the recording already holds its inputs; pass inputs=None")
         if sigmas is not None:
@@ -286,12 +295,12 @@ def calibrate(
         states = None
         if refine or validate == "runs":  # before recording: the runs must draw each input's recorded noise again
             states = generator_states(inputs, f"refine={refine}" if refine else "validate='runs'")
-        rec = record(target, inputs, progress=progress, elements=elements, **pipeline_kwargs)
+        rec = record(target, inputs, progress=progress, elements=elements, out=out, **pipeline_kwargs)
         n = rec.num_steps
         _check_num_steps(n)
         budgets, many = _check_budgets(budget, n, n - 1 if max_len is None else max_len)
     else:
-        rec = record(target, inputs, sigmas, progress=progress, elements=elements)
+        rec = record(target, inputs, sigmas, progress=progress, elements=elements, out=out)
     scorer = runs = None
     if model_fn:
         scorer = model_runs(target, inputs, rec) if refine else None

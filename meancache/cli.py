@@ -17,7 +17,12 @@ plot per budget (``schedule-B<budget>.png``): the per-step velocity change of th
 ``--estimators`` picks the estimator families searched (default all three: the joint search; ``meancache`` alone is
 the search of the shipped presets).
 ``--model digits`` records the embedded digits pipeline (its packaged weights, no download) on its calibration
-noise.
+noise. ``--flow`` and ``--model`` write the recording they make too, as ``recording.pt`` beside the schedules.
+
+``--validate`` says how each budget's candidates are scored (``calibrate``'s ``validate``): ``runs``, real
+sampled runs of the model from every calibration input (B evaluations per input and candidate); ``replay``, folds
+of the recording; ``auto`` (the default), ``runs`` for ``--flow`` and ``replay`` for the others, as the library
+does. ``runs`` needs the model, so not with ``--recording``, and is not sharded, so not under ``torchrun``.
 
 ``--pipeline ID_OR_PATH`` records any diffusers pipeline whose scheduler is ``FlowMatchEulerDiscreteScheduler``
 (FLUX, Qwen-Image, Z-Image, SD3, HunyuanVideo, ...): ``DiffusionPipeline.from_pretrained`` of a saved folder
@@ -58,6 +63,7 @@ import torch
 
 from .calibrate import DEFAULT_GAMMA
 from .calibrate import SEARCH_ELEMENTS
+from .calibrate import VALIDATE_MODES
 from .calibrate import Recording
 from .calibrate import calibrate
 from .calibrate import record
@@ -171,26 +177,29 @@ def plot_schedule(rec: Recording, schedule: Schedule, cost, path: str | pathlib.
     plt.close(fig)
 
 
-def _flow_recording(args) -> Recording:
+def _flow_target(args) -> tuple:
+    """``(velocity_fn, inputs, calibrate keyword arguments)`` of --flow."""
     from .flows import GaussianMixtureFlow
     from .flows import shifted_sigmas
 
     flow = GaussianMixtureFlow(dim=args.dim, components=args.components, seed=args.seed)
     noise = torch.randn(args.inputs, args.dim, generator=torch.Generator().manual_seed(args.seed + 1))
-    return record(flow, noise, shifted_sigmas(args.steps, args.shift).tolist(), progress=not args.quiet)
+    return flow, noise, {"sigmas": shifted_sigmas(args.steps, args.shift).tolist()}
 
 
-def _digits_recording(args) -> Recording:
+def _digits_target(args) -> tuple:
+    """``(pipeline, inputs, calibrate keyword arguments)`` of --model digits (seeded generators: real runs can
+    draw the recorded noise again)."""
     # the embedded model is an example: imported only for this option
     from .examples.digits import load_pipeline
     from .examples.digits.calibration import calibration_inputs
 
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=args.steps, progress=not args.quiet)
+    kwargs = dict(num_inference_steps=args.steps)
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
-    return record(pipe, calibration_inputs(args.inputs), **kwargs)
+    return pipe, calibration_inputs(args.inputs), kwargs
 
 
 class _OptionError(ValueError):
@@ -579,8 +588,9 @@ def _on_device(value, device: torch.device, dtype: torch.dtype):
     return value
 
 
-def _pipeline_recording(plan: _PipelinePlan, pipe, quiet: bool, elements: int | None = None) -> Recording | None:
-    """Record the plan's inputs (this rank's share under torchrun; None on ranks other than 0)."""
+def _pipeline_inputs(plan: _PipelinePlan, pipe) -> list[dict]:
+    """The plan's call arguments (this rank's share under torchrun), each with its seeded generator, after the
+    checks of the pipeline that need it loaded."""
     if plan.pipeline_class is None:  # a class diffusers does not export: its __call__ is known only now
         _check_call(type(pipe), plan.needs)
     check_scheduler(pipe.scheduler)
@@ -590,6 +600,12 @@ def _pipeline_recording(plan: _PipelinePlan, pipe, quiet: bool, elements: int | 
         # seeded by the input's index, never by the rank: the same input gets the same noise in any sharding
         call["generator"] = torch.Generator(plan.device).manual_seed(plan.seed + i)
         inputs.append(call)
+    return inputs
+
+
+def _pipeline_recording(plan: _PipelinePlan, pipe, quiet: bool, elements: int | None = None) -> Recording | None:
+    """Record the plan's inputs (this rank's share under torchrun; None on ranks other than 0)."""
+    inputs = _pipeline_inputs(plan, pipe)
     return record_sharded(pipe, inputs, progress=not quiet and plan.rank == 0,
                           dst=0 if plan.world_size > 1 else None, elements=elements, **plan.common)
 
@@ -674,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
                           "means cuda:LOCAL_RANK)")
     cal.add_argument("--dtype", default=None,
                      help=f"--pipeline: {', '.join(DTYPES)} (default bfloat16 on cuda, float32 elsewhere)")
+    cal.add_argument("--validate", choices=VALIDATE_MODES, default="auto",
+                     help="how the candidates are scored (calibrate's validate): runs = real sampled runs of the model "
+                          "from the calibration inputs (not with --recording, nor under torchrun); replay = folds of "
+                          "the recording; auto (default) = runs for --flow, replay otherwise")
     cal.add_argument("--no-plot", action="store_true", help="write the JSON schedules only")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -687,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--out {args.out}: exists and is not a folder; give a folder (it is created if missing)")
     if args.recording is not None and args.recording.is_dir():
         return fail(f"--recording {args.recording}: is a folder; give the file written by Recording.save")
+    if args.recording is not None and args.validate == "runs":
+        return fail(f"--validate runs with --recording {args.recording}: real runs need the model, and a recording "
+                    "holds none; use --validate replay (or auto), or give the model (--flow, --model, --pipeline)")
     estimators = tuple(name.strip() for name in args.estimators.split(","))
     try:  # the names now, not after minutes of recording
         _check_estimators(estimators)
@@ -705,19 +728,29 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     if plan is not None:
         return _calibrate_pipeline(args, plan, estimators, fail)
+    search = dict(budget=list(args.budget), gamma=args.gamma, max_len=args.max_len, estimators=estimators,
+                  elements=args.elements, validate=args.validate)
     try:
         if args.recording is not None:
             rec = Recording.load(args.recording)
             _check_budget_options(args.budget, rec.num_steps, args.max_len,
                                   f"with the recording's {rec.num_steps} steps")
-        elif args.model is not None:
-            args.inputs = 4 if args.inputs is None else args.inputs
-            rec = _digits_recording(args)
+            schedules = calibrate(rec, **search)
         else:
-            args.inputs = 16 if args.inputs is None else args.inputs
-            rec = _flow_recording(args)
-        schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len,
-                              estimators=estimators, elements=args.elements)
+            if args.model is not None:
+                args.inputs = 4 if args.inputs is None else args.inputs
+                target, inputs, kwargs = _digits_target(args)
+            else:
+                args.inputs = 16 if args.inputs is None else args.inputs
+                target, inputs, kwargs = _flow_target(args)
+            try:
+                args.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                return fail(f"--out {args.out}: cannot write the results: {_os_message(exc)}")
+            # the recording is kept beside the schedules: --recording searches it again without the model
+            schedules = calibrate(target, inputs, **search, **kwargs, out=args.out / "recording.pt",
+                                  progress=not args.quiet)
+            rec = Recording.load(args.out / "recording.pt", mmap=True)
     except ValueError as exc:
         return fail(str(exc))
     except OSError as exc:  # missing or unreadable file: the OS reason and the path, not a traceback
@@ -762,6 +795,9 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
     """Load, record (sharded under torchrun), save the recording, search on rank 0, write --out."""
     import torch.distributed as dist
 
+    if args.validate == "runs" and plan.world_size > 1:
+        return fail(f"--validate runs under torchrun (world size {plan.world_size}): the real runs of the candidates "
+                    "are not sharded; run one process, or use --validate replay (or auto) to shard the recording")
     own_group = plan.world_size > 1 and not (dist.is_available() and dist.is_initialized())
     if own_group:
         # gloo: the recordings travel as CPU tensors, whatever device the model runs on
@@ -772,30 +808,44 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
         except Exception as exc:  # noqa: BLE001 - from_pretrained fails in many types; each is "cannot load it"
             return fail(f"--pipeline {args.pipeline}: cannot load the pipeline ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})")
-        try:
-            rec = _pipeline_recording(plan, pipe, args.quiet, args.elements)
-        except _OptionError as exc:
-            return fail(str(exc))
-        except RankFailed as exc:
-            return fail(str(exc), status=1)
-        except ValueError as exc:
-            return fail(str(exc))
-        if rec is None:  # another rank than 0: its share is with rank 0, which searches and writes
-            return 0
-        pipeline_class = type(pipe).__name__
-        del pipe  # the search needs the recording only: the model's memory goes back first
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            # written before the search: the recording is the expensive part, and --recording resumes from it
-            rec.save(args.out / "recording.pt")
-        except OSError as exc:
-            return fail(f"--out {args.out}: cannot write the results: {_os_message(exc)}")
         report: list = []
-        try:
-            schedules = calibrate(rec, budget=list(args.budget), gamma=args.gamma, max_len=args.max_len,
-                                  estimators=estimators, report=report, elements=args.elements)
-        except ValueError as exc:
-            return fail(str(exc))
+        search = dict(budget=list(args.budget), gamma=args.gamma, max_len=args.max_len, estimators=estimators,
+                      report=report, elements=args.elements)
+        pipeline_class = type(pipe).__name__
+        if args.validate == "runs":  # one process (checked above): record and run the candidates in one call
+            try:
+                inputs = _pipeline_inputs(plan, pipe)
+                args.out.mkdir(parents=True, exist_ok=True)
+                schedules = calibrate(pipe, inputs, validate="runs", out=args.out / "recording.pt",
+                                      progress=not args.quiet, **search, **plan.common)
+                rec = Recording.load(args.out / "recording.pt", mmap=True)
+            except (_OptionError, ValueError) as exc:
+                return fail(str(exc))
+            except OSError as exc:
+                return fail(f"--out {args.out}: cannot write the results: {_os_message(exc)}")
+            del pipe
+        else:
+            try:
+                rec = _pipeline_recording(plan, pipe, args.quiet, args.elements)
+            except _OptionError as exc:
+                return fail(str(exc))
+            except RankFailed as exc:
+                return fail(str(exc), status=1)
+            except ValueError as exc:
+                return fail(str(exc))
+            if rec is None:  # another rank than 0: its share is with rank 0, which searches and writes
+                return 0
+            del pipe  # the search needs the recording only: the model's memory goes back first
+            try:
+                args.out.mkdir(parents=True, exist_ok=True)
+                # written before the search: the recording is the expensive part, and --recording resumes from it
+                rec.save(args.out / "recording.pt")
+            except OSError as exc:
+                return fail(f"--out {args.out}: cannot write the results: {_os_message(exc)}")
+            try:
+                schedules = calibrate(rec, validate=args.validate, **search)
+            except ValueError as exc:
+                return fail(str(exc))
         settings = {
             "pipeline": args.pipeline, "pipeline_class": pipeline_class,
             "prompts": None if args.prompts is None else str(args.prompts),
@@ -804,7 +854,7 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
             "width": args.width, "frames": args.frames, "seed": args.seed, "device": str(plan.device),
             "dtype": str(plan.dtype).replace("torch.", ""), "world_size": plan.world_size,
             "budgets": list(args.budget), "gamma": args.gamma, "max_len": args.max_len, "elements": args.elements,
-            "estimators": list(estimators),
+            "estimators": list(estimators), "validate": args.validate,
         }
         try:
             _write_schedules(args, rec, schedules)

@@ -171,10 +171,9 @@ class Schedule:
             names = _as_tuple(estimators, "estimators", f"a sequence of estimator names ({', '.join(ESTIMATORS)}), "
                               "one per segment, or None")
             if len(names) != len(ks):
-                raise ValueError(
-                    f"estimators={list(names)}: length {len(names)} != {len(ks)} (one estimator per segment, as "
-                    "many as orders)"
-                )
+                count = (f"budget = {budget} (one estimator per segment, the open tail included)" if tail
+                         else f"budget - 1 = {budget - 1} (one estimator per segment)")
+                raise ValueError(f"estimators={list(names)}: length {len(names)} != {count}")
         ends = steps[1:] + ((num_steps,) if tail else ())
         for j, (name, k) in enumerate(zip(names, ks)):
             if not isinstance(name, str) or name not in ESTIMATORS:
@@ -738,7 +737,7 @@ def _preset_tables() -> dict:
         if data.get("format") != PRESET_FORMAT or not is_int(version) or version not in _READ_VERSIONS:
             raise ValueError(
                 f"{entry.name}: format={data.get('format')!r}, version={version!r}: not a meancache preset file of "
-                "version 1 or 2 (an integer)"
+                "version 1, 2 or 3 (an integer)"
             )
         n = data["num_steps"]
         by_budget = {}

@@ -167,3 +167,29 @@ def test_out_is_checked_before_any_model_evaluation(tmp_path, monkeypatch, out, 
     assert calls == [] and list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="mmap=1: must be True or False"):
         Recording.load(tmp_path / "x.pt", mmap=1)
+
+
+def test_calibrate_keeps_its_recording_in_out(tmp_path):
+    """calibrate(model, out=path) writes the recording it searched, equal to record()'s; searching it again gives
+    the same schedule as the replay choice; out is refused with a Recording and checked before any evaluation."""
+    flow = GaussianMixtureFlow(dim=6, components=3, seed=4)
+    noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    sig = shifted_sigmas(12, 2.0)
+    path = tmp_path / "cal.pt"
+    got = meancache.calibrate(flow, noise, sigmas=sig, budget=4, validate="replay", out=path, progress=False)
+    kept = Recording.load(path)
+    want = meancache.record(flow, noise, sig, progress=False)
+    torch.testing.assert_close(kept.latents, want.latents, rtol=0, atol=0)
+    torch.testing.assert_close(kept.velocities, want.velocities, rtol=0, atol=0)
+    assert meancache.calibrate(kept, budget=4) == got
+    with pytest.raises(ValueError, match=r"out=.* given with a Recording"):
+        meancache.calibrate(kept, budget=4, out=tmp_path / "again.pt")
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(sigma)
+        return flow(x, sigma)
+
+    with pytest.raises(ValueError, match="out"):
+        meancache.calibrate(counted, noise, sigmas=sig, budget=4, out=tmp_path, progress=False)  # a folder
+    assert calls == []

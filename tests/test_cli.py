@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+import meancache
 from meancache import Recording
 from meancache import Schedule
 from meancache import cli
@@ -132,3 +133,32 @@ def test_calibrate_estimators_option(tmp_path, capsys):
                      "--estimators", "meancache,jvp"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meancache calibrate: error: --estimators meancache,jvp: must be") and "Traceback" not in err
+
+
+def test_validate_option_runs_the_flow_and_keeps_its_recording(tmp_path, capsys):
+    """--flow scores the candidates by real runs by default (auto), keeps its recording beside the schedules, and
+    --recording OUT/recording.pt with --validate replay searches it again; runs with a recording is an error line."""
+    common = ["--flow", "gaussian-mixture", "--steps", "16", "--dim", "6", "--components", "3", "--inputs", "4",
+              "--budget", "5", "--no-plot", "--quiet"]
+    flow = GaussianMixtureFlow(dim=6, components=3, seed=0)
+    noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    sigmas = shifted_sigmas(16, 3.0).tolist()
+    for mode in ("auto", "runs", "replay"):
+        out = tmp_path / mode
+        assert cli.main(["calibrate", *common, "--validate", mode, "--out", str(out)]) == 0
+        line = json.loads(capsys.readouterr().out)
+        library = meancache.calibrate(flow, noise, sigmas=sigmas, budget=5, validate=mode, progress=False)
+        assert Schedule.load(line["json"]) == library
+        rec = Recording.load(out / "recording.pt")
+        assert rec.num_inputs == 4 and rec.num_steps == 16
+        torch.testing.assert_close(rec.latents[:, 0], noise, rtol=0, atol=0)
+    again = tmp_path / "again"
+    assert cli.main(["calibrate", "--recording", str(tmp_path / "auto" / "recording.pt"), "--budget", "5",
+                     "--validate", "replay", "--out", str(again), "--no-plot"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert Schedule.load(line["json"]) == Schedule.load(tmp_path / "replay" / "schedule-B5.json")
+    assert cli.main(["calibrate", "--recording", str(tmp_path / "auto" / "recording.pt"), "--budget", "5",
+                     "--validate", "runs", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--validate runs with --recording" in err[0] and "need the model" in err[0]
+    assert not (tmp_path / "x").exists()

@@ -386,3 +386,34 @@ def test_a_hub_id_is_read_from_the_hub_and_its_failure_is_one_line(saved, no_loa
     assert _one_error_line(capsys) == ("--pipeline owner/some-model: cannot read its model_index.json (OSError: We "
                                        "couldn't connect to 'https://huggingface.co' to load the files)")
     assert asked == [("owner/some-model", {"local_files_only": False})]
+
+
+def test_validate_runs_on_a_saved_pipeline(saved, offline, tmp_path, capsys):
+    """--validate runs: the candidates are scored by real runs of the pipeline from each input's seeded noise, as
+    calibrate(pipe, validate="runs") does; recording.pt and report.json are still written."""
+    out = tmp_path / "out"
+    lines = _run(["--pipeline", str(saved["root"] / "qwen-image"), "--call-args", str(saved["root"] / "qwen-image.pt"),
+                  "--steps", str(STEPS), *SIZE, "--budget", "5", "--validate", "runs", "--out", str(out), "--no-plot",
+                  "--quiet"], capsys)
+    pipe = _loaded(saved["root"] / "qwen-image", saved["pipes"]["qwen-image"])
+    calls = [dict(own, generator=torch.Generator("cpu").manual_seed(i)) for i, own in enumerate(saved["args"]["qwen-image"])]
+    report: list = []
+    want = meancache.calibrate(pipe, calls, budget=5, validate="runs", report=report, progress=False,
+                               num_inference_steps=STEPS, height=32, width=32)
+    assert Schedule.load(lines[0]["json"]) == want
+    written = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert written["settings"]["validate"] == "runs"
+    assert written["budgets"][0]["measure"] == "runs" == report[0]["measure"]
+    assert written["budgets"][0]["scores"] == pytest.approx(report[0]["scores"])
+    assert Recording.load(out / "recording.pt").num_inputs == len(calls)
+
+
+def test_validate_runs_is_refused_under_torchrun_before_loading(saved, no_loading, monkeypatch, tmp_path, capsys):
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    code = cli.main(["calibrate", "--pipeline", str(saved["root"] / "qwen-image"), "--call-args",
+                     str(saved["root"] / "qwen-image.pt"), "--steps", str(STEPS), "--budget", "5", "--device", "cpu",
+                     "--validate", "runs", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--validate runs under torchrun (world size 2)" in err[0] and "--validate replay" in err[0]

@@ -334,7 +334,7 @@ def _schedule_doc(**changes):
 @pytest.mark.parametrize("version", [2.0, 1.0, np.float64(2.0)], ids=["2.0", "1.0", "np-2.0"])
 def test_schedule_version_must_be_an_int(version):
     with pytest.raises(ValueError, match=rf"version={re.escape(repr(version))}: this meancache reads schedule format "
-                                         r"versions 1, 2 \(an integer\)"):
+                                         r"versions 1, 2, 3 \(an integer\)"):
         Schedule.from_dict(_schedule_doc(version=version))
 
 
@@ -357,7 +357,7 @@ def test_preset_file_with_a_float_version_is_refused(tmp_path, monkeypatch):
     schedule_module._preset_tables.cache_clear()
     try:
         with pytest.raises(ValueError, match=r"x\.json: format='meancache\.preset', version=2\.0: not a meancache preset "
-                                             r"file of version 1 or 2 \(an integer\)"):
+                                             r"file of version 1, 2 or 3 \(an integer\)"):
             schedule_module._preset_tables()
         doc["version"] = 2
         (presets / "x.json").write_text(json.dumps(doc), encoding="utf-8")

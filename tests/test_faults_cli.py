@@ -90,8 +90,8 @@ def no_recording(monkeypatch):
         raise AssertionError("recording started before the arguments were checked")
 
     monkeypatch.setattr(cli, "record", forbidden)
-    monkeypatch.setattr(cli, "_flow_recording", forbidden)
-    monkeypatch.setattr(cli, "_digits_recording", forbidden)
+    monkeypatch.setattr(cli, "_flow_target", forbidden)
+    monkeypatch.setattr(cli, "_digits_target", forbidden)
     monkeypatch.setattr(cli, "calibrate", forbidden)
 
 

@@ -856,7 +856,7 @@ def test_open_tail_errors_name_the_rule():
         Schedule([0, 2, 4], [1, 1, 0], 6)
     with pytest.raises(ValueError, match=r"orders\[2\]=4: the polynomial order p of the predict segment 4->6"):
         Schedule([0, 2, 4], [1, 1, 4], 6, ["meancache", "meancache", "predict"])
-    with pytest.raises(ValueError, match=r"length 2 != 3 \(one estimator per segment"):
+    with pytest.raises(ValueError, match=r"length 2 != budget = 3 \(one estimator per segment, the open tail"):
         Schedule([0, 2, 4], [1, 1, 1], 6, ["meancache", "predict"])
     # a closed schedule is unchanged: one order per gap
     with pytest.raises(ValueError, match=r"length 3 != budget - 1 = 2"):

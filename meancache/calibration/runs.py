@@ -81,7 +81,8 @@ def _generators(value) -> list[torch.Generator] | None:
 def generator_states(inputs: list[dict], why: str) -> list[list[torch.Tensor]]:
     """Each pipeline input's generator states, taken before it is recorded, so that a later run of the input
     draws the recorded noise again. Every input must carry ``generator`` (a ``torch.Generator`` or a list of
-    them): ``why`` names the setting that needs the runs, for the error.
+    them), or its noise itself as a ``latents`` tensor (then it has no state to keep, and every run starts from
+    those latents): ``why`` names the setting that needs the runs, for the error.
 
     Example:
         >>> import torch
@@ -93,9 +94,13 @@ def generator_states(inputs: list[dict], why: str) -> list[list[torch.Tensor]]:
     for i, call in enumerate(inputs):
         gens = _generators(call.get("generator"))
         if gens is None:
+            if isinstance(call.get("latents"), torch.Tensor):  # the noise is given: nothing to draw again
+                states.append([])
+                continue
             raise ValueError(
                 f"inputs[{i}] has generator={call.get('generator')!r}: {why} runs the pipeline again from each "
-                "input, so each needs a seeded torch.Generator (or a list of them) that repeats its recorded noise"
+                "input, so each needs a seeded torch.Generator (or a list of them) that repeats its recorded noise, "
+                "or its noise as a latents tensor"
             )
         states.append([g.get_state() for g in gens])
     return states
@@ -121,6 +126,8 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
 
     def call_of(i: int) -> dict:
         call = dict(inputs[i])
+        if not states[i]:  # given latents: the run starts from them
+            return call
         gens = _generators(call["generator"])
         fresh = []
         for g, state in zip(gens, states[i]):
