@@ -149,9 +149,10 @@ def calibrate(
             ``joint g8 tail``: the last steps estimated, their evaluation spent earlier; see
             :class:`~meancache.Schedule`). Why the tails: on the eight flows named under ``validate``, adding them
             lowered the held-out rel L2 of the choice by 0.84x and its median by 0.70x (geometric means over 40
-            cells; lower in both in 20 cells, higher in both in 2) (bench/RESULTS.md). Each search runs on two folds of the inputs (even and odd indices) and is scored on the other
-            fold, so every input validates it once; the safe schedules are scored on every input. The score is
-            the root mean square of the per-input relative errors of whole-run replays
+            cells; lower in both in 20 cells, higher in both in 2) (bench/RESULTS.md). With
+            ``validate="replay"`` each search runs on two folds of the inputs (even and odd indices) and is scored
+            on the other fold, so every input validates it once; the safe schedules are scored on every input. The
+            score is the root mean square of the per-input relative errors of whole-run replays
             (:func:`~meancache.calibration.selection.tail_score`: it sees a runaway input); ties (within
             :data:`COST_RTOL`) go to the earlier candidate, safe ones first. The winner is then searched (or
             taken) on all inputs and refined (``refine``). False: the joint search's schedules on all inputs, as

@@ -137,7 +137,9 @@ class Schedule:
             raise ValueError(f"orders={list(ks)}: every entry must be an int, got {bad[0]!r}")
         budget = len(steps)
         if budget < 2:
-            raise ValueError(f"compute_steps={list(steps)}: budget {budget} < 2; the first and last step must be computed")
+            raise ValueError(
+                f"compute_steps={list(steps)}: budget {budget} < 2; a schedule computes step 0 and at least one more"
+            )
         if budget > num_steps:
             raise ValueError(f"compute_steps={list(steps)}: budget {budget} > num_steps={num_steps}")
         for a, b in zip(steps, steps[1:]):

@@ -396,7 +396,8 @@ def test_validate_runs_on_a_saved_pipeline(saved, offline, tmp_path, capsys):
                   "--steps", str(STEPS), *SIZE, "--budget", "5", "--validate", "runs", "--out", str(out), "--no-plot",
                   "--quiet"], capsys)
     pipe = _loaded(saved["root"] / "qwen-image", saved["pipes"]["qwen-image"])
-    calls = [dict(own, generator=torch.Generator("cpu").manual_seed(i)) for i, own in enumerate(saved["args"]["qwen-image"])]
+    calls = [dict(own, generator=torch.Generator("cpu").manual_seed(i))
+             for i, own in enumerate(saved["args"]["qwen-image"])]
     report: list = []
     want = meancache.calibrate(pipe, calls, budget=5, validate="runs", report=report, progress=False,
                                num_inference_steps=STEPS, height=32, width=32)

@@ -254,8 +254,8 @@ def uniform_schedule(budget: int, num_steps: int, estimator: str = "predict", or
 
 def tail_schedule(budget: int, num_steps: int, estimator: str = "extrapolate", order: int = 1) -> Schedule:
     """``budget`` compute steps spread evenly over the whole run, end included (``floor(j * N / B)``: distinct,
-    and the last at most ``N - 2`` for ``B < N``), so the last ``~N / B`` steps are an open tail; every multi-step segment, the tail too, with ``estimator`` of
-    ``order``, 1-step segments chains. With ``extrapolate`` p = 1 this is a two-step Adams-Bashforth solver on
+    and the last at most ``N - 2`` for ``B < N``), so the last ``~N / B`` steps are an open tail; every
+    multi-step segment, the tail too, with ``estimator`` of ``order``, 1-step segments chains. With ``extrapolate`` p = 1 this is a two-step Adams-Bashforth solver on
     the B compute steps, run on the N-step grid: each skipped step integrates the line through the last two
     computed velocities, and the last one runs to sigma = 0 on the line instead of a last evaluation.
 
