@@ -142,14 +142,14 @@ def calibrate(
         select: choose each budget's schedule on inputs the search did not see (the default). The candidates are
             the safe schedules that need no search (:func:`~meancache.calibration.selection.safe_candidates`:
             ``Schedule.default``, uniform compute steps with ``predict`` p = 1 and ``extrapolate`` p = 1, and
-            ``tail e1``, the same over the whole run with an open tail, a two-step Adams-Bashforth solver on the B
-            compute steps; those whose estimators are in ``estimators``) and the searches: the published
+            ``tail e1`` and ``tail p1``, the same over the whole run with an open tail (``tail e1`` is a two-step
+            Adams-Bashforth solver on the B compute steps); those whose estimators are in ``estimators``) and the searches: the published
             estimator's, and the joint search under each gain cap of :data:`GAIN_CAPS` (with every estimator, and
             with the polynomial ones only), and the joint search free to end in an open tail (``joint g4 tail``,
             ``joint g8 tail``: the last steps estimated, their evaluation spent earlier; see
             :class:`~meancache.Schedule`). Why the tails: on the eight flows named under ``validate``, adding them
             lowered the held-out rel L2 of the choice by 0.84x and its median by 0.70x (geometric means over 40
-            cells; lower in both in 20 cells, higher in both in 2) (bench/RESULTS.md). With
+            cells; lower in both in 21 cells, higher in both in 2) (bench/RESULTS.md). With
             ``validate="replay"`` each search runs on two folds of the inputs (even and odd indices) and is scored
             on the other fold, so every input validates it once; the safe schedules are scored on every input. The
             score is the root mean square of the per-input relative errors of whole-run replays

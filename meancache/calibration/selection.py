@@ -275,8 +275,9 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
     """The schedules every calibration weighs beside its searches' answers, named: ``Schedule.default``
     (``predict`` p = 1 on its compute-density placement), and uniform compute steps with ``predict`` p = 1,
     and ``extrapolate`` p = 1 (which integrates the line through the last two velocities over each step, as a
-    two-step Adams-Bashforth solver does), and the same over the whole run with an open tail
-    (:func:`tail_schedule`, ``tail e1``: budgets below ``num_steps`` only). All have gains of a few units at most
+    two-step Adams-Bashforth solver does), and both over the whole run with an open tail
+    (:func:`tail_schedule`, ``tail e1`` and ``tail p1``: budgets below ``num_steps`` only; ``predict`` takes the
+    line's value at each step's start, as the Euler run the error is measured against takes the velocity there). All have gains of a few units at most
     (:func:`schedule_gain`). Uniform
     steps with ``predict`` p = 2 were tried as a fourth and dropped: on a sharp held-out flow they looked best on
     the validation inputs at B = 10 and 17 and then ran away on held-out ones (rel L2 0.13 and 0.09, medians
@@ -284,7 +285,7 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
 
     Example:
         >>> [name for name, _ in safe_candidates(10, 50)]
-        ['default', 'uniform p1', 'uniform e1', 'tail e1']
+        ['default', 'uniform p1', 'uniform e1', 'tail e1', 'tail p1']
     """
     found = [
         ("default", Schedule.default(budget, num_steps)),
@@ -293,6 +294,7 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
     ]
     if budget < num_steps:
         found.append(("tail e1", tail_schedule(budget, num_steps)))
+        found.append(("tail p1", tail_schedule(budget, num_steps, "predict", 1)))
     return found
 
 
