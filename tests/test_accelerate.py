@@ -117,6 +117,21 @@ def test_two_branch_guidance_matches_sample_on_guided_velocity():
     assert rel_err(out, uncached) > 1e-4
 
 
+@pytest.mark.parametrize("estimator", ["meancache", "extrapolate", "predict"])
+def test_open_tail_on_a_module_matches_sample(estimator):
+    """A schedule whose last steps are an open tail: the module estimates them on every guidance branch, as
+    sample() does on the guided velocity, and never calls the model there."""
+    steps = [0, 1, 3, 6, 10, 15, 21, 28, 36, 44]  # 44 < N - 1: steps 45..49 are the tail
+    names = ["meancache", "meancache"] + [estimator] * 8
+    schedule = Schedule(steps, [0] + [2] * 9, N, names)
+    assert schedule.open_tail
+    model, x0, expected = _guided_and_accelerated(3, schedule)
+    out = euler_loop(model, x0, guidance=GUIDANCE)
+    assert model.calls == 2 * schedule.budget
+    assert model.meancache.stats.calls_saved == 2 * (N - schedule.budget) and model.meancache.stats.completed
+    assert rel_err(out, expected) <= 1e-12
+
+
 def test_branch_fn_names_branches_whatever_the_call_order():
     schedule = Schedule.preset("z-image", 13)
     model = FlowModel()
