@@ -3,6 +3,7 @@ refinement that never makes validation worse, and every budget 2..N with the def
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -256,3 +257,37 @@ def test_real_runs_find_an_exact_schedule_where_the_safe_prediction_is_exact():
         assert torch.allclose(meancache.sample(field, torch.zeros(4, 4), sigmas, sched), full, atol=1e-6)
         assert entry["scores"]["default"] < 1e-6
         assert entry["scores"]["uniform e1"] > 1e-4 and entry["scores"]["published"] > 1e-4
+
+
+@pytest.mark.parametrize("seed,scale", [(3, None), (6, 0.45)])
+def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch):
+    """With a list of inputs (one model call each) a candidate's runs stop once it cannot win: the choice, and the
+    score of every candidate that ran to the end, are those of complete runs; a stopped candidate's bound is below
+    its complete score; fewer model calls are made."""
+    flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30, inputs=6)
+    inputs = [row[None] for row in x]  # six inputs, one call each
+    calls = []
+
+    def counted(z, sigma):
+        calls.append(sigma)
+        return flow(z, sigma)
+
+    def run(stop):
+        monkeypatch.setattr(importlib.import_module("meancache.calibrate"), "STOP_LOSING_RUNS", stop)
+        calls.clear()
+        report = []
+        got = meancache.calibrate(counted, inputs, sigmas=sig, budget=[5, 8, 12], report=report, progress=False)
+        return got, report, len(calls)
+
+    complete, full_report, full_calls = run(False)
+    stopped, report, few_calls = run(True)
+    assert stopped == complete and few_calls < full_calls
+    assert any(entry.get("stopped") for entry in report)
+    for entry, full in zip(report, full_report):
+        assert entry["chosen"] == full["chosen"] and "stopped" not in full
+        for name, value in entry["scores"].items():
+            if name in entry.get("stopped", {}):
+                assert value is None and entry["stopped"][name] <= full["scores"][name] * (1 + 1e-12)
+                assert full["scores"][name] > full["scores"][full["chosen"]] * (1 + COST_RTOL)
+            else:
+                assert value == pytest.approx(full["scores"][name], rel=1e-12, abs=1e-15)

@@ -1,10 +1,12 @@
 """Real sampled runs of the model, scored against the recording: what ``calibrate(validate="runs")`` chooses by and
 what ``refine=`` scores its moves with, when the model is there (a ``velocity_fn`` or a diffusers pipeline).
 
-Each scorer returns ``(errors, calls, groups)``: ``errors(schedule)`` runs the schedule from the scored inputs and
-gives each input's relative final error against the recorded uncached run (float64 ``(inputs,)``, on the
-recording's element subset when it keeps one); ``calls`` is the model calls per step of one scoring; ``groups`` are
-the two halves of the scored inputs, which a kept refinement move must not make worse.
+Each scorer returns ``(errors, calls, groups)``: ``errors(schedule, which=None)`` runs the schedule from the scored
+inputs (or only those at the positions ``which`` among them) and gives each input's relative final error against
+the recorded uncached run (float64 ``(inputs,)``, on the recording's element subset when it keeps one); ``calls`` is
+the model calls per step of one scoring (1 when every input runs in one batched call, else one call per input, so
+a caller can stop a run after a few inputs); ``groups`` are the two halves of the scored inputs, which a kept
+refinement move must not make worse.
 """
 
 from __future__ import annotations
@@ -59,13 +61,15 @@ def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
     subset = rec.meta.get("elements")
     elem = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
 
-    def errors(schedule: Schedule) -> torch.Tensor:
+    def errors(schedule: Schedule, which: list[int] | None = None) -> torch.Tensor:
+        rows = list(range(len(idx))) if which is None else list(which)
+        chosen = [starts[0][rows]] if per_run == 1 else [starts[w] for w in rows]
         with torch.no_grad():
-            outs = [sample(velocity_fn, x, rec.sigmas, schedule) for x in starts]
+            outs = [sample(velocity_fn, x, rec.sigmas, schedule) for x in chosen]
         out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
         if elem is not None:  # the recording keeps a subset of each latent: compare on the same elements
             out = out[:, elem.to(out.device)]
-        return _relative(out.to("cpu", torch.float64), ref.reshape(len(idx), -1))
+        return _relative(out.to("cpu", torch.float64), ref[rows].reshape(len(rows), -1))
 
     return errors, per_run, _halves(len(idx))
 
@@ -137,13 +141,14 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
         call["generator"] = fresh[0] if isinstance(inputs[i]["generator"], torch.Generator) else fresh
         return call
 
-    def errors(schedule: Schedule) -> torch.Tensor:
+    def errors(schedule: Schedule, which: list[int] | None = None) -> torch.Tensor:
+        rows = list(range(len(idx))) if which is None else list(which)
         outs = []
         quiet = getattr(pipe, "_progress_bar_config", None)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         try:
-            for i in idx:
+            for i in (idx[w] for w in rows):
                 accelerate_pipeline(pipe, MeanCacheConfig(schedule=schedule).validate(for_pipeline=True))
                 try:
                     with torch.no_grad():
@@ -167,6 +172,6 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
                 pipe._progress_bar_config = quiet
             elif hasattr(pipe, "_progress_bar_config"):
                 del pipe._progress_bar_config
-        return _relative(torch.stack(outs), ref.reshape(len(idx), -1))
+        return _relative(torch.stack(outs), ref[rows].reshape(len(rows), -1))
 
     return errors, len(idx), _halves(len(idx))
