@@ -188,8 +188,8 @@ def _flow_target(args) -> tuple:
 
 
 def _digits_target(args) -> tuple:
-    """``(pipeline, inputs, calibrate keyword arguments)`` of --model digits (seeded generators: real runs can
-    draw the recorded noise again)."""
+    """``(pipeline, inputs, calibrate keyword arguments)`` of --model digits (each input carries its noise as
+    ``latents``, so real runs start from the recorded noise again)."""
     # the embedded model is an example: imported only for this option
     from .examples.digits import load_pipeline
     from .examples.digits.calibration import calibration_inputs

