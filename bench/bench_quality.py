@@ -111,9 +111,13 @@ JOINT_RAW = "joint search (select=False)"
 PREVIOUS = "calibrated (previous code)"
 TS_UNIFORM = "TaylorSeer-lite uniform"
 TS_CALIBRATED = "TaylorSeer-lite calibrated steps"
+FIT_CAL = "calibrated (fit=True)"
+TS_FIT = "TaylorSeer-lite fit=True steps"
 AB2 = "AB2 B steps"
 #: The comparators of the bar: the default calibration must be below each of them in rel L2 and in median.
 BAR = (AB2, TS_UNIFORM, TS_CALIBRATED, "default", PUBLISHED, "plain reuse")
+#: The same bar for the ``fit=True`` row (fitted candidates in the running), TaylorSeer-lite on its own steps.
+FIT_BAR = (AB2, TS_UNIFORM, TS_FIT, "default", PUBLISHED, "plain reuse")
 #: Model evaluations per budget of the ``--refine`` measurement (``calibrate(..., refine=REFINE_EVALS)``).
 REFINE_EVALS = 60 * 25
 # the reduced case of `make bench` (pytest): these problems (a smooth flow, the held-out one, a sharp one, the
@@ -385,6 +389,11 @@ def _calibrations(name: str, budgets, calibration_inputs: int | None = None, *, 
     out = {"default": dict(zip(budgets, meancache.calibrate(flow, calib, sigmas=grid(STEPS), budget=budgets,
                                                             report=report, progress=False)))}
     seconds["default"] = time.perf_counter() - t0  # the recording included
+    fit_report: list = []
+    t0 = time.perf_counter()
+    out["fit"] = dict(zip(budgets, meancache.calibrate(flow, calib, sigmas=grid(STEPS), budget=budgets, fit=True,
+                                                       report=fit_report, progress=False)))
+    seconds["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out["replay"] = dict(zip(budgets, meancache.calibrate(recording, budget=budgets, progress=False)))
     seconds["replay"] = time.perf_counter() - t0
@@ -399,7 +408,7 @@ def _calibrations(name: str, budgets, calibration_inputs: int | None = None, *, 
         seconds["raw"] = time.perf_counter() - t0
     if base is not None:
         out["previous"], seconds["previous"] = previous_calibration(recording, budgets, base)
-    out["report"], out["seconds"] = report, seconds
+    out["report"], out["fit_report"], out["seconds"] = report, fit_report, seconds
     return out
 
 
@@ -432,6 +441,8 @@ def measure(
     presets = meancache.preset_names()
     for b in budgets:
         put(DEFAULT_CAL, b, cached(ours[b]))
+        put(FIT_CAL, b, cached(cal["fit"][b]))
+        put(TS_FIT, b, taylorseer_lite(flow, noise, sigmas, cal["fit"][b].compute_steps))
         put(REPLAY_CAL, b, cached(cal["replay"][b]))
         put(PUBLISHED, b, cached(published[b]))
         if "raw" in cal:
@@ -463,6 +474,7 @@ def measure(
         "schedules": {b: " ".join(ours[b].pattern()) for b in budgets},
         "schedules_published": {b: " ".join(published[b].pattern()) for b in budgets},
         "chosen": {r["budget"]: r["chosen"] for r in cal["report"]},
+        "chosen_fit": {r["budget"]: r["chosen"] for r in cal["fit_report"]},
         "scores": {r["budget"]: r.get("scores") for r in cal["report"]},
         "full_vs_exact": errors(full[:n_exact], exact),
         "seconds": cal["seconds"],
@@ -475,7 +487,7 @@ def measure(
     return result
 
 
-def bar(result: dict, comparators=BAR) -> dict[int, dict]:
+def bar(result: dict, comparators=BAR, ours_row: str = DEFAULT_CAL) -> dict[int, dict]:
     """The bar per budget: ``{budget: {"met": bool, "lost": [(metric, winner, winner's value, ours, ours /
     winner's)]}}``. Met: ``calibrated (default)`` strictly below every comparator in rel L2 and in median. For a
     lost metric, the winner is the comparator with the lowest value (ties count as lost, ratio 1.00)."""
@@ -484,7 +496,7 @@ def bar(result: dict, comparators=BAR) -> dict[int, dict]:
     for b in result["budgets"]:
         lost = []
         for j, metric in enumerate(("rel L2", "median")):
-            ours = rows[DEFAULT_CAL][b][j]
+            ours = rows[ours_row][b][j]
             value, winner = min((rows[m][b][j], m) for m in comparators if b in rows.get(m, {}))
             if value <= ours:
                 lost.append((metric, winner, value, ours, ours / value if value > 0 else math.inf))
@@ -492,14 +504,14 @@ def bar(result: dict, comparators=BAR) -> dict[int, dict]:
     return out
 
 
-def bar_markdown(results: list[dict]) -> str:
+def bar_markdown(results: list[dict], comparators=BAR, ours_row: str = DEFAULT_CAL) -> str:
     """The bar over several flows: one line per flow, a cell per budget (``met``, or per lost metric the ratio of
     ours to the winner's and the winner), then the count of cells met."""
     budgets = sorted({b for r in results for b in r["budgets"]})
     lines = ["| flow | " + " | ".join(f"B={b}" for b in budgets) + " | met |", "|---|" + "---|" * (len(budgets) + 1)]
     met = cells = 0
     for r in results:
-        verdicts = bar(r)
+        verdicts = bar(r, comparators, ours_row)
         row = []
         for b in budgets:
             if b not in verdicts:
@@ -512,7 +524,8 @@ def bar_markdown(results: list[dict]) -> str:
                 f"{metric} {ratio:.2f}x {winner}" for metric, winner, _, _, ratio in v["lost"]))
         lines.append(f"| {r['flow']} | " + " | ".join(row) + f" | {sum(v['met'] for v in verdicts.values())} of "
                      f"{len(verdicts)} |")
-    lines.append(f"\n**{met} of {cells} cells met** (lower rel L2 and lower median than each of: {', '.join(BAR)}).")
+    lines.append(f"\n**{met} of {cells} cells met** by {ours_row} (lower rel L2 and lower median than each of: "
+                 f"{', '.join(comparators)}).")
     return "\n".join(lines)
 
 
@@ -752,6 +765,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(cell(by_budget, b) for b in budgets) + " |")
     if result.get("chosen"):
         lines += ["", f"{DEFAULT_CAL} chose: " + ", ".join(f"B={b} {c}" for b, c in result["chosen"].items())]
+    if result.get("chosen_fit"):
+        lines += ["", f"{FIT_CAL} chose: " + ", ".join(f"B={b} {c}" for b, c in result["chosen_fit"].items())]
     return "\n".join(lines)
 
 
@@ -920,7 +935,11 @@ if __name__ == "__main__":
         print("    seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
         for line in winners(res):
             print("    " + line)
+        print("    fit=True chose: " + ", ".join(f"B={b} {c}" for b, c in res["chosen_fit"].items()))
         print("\n" + bar_markdown([res]) + "\n", flush=True)
+        print(bar_markdown([res], FIT_BAR, FIT_CAL) + "\n", flush=True)
         with open(os.environ.get("BENCH_QUALITY_JSON", os.devnull), "a") as f:
             f.write(json.dumps({k: v for k, v in res.items()}, default=str) + "\n")
     print(bar_markdown(results))
+    print()
+    print(bar_markdown(results, FIT_BAR, FIT_CAL))

@@ -47,6 +47,8 @@ from .calibration.joint import joint_solve
 from .calibration.joint import JointCosts
 from .calibration.joint import shared_weights
 from .calibration.recording import _check_inputs
+from .calibration.fitting import cross_fitted
+from .calibration.fitting import fit_schedule
 from .calibration.runs import generator_states
 from .calibration.runs import model_runs
 from .calibration.runs import pipeline_runs
@@ -100,6 +102,7 @@ def calibrate(
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
     select: bool = True,
+    fit: bool = True,
     validate: str = "auto",
     refine: int | None = None,
     report: list | None = None,
@@ -231,6 +234,8 @@ def calibrate(
     families = _check_estimators(estimators)
     if not isinstance(select, bool):
         raise ValueError(f"select={select!r}: must be True or False")
+    if not isinstance(fit, bool):
+        raise ValueError(f"fit={fit!r}: must be True or False")
     if validate not in VALIDATE_MODES:
         raise ValueError(f"validate={validate!r}: must be one of {VALIDATE_MODES}")
     extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
@@ -320,7 +325,8 @@ def calibrate(
     # the folds and the full recording share one grid: their weight tables and per-K replays are computed once
     with shared_weights(), shared_costs():
         schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
-                                scorer, progress, report if report is not None else [], report is not None, runs)
+                                scorer, progress, report if report is not None else [], report is not None, runs,
+                                fit and "predict" in families)
     return schedules if many else schedules[0]
 
 
@@ -427,10 +433,10 @@ class _Searches:
 
 
 def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, scorer, progress, report,
-                reported=False, runs=None):
+                reported=False, runs=None, fit=False):
     """One schedule per budget (see :func:`calibrate`); ``runs``, the scorer of real sampled runs on every input
     (:func:`~meancache.calibration.runs.model_runs` or ``pipeline_runs``), when the choice is made by them
-    (``validate``), else the replay folds."""
+    (``validate``), else the replay folds; ``fit``: weigh the fitted candidates (:data:`FIT_BASES`) too."""
     n = rec.num_steps
     polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
     found: dict[int, Schedule] = {}
@@ -466,12 +472,23 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             # real runs of each candidate searched on all inputs, scored on those inputs: measured, this chose
             # better on held-out inputs than real runs of fold searches on the other fold (RESULTS.md)
             for b in group:
-                candidates = _candidates(_safe(b, n, families, max_len, L), everything, b)
+                safe = _safe(b, n, families, max_len, L)
+                candidates = _candidates(safe, everything, b)
                 scores, stopped = _run_scores(runs, candidates, rec.num_inputs)
+                fitted = {}
+                if fit:
+                    leader = runs[0](candidates[_least(scores)])
+                    for name, base in _fit_bases(safe, rec):
+                        errs = _cross_errors(rec, base, lambda s, val: runs[0](s, val))
+                        fitted[name] = _fit_entry(errs, leader)
+                        scores[name] = fitted[name]["score"]
+                        candidates[name] = fit_schedule(rec, base)
                 found[b], entries[b] = _chosen(rec, b, "runs", scores, candidates, refine, scorer, progress,
                                                reported)
                 if stopped:
                     entries[b]["stopped"] = stopped
+                if fitted:
+                    entries[b]["fitted"] = fitted
             continue
         # every searched candidate is judged on inputs its search did not read: two folds validate every input once
         errors = {name: torch.zeros(len(group), rec.num_inputs, dtype=torch.float64) for name in everything.names}
@@ -489,13 +506,27 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             safe = _safe(b, n, families, max_len, L)
             scores = {name: tail_score(input_errors(rec, s)) for name, s in safe}
             scores.update({name: tail_score(e[j]) for name, e in errors.items()})
+            bases = dict(_fit_bases(safe, rec)) if fit else {}
+            fitted = {}
+            if bases:
+                lead = _least(scores)
+                leader = (input_errors(rec, dict(safe)[lead]) if lead in dict(safe)
+                          else errors[lead][j])  # a search's errors on the fold that did not search it
+                for name, base in bases.items():
+                    errs = _cross_errors(rec, base, lambda s, val: input_errors(subset(rec, val), s))
+                    fitted[name] = _fit_entry(errs, leader, tail_score)
+                    scores[name] = fitted[name]["score"]
             if reported:  # every candidate's answer on all inputs (a solve each); else only the winner's
                 candidates = _candidates(safe, everything, b)
+                candidates.update({name: fit_schedule(rec, base) for name, base in bases.items()})
             else:
                 name = _least(scores)
-                candidates = {name: dict(safe)[name] if name in dict(safe) else everything.solve(name, [b])[0]}
+                candidates = {name: fit_schedule(rec, bases[name]) if name in bases else dict(safe)[name]
+                              if name in dict(safe) else everything.solve(name, [b])[0]}
             found[b], entries[b] = _chosen(rec, b, "replay", scores, candidates, refine, scorer, progress,
                                            reported)
+            if fitted:
+                entries[b]["fitted"] = fitted
     report.extend(entries[b] for b in budgets)
     return [reuse_labelled(found[b]) for b in budgets]
 
@@ -506,6 +537,43 @@ def _safe(budget: int, num_steps: int, families, max_len, length: int) -> list[t
     return [(name, s) for name, s in safe_candidates(budget, num_steps)
             if set(s.estimators) <= set(families) | {"meancache"}
             and (max_len is None or max(b - a for a, b, _, _ in s.segments) <= length)]
+
+
+#: The fitted candidates (:mod:`~meancache.calibration.fitting`): name -> the safe candidate whose steps and
+#: orders they keep, with weights fitted to the recording. Scored on inputs the weights were not fitted on (the two
+#: folds, :func:`_cross_errors`), then fitted on every input; after every other candidate, so ties go to those.
+FIT_BASES = {"tail f1": "tail p1", "uniform f1": "uniform p1"}
+
+
+def _fit_bases(safe: list, rec: Recording) -> list[tuple[str, Schedule]]:
+    """``(fitted candidate name, its base schedule)`` for the bases among ``safe`` (none for a single input: no
+    input would be left to score a fit on)."""
+    found = dict(safe)
+    if rec.num_inputs < 2:
+        return []
+    return [(name, found[base]) for name, base in FIT_BASES.items() if base in found]
+
+
+def _fit_entry(errors: torch.Tensor, leader: torch.Tensor, score=run_score) -> dict:
+    """A fitted candidate's report entry: its cross-fitted per-input ``errors`` against the best other candidate's
+    (``leader``), by the mean and by the root mean square (:func:`tail_score`); ``score`` is its score for the
+    choice (``score(errors)``), or None, out of the running, unless it is lower in *both* measures. Why both:
+    measured on the bench flows, fitted weights lower the typical input's error (the mean, the median) more than
+    the few runaway inputs' (the root mean square, the rel L2), and sometimes raise those (bench/RESULTS.md)."""
+    mine = (run_score(errors), tail_score(errors))
+    theirs = (run_score(leader), tail_score(leader))
+    wins = all(m < t * (1 - COST_RTOL) for m, t in zip(mine, theirs))
+    return {"mean": mine[0], "rms": mine[1], "leader_mean": theirs[0], "leader_rms": theirs[1],
+            "score": score(errors) if wins else None}
+
+
+def _cross_errors(rec: Recording, base: Schedule, errors) -> torch.Tensor:
+    """Per-input errors ``(P,)`` of ``base`` fitted on one fold and scored by ``errors(schedule, inputs)`` on the
+    other, for both folds: every input scored by weights fitted without it."""
+    out = torch.full((rec.num_inputs,), math.inf, dtype=torch.float64)
+    for sched, val in cross_fitted(rec, base, folds(rec.num_inputs)):
+        out[val] = errors(sched, val).double()
+    return out
 
 
 def _candidates(safe: list, searches: "_Searches", budget: int) -> dict[str, Schedule | None]:

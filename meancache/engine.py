@@ -30,7 +30,8 @@ from typing import Hashable
 import torch
 
 from . import ops
-from .estimators import POLYNOMIAL_ESTIMATORS
+from .estimators import FITTED
+from .estimators import NODE_ESTIMATORS
 from .estimators import polynomial_weights
 from .history import History
 from .schedule import Schedule
@@ -140,6 +141,11 @@ class Trajectory:
     def __init__(self, plan, sigmas: list[float], history: History | None = None):
         if len(sigmas) != plan.num_steps + 1:
             raise ValueError(f"sigmas has {len(sigmas)} values for a plan of {plan.num_steps} steps: need N + 1")
+        fitted = plan.static_schedule if getattr(plan, "static_schedule", None) is not None else None
+        if fitted is not None and fitted.fitted:  # fitted weights hold on their own grid only
+            used = fitted.for_grid(sigmas)
+            if used is not fitted:
+                plan = type(plan)(used)
         self.plan = plan
         self.sigmas = sigmas
         # computed velocities each branch keeps for extrapolate segments (0: the published estimator only)
@@ -199,6 +205,8 @@ class Trajectory:
         steps."""
         nodes = branch.history.nodes
         step = self.plan[i]
+        if step.estimator == FITTED:  # the schedule's own weights, on the same nodes the fit read
+            return [slot for slot, _ in nodes[-len(step.weights):]], step.weights
         q, weights = polynomial_weights(step.estimator, [s for _, s in nodes], self.sigmas[i], self.sigmas[i + 1],
                                         step.order)
         return [slot for slot, _ in nodes[-q - 1 :]], weights
@@ -226,7 +234,7 @@ class Trajectory:
         """Skipped step ``i``: estimate the average velocity, log it, return ``x_{i+1}`` (one op)."""
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
-        if self.plan[i].estimator in POLYNOMIAL_ESTIMATORS:
+        if self.plan[i].estimator in NODE_ESTIMATORS:
             slots, weights = self._extrapolation(i, b)
             out = ops.weighted_step(x, xs, vs, b.history.vc, i, slots, weights, dt=self.sigmas[i + 1] - self.sigmas[i])
         else:
@@ -239,7 +247,7 @@ class Trajectory:
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
         dtype = out_dtype or b.out_dtype or x.dtype
-        if self.plan[i].estimator in POLYNOMIAL_ESTIMATORS:
+        if self.plan[i].estimator in NODE_ESTIMATORS:
             slots, weights = self._extrapolation(i, b)
             out = ops.weighted_step(x, xs, vs, b.history.vc, i, slots, weights, dt=self.sigmas[i + 1] - self.sigmas[i],
                                     out_scale=out_scale, out_dtype=dtype, euler=False)

@@ -21,6 +21,10 @@ with weights that depend only on sigmas. They are computed here, in float64 on t
   compares with is the full Euler run, and on it the prediction is the closer estimate (measured on the digits
   model, the shipped preset's compute steps, 100 held-out samples: 59.7 against 51.6 dB at B = 25, 52.2 against
   50.5 dB at B = 17, 40.9 against 40.3 dB at B = 10, order 1). The calibration chooses between them per segment.
+* ``fitted`` (order p = 1..3): weights on the same last p + 1 computed velocities, but fitted by least squares to
+  a recording of the model, one set per skipped step, and stored in the schedule with the grid they were fitted on
+  (:func:`meancache.calibration.fitting.fit_schedule`). They depend on that grid, not on the run's sigmas: a run on
+  another grid uses ``predict`` of the same order instead (logged).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from typing import Sequence
 
 __all__ = [
     "ESTIMATORS",
+    "FITTED",
+    "NODE_ESTIMATORS",
     "POLYNOMIAL_ESTIMATORS",
+    "SCHEDULE_ESTIMATORS",
     "MAX_EXTRAPOLATION_ORDER",
     "MAX_GAIN",
     "MAX_TERMS",
@@ -46,7 +53,14 @@ __all__ = [
 ESTIMATORS = ("meancache", "extrapolate", "predict")
 #: The estimators that combine the last p + 1 computed velocities with polynomial weights (order p = 1..3).
 POLYNOMIAL_ESTIMATORS = ("extrapolate", "predict")
-_LABEL = {"meancache": "K", "extrapolate": "e", "predict": "p"}
+#: The estimator whose weights on the last p + 1 computed velocities were fitted to a recording, one set per
+#: skipped step, stored in the schedule (:mod:`meancache.calibration.fitting`); no search prices it.
+FITTED = "fitted"
+#: Every estimator a schedule segment can carry: the searched ones and the fitted one.
+SCHEDULE_ESTIMATORS = ESTIMATORS + (FITTED,)
+#: The estimators that read the kept computed velocities (the nodes) rather than the history ring.
+NODE_ESTIMATORS = POLYNOMIAL_ESTIMATORS + (FITTED,)
+_LABEL = {"meancache": "K", "extrapolate": "e", "predict": "p", FITTED: "f"}
 #: Highest polynomial order of ``extrapolate`` (a cubic through 4 computed velocities).
 MAX_EXTRAPOLATION_ORDER = 3
 #: Most velocity terms one weighted step combines (the 4 nodes of a cubic).
@@ -66,7 +80,7 @@ _GAUSS = 0.5 / math.sqrt(3.0)
 
 def estimator_label(estimator: str, order: int) -> str:
     """Short name of a segment's estimator: ``K<order>`` for meancache, ``e<order>`` for extrapolate, ``p<order>``
-    for predict.
+    for predict, ``f<order>`` for fitted.
 
     Example:
         >>> estimator_label("meancache", 2), estimator_label("extrapolate", 1), estimator_label("predict", 2)

@@ -38,10 +38,13 @@ import torch
 
 from ._limits import MAX_ORDER
 from .estimators import ESTIMATORS
+from .estimators import FITTED
+from .estimators import NODE_ESTIMATORS
+from .estimators import SCHEDULE_ESTIMATORS
 from .estimators import MAX_EXTRAPOLATION_ORDER
-from .estimators import POLYNOMIAL_ESTIMATORS
 from .estimators import estimator_label
 from .validation import is_int
+from .validation import is_real
 
 __all__ = ["MAX_ORDER", "MAX_STEPS", "SCHEDULE_FORMAT_VERSION", "Schedule", "StepPlan", "preset_names"]
 
@@ -54,11 +57,16 @@ logger = logging.getLogger("meancache")
 #: (about ``budget * (num_steps - budget)`` vectorised operations, largest at ``budget = num_steps / 2``) at a
 #: second or two. Without a bound, a file with ``"num_steps": 1000000000`` loads and then hangs in ``window``.
 MAX_STEPS = 10_000
-#: Newest version of schedule files. Version 2 adds each segment's estimator, version 3 the open tail;
-#: :meth:`Schedule.to_dict` writes version 2 for a schedule without a tail (so older releases read it) and 3 for one
-#: with a tail. :meth:`Schedule.from_json` reads versions 1 (every segment the published estimator), 2 and 3.
-SCHEDULE_FORMAT_VERSION = 3
-_READ_VERSIONS = (1, 2, 3)
+#: Newest version of schedule files. Version 2 adds each segment's estimator, version 3 the open tail, version 4
+#: fitted segments (their weights and grid); :meth:`Schedule.to_dict` writes the oldest version that holds the
+#: schedule (2 without a tail, 3 with one, 4 with fitted weights), so older releases read what they can run.
+#: :meth:`Schedule.from_json` reads versions 1 (every segment the published estimator) to 4.
+SCHEDULE_FORMAT_VERSION = 4
+_READ_VERSIONS = (1, 2, 3, 4)
+#: Largest difference between a run's sigmas and the grid a fitted schedule was fitted on for which the fitted
+#: weights are used; beyond it the run uses ``predict`` of the same order (:meth:`Schedule.unfitted`).
+GRID_ATOL = 1e-6
+_WARNED: set = set()
 SCHEDULE_FORMAT = "meancache.schedule"
 PRESET_FORMAT = "meancache.preset"
 # Segments whose K is 0 ("chain") but that become longer than one step when a table is stretched to more steps
@@ -73,18 +81,25 @@ class StepPlan(NamedTuple):
     """What happens at one sampler step.
 
     ``computed`` is True when the model runs; ``order`` is the window K (meancache) or the polynomial order p
-    (extrapolate) of a skipped step, 0 on computed steps; ``estimator`` names the skipped step's estimator.
+    (extrapolate) of a skipped step, 0 on computed steps; ``estimator`` names the skipped step's estimator;
+    ``weights``, for a fitted step only, its weights on the last ``len(weights)`` computed velocities, oldest first.
     """
 
     computed: bool
     order: int
     estimator: str = "meancache"
+    weights: tuple[float, ...] | None = None
+
+    def __repr__(self):
+        extra = "" if self.weights is None else f", weights={self.weights}"
+        return f"StepPlan(computed={self.computed}, order={self.order}, estimator={self.estimator!r}{extra})"
 
 
 #: One letter per polynomial order in :meth:`Schedule.pattern` (linear, quadratic, cubic), lower case for
 #: extrapolate (the mean over the step) and upper case for predict (the value at its start), so that the string
 #: keeps one character per step next to the K digits of the published estimator.
-_ORDER_LETTERS = {"extrapolate": {1: "l", 2: "q", 3: "c"}, "predict": {1: "L", 2: "Q", 3: "C"}}
+_ORDER_LETTERS = {"extrapolate": {1: "l", 2: "q", 3: "c"}, "predict": {1: "L", 2: "Q", 3: "C"},
+                  FITTED: {1: "f", 2: "g", 3: "h"}}
 
 
 class Schedule:
@@ -99,8 +114,14 @@ class Schedule:
             K in ``0..6`` of a meancache segment (``K = 0`` only on 1-step segments, so never on a tail), the order
             p in ``1..3`` of an extrapolate or predict segment.
         num_steps: number of sampler steps N, 2 <= N <= :data:`MAX_STEPS`.
-        estimators: one name per segment (as many as ``orders``), ``"meancache"``, ``"extrapolate"`` or
-            ``"predict"``; None (the default) makes every segment ``"meancache"``.
+        estimators: one name per segment (as many as ``orders``), ``"meancache"``, ``"extrapolate"``,
+            ``"predict"`` or ``"fitted"``; None (the default) makes every segment ``"meancache"``.
+        weights: with fitted segments: one entry per segment, None for a segment that is not fitted, and for a
+            fitted segment of order p that starts at compute step j (0-based) a sequence with one tuple per skipped
+            step, each of ``min(p, j) + 1`` finite floats: the weights on the last computed velocities, oldest
+            first. None (the default) when no segment is fitted.
+        grid: with fitted segments: the ``num_steps + 1`` sigmas the weights were fitted on (a run on another grid
+            uses ``predict`` instead, :meth:`unfitted`); None otherwise.
 
     Raises:
         ValueError: naming the field, the bad value and the rule, for every violated invariant.
@@ -117,7 +138,7 @@ class Schedule:
         (True, ('C.C.C.', '-1-l-l'))
     """
 
-    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_estimators", "_plan")
+    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_estimators", "_weights", "_grid", "_plan")
 
     def __init__(
         self,
@@ -125,6 +146,9 @@ class Schedule:
         orders: Iterable[int],
         num_steps: int,
         estimators: Iterable[str] | None = None,
+        *,
+        weights=None,
+        grid=None,
     ):
         _check_num_steps(num_steps)
         steps = _as_tuple(compute_steps, "compute_steps", "a sequence of ints (the computed step indices)")
@@ -170,17 +194,17 @@ class Schedule:
         if estimators is None:
             names = ("meancache",) * len(ks)
         else:
-            names = _as_tuple(estimators, "estimators", f"a sequence of estimator names ({', '.join(ESTIMATORS)}), "
-                              "one per segment, or None")
+            names = _as_tuple(estimators, "estimators", "a sequence of estimator names "
+                              f"({', '.join(SCHEDULE_ESTIMATORS)}), one per segment, or None")
             if len(names) != len(ks):
                 count = (f"budget = {budget} (one estimator per segment, the open tail included)" if tail
                          else f"budget - 1 = {budget - 1} (one estimator per segment)")
                 raise ValueError(f"estimators={list(names)}: length {len(names)} != {count}")
         ends = steps[1:] + ((num_steps,) if tail else ())
         for j, (name, k) in enumerate(zip(names, ks)):
-            if not isinstance(name, str) or name not in ESTIMATORS:
-                raise ValueError(f"estimators[{j}]={name!r}: must be one of {', '.join(ESTIMATORS)}")
-            if name in POLYNOMIAL_ESTIMATORS:
+            if not isinstance(name, str) or name not in SCHEDULE_ESTIMATORS:
+                raise ValueError(f"estimators[{j}]={name!r}: must be one of {', '.join(SCHEDULE_ESTIMATORS)}")
+            if name in NODE_ESTIMATORS:
                 if not 1 <= k <= MAX_EXTRAPOLATION_ORDER:
                     raise ValueError(
                         f"orders[{j}]={k}: the polynomial order p of the {name} segment {steps[j]}->{ends[j]} "
@@ -194,6 +218,7 @@ class Schedule:
                     f"orders[{j}]=0 on segment {steps[j]}->{ends[j]}: K=0 (chain) is allowed only on 1-step "
                     "segments; a skipped step needs K >= 1"
                 )
+        self._weights, self._grid = _check_fit(weights, grid, steps, ends, names, ks, num_steps)
         self._compute_steps = tuple(int(c) for c in steps)
         self._orders = tuple(int(k) for k in ks)
         self._num_steps = int(num_steps)
@@ -236,9 +261,67 @@ class Schedule:
 
     @property
     def estimators(self) -> tuple[str, ...]:
-        """One estimator name per segment, ``"meancache"``, ``"extrapolate"`` or ``"predict"`` (tuple of str, as
-        long as :attr:`orders`)."""
+        """One estimator name per segment, ``"meancache"``, ``"extrapolate"``, ``"predict"`` or ``"fitted"``
+        (tuple of str, as long as :attr:`orders`)."""
         return self._estimators
+
+    @property
+    def fitted(self) -> bool:
+        """Whether a segment carries fitted weights (then :attr:`weights` and :attr:`grid` are set)."""
+        return self._grid is not None
+
+    @property
+    def weights(self) -> tuple | None:
+        """Per segment: None, or for a fitted segment one tuple of weights per skipped step (oldest computed
+        velocity first); None when no segment is fitted."""
+        return self._weights
+
+    @property
+    def grid(self) -> tuple[float, ...] | None:
+        """The ``num_steps + 1`` sigmas the fitted weights were fitted on (None when no segment is fitted)."""
+        return self._grid
+
+    def unfitted(self) -> "Schedule":
+        """The same schedule with every fitted segment turned into ``predict`` of the same order (the polynomial
+        the fitted weights replace): what a run on another grid, or on another step count, uses.
+
+        Example:
+            >>> s = Schedule([0, 2, 3], [1, 0], 4, ["fitted", "meancache"], weights=[[(0.9,)], None],
+            ...              grid=[1.0, 0.75, 0.5, 0.25, 0.0])
+            >>> s.unfitted().labels, s.unfitted().fitted
+            (('p1', 'K0'), False)
+        """
+        if not self.fitted:
+            return self
+        names = ["predict" if e == FITTED else e for e in self._estimators]
+        return Schedule(self._compute_steps, self._orders, self._num_steps, names)
+
+    def for_grid(self, sigmas) -> "Schedule":
+        """The schedule a run on ``sigmas`` (``num_steps + 1`` values) uses: itself, or :meth:`unfitted` with a log
+        line (logger ``meancache``, WARNING) when it is fitted to a grid more than :data:`GRID_ATOL` away.
+
+        Example:
+            >>> s = Schedule([0, 2, 3], [1, 0], 4, ["fitted", "meancache"], weights=[[(0.9,)], None],
+            ...              grid=[1.0, 0.75, 0.5, 0.25, 0.0])
+            >>> s.for_grid([1.0, 0.75, 0.5, 0.25, 0.0]) is s, s.for_grid([1.0, 0.8, 0.5, 0.2, 0.0]).fitted
+            (True, False)
+        """
+        if not self.fitted:
+            return self
+        run = tuple(float(x) for x in sigmas)
+        if len(run) == len(self._grid) and max(abs(a - b) for a, b in zip(run, self._grid)) <= GRID_ATOL:
+            return self
+        if (self, run) in _WARNED:  # once per schedule and grid, not once per call
+            return self.unfitted()
+        if len(_WARNED) < 64:
+            _WARNED.add((self, run))
+        logger.warning(
+            "meancache: the schedule's fitted weights were fitted on another sigma grid (largest difference %s); "
+            "this run uses predict of the same orders instead",
+            f"{max(abs(a - b) for a, b in zip(run, self._grid)):.3g}" if len(run) == len(self._grid)
+            else f"{len(run) - 1} steps, not {len(self._grid) - 1}",
+        )
+        return self.unfitted()
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -275,7 +358,7 @@ class Schedule:
             >>> Schedule([0, 3, 4], [2, 0], 5, estimators=["extrapolate", "meancache"]).depth
             3
         """
-        ps = [p.order for p in self.expand() if not p.computed and p.estimator in POLYNOMIAL_ESTIMATORS]
+        ps = [p.order for p in self.expand() if not p.computed and p.estimator in NODE_ESTIMATORS]
         return max(ps) + 1 if ps else 0
 
     def expand(self) -> tuple[StepPlan, ...]:
@@ -287,9 +370,10 @@ class Schedule:
         """
         if self._plan is None:
             plan = [StepPlan(True, 0)] * self._num_steps
-            for a, b, e, k in self.segments:
+            weights = self._weights or (None,) * len(self._orders)
+            for (a, b, e, k), w in zip(self.segments, weights):
                 for i in range(a + 1, b):
-                    plan[i] = StepPlan(False, k, e)
+                    plan[i] = StepPlan(False, k, e, None if w is None else w[i - a - 1])
             self._plan = tuple(plan)
         return self._plan
 
@@ -333,7 +417,7 @@ class Schedule:
 
     # -- equality and display -------------------------------------------------------------------------------------
     def _key(self):
-        return (self._compute_steps, self._orders, self._num_steps, self._estimators)
+        return (self._compute_steps, self._orders, self._num_steps, self._estimators, self._weights, self._grid)
 
     def __eq__(self, other):
         if not isinstance(other, Schedule):
@@ -345,6 +429,8 @@ class Schedule:
 
     def __repr__(self):
         extra = "" if self.published else f", estimators={list(self._estimators)}"
+        if self.fitted:
+            extra += f", weights={_listed(self._weights)}, grid={list(self._grid)}"
         return (
             f"Schedule(compute_steps={list(self._compute_steps)}, orders={list(self._orders)}, "
             f"num_steps={self._num_steps}{extra})"
@@ -357,15 +443,20 @@ class Schedule:
 
     # -- serialisation --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """A JSON-ready dict with the format name and version (2, or 3 for a schedule with an open tail)."""
-        return {
+        """A JSON-ready dict with the format name and version (2; 3 for a schedule with an open tail; 4 with fitted
+        segments, which adds ``weights`` and ``grid``)."""
+        out = {
             "format": SCHEDULE_FORMAT,
-            "version": SCHEDULE_FORMAT_VERSION if self.open_tail else 2,
+            "version": 4 if self.fitted else 3 if self.open_tail else 2,
             "num_steps": self._num_steps,
             "compute_steps": list(self._compute_steps),
             "orders": list(self._orders),
             "estimators": list(self._estimators),
         }
+        if self.fitted:
+            out["weights"] = _listed(self._weights)
+            out["grid"] = list(self._grid)
+        return out
 
     def to_json(self) -> str:
         """Serialise to a JSON string that :meth:`from_json` reads back into an equal schedule.
@@ -379,9 +470,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data) -> "Schedule":
-        """Build from :meth:`to_dict` output, checking the format name and version (1, 2 or 3; a version 1 file has
-        no ``estimators`` and loads as the published estimator on every segment; only version 3 may leave the last
-        step to an open tail)."""
+        """Build from :meth:`to_dict` output, checking the format name and version (1 to 4; a version 1 file has
+        no ``estimators`` and loads as the published estimator on every segment; only versions 3 and 4 may leave the
+        last step to an open tail, only version 4 holds fitted segments)."""
         if not isinstance(data, dict):
             raise ValueError(f"schedule data={type(data).__name__}: must be a JSON object")
         fmt = data.get("format")
@@ -403,7 +494,12 @@ class Schedule:
             raise ValueError("estimators in a version 1 schedule: per-segment estimators need version 2")
         if version >= 2 and not isinstance(data["estimators"], list):
             raise ValueError(f"estimators={data['estimators']!r}: must be a list of estimator names in version 2")
-        out = cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"))
+        fit = {k: data[k] for k in ("weights", "grid") if k in data}
+        if fit and version < 4:
+            raise ValueError(f"{sorted(fit)} in a version {version} schedule: fitted weights need version 4")
+        if version < 4 and FITTED in (data.get("estimators") or ()):
+            raise ValueError(f"a fitted segment in a version {version} schedule: fitted segments need version 4")
+        out = cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"), **fit)
         if out.open_tail and version < 3:
             raise ValueError(
                 f"compute_steps={list(out.compute_steps)} leaves the last step {out.num_steps - 1} to an open tail, "
@@ -569,7 +665,8 @@ class Schedule:
         Rule: compute step ``c`` of an N-step schedule maps to the real position ``c * (M - 1) / (N - 1)`` on the
         M-step grid (first to first, last to last). The B positions are rounded to B distinct integers by an exact
         least-squares assignment (:func:`_place`), so the budget, the first and the last step are kept and the
-        order is preserved. Each new segment keeps the estimator and K (or order) of the segment it came from; a
+        order is preserved. Each new segment keeps the estimator and K (or order) of the segment it came from (a
+        fitted segment becomes ``predict``: its weights belong to the grid they were fitted on); a
         K = 0 segment stretched beyond one step gets K = 2 (:data:`STRETCHED_CHAIN_ORDER`). When the budget exceeds M, every one of the M
         steps is computed (nothing is left to skip) and a warning is logged. A schedule with an open tail maps
         ``c`` to ``c * M / N`` instead (the fraction of the run, the end N to M), placed with the end as a fixed
@@ -584,6 +681,8 @@ class Schedule:
         _check_num_steps(num_steps)
         if num_steps == self._num_steps:
             return self
+        if self.fitted:  # the weights belong to the steps they were fitted on
+            return self.unfitted().resample(num_steps)
         if self.budget >= num_steps:
             if self.budget > num_steps:
                 logger.warning(
@@ -621,6 +720,49 @@ def fit_steps(schedule: Schedule, num_steps: int) -> Schedule:
         schedule.budget,
     )
     return schedule.resample(num_steps)
+
+
+def _listed(weights) -> list:
+    """Fitted weights as JSON-ready nested lists (None kept for the segments that are not fitted)."""
+    return [None if w is None else [list(step) for step in w] for w in weights]
+
+
+def _check_fit(weights, grid, steps, ends, names, orders, num_steps):
+    """``(weights, grid)`` as nested tuples of floats, checked against the segments (see :class:`Schedule`)."""
+    fitted = [j for j, e in enumerate(names) if e == FITTED]
+    if not fitted:
+        if weights is not None or grid is not None:
+            raise ValueError("weights/grid given but no segment is 'fitted': they belong to fitted segments only")
+        return None, None
+    if weights is None or grid is None:
+        raise ValueError(f"estimators[{fitted[0]}]='fitted': a fitted schedule needs weights= and grid=")
+    g = _as_tuple(grid, "grid", f"a sequence of num_steps + 1 = {num_steps + 1} sigmas")
+    if len(g) != num_steps + 1 or not all(is_real(x) and math.isfinite(x) for x in g):
+        raise ValueError(f"grid: must be num_steps + 1 = {num_steps + 1} finite numbers, got {len(g)} values")
+    ws = _as_tuple(weights, "weights", "a sequence with one entry per segment")
+    if len(ws) != len(names):
+        raise ValueError(f"weights: length {len(ws)} != {len(names)} segments (None for a segment not fitted)")
+    out = []
+    for j, (w, e) in enumerate(zip(ws, names)):
+        if e != FITTED:
+            if w is not None:
+                raise ValueError(f"weights[{j}]: must be None, segment {j} is {e!r}, not fitted")
+            out.append(None)
+            continue
+        span, nodes = ends[j] - steps[j] - 1, min(orders[j], j) + 1
+        rows = _as_tuple(w, f"weights[{j}]", f"one tuple per skipped step ({span})")
+        if len(rows) != span:
+            raise ValueError(f"weights[{j}]: {len(rows)} rows != {span} skipped steps of segment "
+                             f"{steps[j]}->{ends[j]}")
+        kept = []
+        for i, row in enumerate(rows):
+            r = _as_tuple(row, f"weights[{j}][{i}]", f"{nodes} floats")
+            if len(r) != nodes or not all(is_real(x) and math.isfinite(x) for x in r):
+                raise ValueError(f"weights[{j}][{i}]={list(r)}: must be {nodes} finite numbers (min(order "
+                                 f"{orders[j]}, segment index {j}) + 1 computed velocities)")
+            kept.append(tuple(float(x) for x in r))
+        out.append(tuple(kept))
+    return tuple(out), tuple(float(x) for x in g)
 
 
 def _as_tuple(values, name: str, rule: str) -> tuple:

@@ -214,7 +214,7 @@ def test_expand_and_pattern_small():
     assert all(isinstance(p, StepPlan) for p in plan)
     assert plan[2] == StepPlan(computed=False, order=2)
     assert plan[2].computed is False and plan[2].order == 2
-    assert plan[0] == (True, 0, "meancache")  # StepPlan gained its third field, the estimator
+    assert plan[0] == (True, 0, "meancache", None)  # StepPlan gained the estimator, then fitted weights
     assert Schedule([0, 3], [4], num_steps=4).expand()[1] == StepPlan(computed=False, order=4)
     assert Schedule([0, 2, 3], [1, 0], num_steps=4).pattern() == ("C.CC", "-1--")
     assert s.expand() == s.expand()  # stable across calls

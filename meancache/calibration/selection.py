@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from ..estimators import FITTED
 from ..estimators import POLYNOMIAL_ESTIMATORS
 from ..estimators import polynomial_weights
 from ..schedule import Schedule
@@ -65,7 +66,7 @@ def reuse_labelled(schedule: Schedule) -> Schedule:
     From step 0 only ``v_0`` is known, so every estimator is plain reuse of it there: the published one with any K
     (its window holds ``v_0`` and estimates equal to it), and ``extrapolate``/``predict`` of any order (one node:
     order 0). The label follows the searches' tie rule, which gives ties to the published estimator and the
-    smallest K, whichever candidate won.
+    smallest K, whichever candidate won. A fitted first segment is kept: its weights scale ``v_0``.
 
     Example:
         >>> reuse_labelled(Schedule([0, 3, 4, 9], [1, 0, 2], 10, ["predict", "meancache", "predict"])).labels
@@ -73,6 +74,8 @@ def reuse_labelled(schedule: Schedule) -> Schedule:
     """
     steps = schedule.compute_steps
     if steps[1] - steps[0] < 2 or (schedule.estimators[0], schedule.orders[0]) == ("meancache", 1):
+        return schedule
+    if schedule.estimators[0] == FITTED:  # fitted weights on v_0 scale it: not plain reuse, so kept
         return schedule
     return Schedule(steps, (1, *schedule.orders[1:]), schedule.num_steps, ("meancache", *schedule.estimators[1:]))
 
@@ -210,7 +213,7 @@ def schedule_gain(schedule: Schedule, sigmas: Sequence[float]) -> float:
     """The largest gain ``sum_j |w_j|`` of any skipped step of ``schedule`` on the grid ``sigmas``: how much its
     estimates can amplify an error in the computed velocities they read (1 for the published estimator, whose
     weights are positive and sum to one). The same weights the engine uses
-    (:func:`~meancache.estimators.polynomial_weights`).
+    (:func:`~meancache.estimators.polynomial_weights`, or a fitted segment's stored weights).
 
     Example:
         >>> sig = [1 - i / 10 for i in range(11)]
@@ -219,6 +222,8 @@ def schedule_gain(schedule: Schedule, sigmas: Sequence[float]) -> float:
     """
     steps = schedule.compute_steps
     worst = 1.0
+    for rows in schedule.weights or ():  # fitted segments: their stored weights
+        worst = max([worst] + [sum(abs(x) for x in w) for w in rows or ()])
     for j, (a, b, est, order) in enumerate(schedule.segments):
         if est not in POLYNOMIAL_ESTIMATORS or b - a < 2:
             continue
@@ -302,7 +307,9 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
 def _moves(schedule: Schedule):
     """Every local move of ``schedule``, in a fixed order: each interior compute step one step earlier or later,
     then each multi-step segment (not the first, where every estimator is plain reuse; an open tail is one) with
-    another estimator."""
+    another estimator. A fitted schedule has none: its weights belong to its steps and estimators."""
+    if schedule.fitted:
+        return
     steps = list(schedule.compute_steps)
     orders, names = list(schedule.orders), list(schedule.estimators)
     n = schedule.num_steps
