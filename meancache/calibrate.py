@@ -102,7 +102,7 @@ def calibrate(
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     extrapolation_orders: Iterable[int] = range(1, MAX_EXTRAPOLATION_ORDER + 1),
     select: bool = True,
-    fit: bool = True,
+    fit: bool = False,
     validate: str = "auto",
     refine: int | None = None,
     report: list | None = None,
@@ -160,6 +160,16 @@ def calibrate(
             :data:`COST_RTOL`) go to the earlier candidate, safe ones first. The winner is then searched (or
             taken) on all inputs and refined (``refine``). False: the joint search's schedules on all inputs, as
             they are.
+        fit: also weigh the *fitted* candidates (``select`` only, and only with ``"predict"`` in ``estimators``):
+            ``tail f1`` and ``uniform f1``, the compute steps of ``tail p1`` and ``uniform p1`` with each skipped
+            step's weights on the last two computed velocities fitted to the recording by least squares
+            (:func:`~meancache.calibration.fitting.fit_schedule`; the schedule stores them and the grid, and a run
+            on another grid uses ``predict``). Each is scored on inputs its weights were not fitted on (fitted on
+            one fold, scored on the other, both ways) and stays in the running only when it beats the best other
+            candidate in both the mean and the root mean square of the per-input errors; the winner is fitted on
+            every input. The report's ``fitted`` entry gives both measures. Off by default: on the bench flows
+            fitted weights lowered the held-out median error but not, in most cells, the rel L2, which a few
+            runaway inputs decide (bench/RESULTS.md).
         validate: how ``select`` scores the candidates. ``"runs"``: real sampled runs of the model from every
             calibration input (B evaluations per input and candidate), each candidate searched on all inputs, the
             score the mean per-input relative error (:func:`~meancache.calibration.selection.run_score`); needs the

@@ -23,6 +23,8 @@ noise. ``--flow`` and ``--model`` write the recording they make too, as ``record
 sampled runs of the model from every calibration input (B evaluations per input and candidate); ``replay``, folds
 of the recording; ``auto`` (the default), ``runs`` for ``--flow`` and ``replay`` for the others, as the library
 does. ``runs`` needs the model, so not with ``--recording``, and is not sharded, so not under ``torchrun``.
+``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
+recording, the ``f`` labels).
 
 ``--pipeline ID_OR_PATH`` records any diffusers pipeline whose scheduler is ``FlowMatchEulerDiscreteScheduler``
 (FLUX, Qwen-Image, Z-Image, SD3, HunyuanVideo, ...): ``DiffusionPipeline.from_pretrained`` of a saved folder
@@ -694,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="how the candidates are scored (calibrate's validate): runs = real sampled runs of the model "
                           "from the calibration inputs (not with --recording, nor under torchrun); replay = folds of "
                           "the recording; auto (default) = runs for --flow, replay otherwise")
+    cal.add_argument("--fit", action="store_true",
+                     help="also weigh the fitted candidates (calibrate's fit=True): per-step weights fitted to the "
+                          "recording, kept only when they beat the best other candidate on inputs they were not "
+                          "fitted on")
     cal.add_argument("--no-plot", action="store_true", help="write the JSON schedules only")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -729,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     if plan is not None:
         return _calibrate_pipeline(args, plan, estimators, fail)
     search = dict(budget=list(args.budget), gamma=args.gamma, max_len=args.max_len, estimators=estimators,
-                  elements=args.elements, validate=args.validate)
+                  elements=args.elements, validate=args.validate, fit=args.fit)
     try:
         if args.recording is not None:
             rec = Recording.load(args.recording)
@@ -810,7 +816,7 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
                         f"{str(exc).splitlines()[0] if str(exc) else ''})")
         report: list = []
         search = dict(budget=list(args.budget), gamma=args.gamma, max_len=args.max_len, estimators=estimators,
-                      report=report, elements=args.elements)
+                      report=report, elements=args.elements, fit=args.fit)
         pipeline_class = type(pipe).__name__
         if args.validate == "runs":  # one process (checked above): record and run the candidates in one call
             try:
@@ -854,7 +860,7 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
             "width": args.width, "frames": args.frames, "seed": args.seed, "device": str(plan.device),
             "dtype": str(plan.dtype).replace("torch.", ""), "world_size": plan.world_size,
             "budgets": list(args.budget), "gamma": args.gamma, "max_len": args.max_len, "elements": args.elements,
-            "estimators": list(estimators), "validate": args.validate,
+            "estimators": list(estimators), "validate": args.validate, "fit": args.fit,
         }
         try:
             _write_schedules(args, rec, schedules)

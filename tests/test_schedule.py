@@ -582,7 +582,13 @@ OPEN_TAILS = {
     "tail-K3": Schedule([0, 1, 4], [0, 2, 3], 7),
     "tail-of-2": Schedule([0, 1, 2], [0, 0, 1], 4, ["meancache", "meancache", "predict"]),
 }
-ROUNDTRIP = {**{f"{n}-B{b}": Schedule.preset(n, b) for n, b in PRESETS}, **CUSTOM, **OPEN_TAILS}
+FITTED = {
+    "fitted-tail": Schedule([0, 2, 3], [1, 0, 1], 6, ["fitted", "meancache", "fitted"],
+                            weights=[[(0.9,)], None, [(1.5, -0.5), (2.0, -1.0)]], grid=[1 - i / 6 for i in range(7)]),
+    "fitted-closed": Schedule([0, 3, 5], [1, 2], 6, ["predict", "fitted"], weights=[None, [(-0.25, 1.25)]],
+                              grid=[1 - i / 6 for i in range(7)]),
+}
+ROUNDTRIP = {**{f"{n}-B{b}": Schedule.preset(n, b) for n, b in PRESETS}, **CUSTOM, **OPEN_TAILS, **FITTED}
 
 
 @pytest.mark.parametrize("key", list(ROUNDTRIP), ids=list(ROUNDTRIP))
@@ -595,8 +601,9 @@ def test_json_roundtrip(key):
     assert back.to_json() == text
     assert back.pattern() == s.pattern()
     data = json.loads(text)
-    # a schedule without a tail stays version 2, which releases before the tail read
-    assert data["version"] == (SCHEDULE_FORMAT_VERSION if s.open_tail else 2)
+    # the oldest version that holds it: 2 without a tail (which releases before the tail read), 3 with one, 4 with
+    # fitted weights (the newest)
+    assert data["version"] == (SCHEDULE_FORMAT_VERSION if s.fitted else 3 if s.open_tail else 2)
     assert isinstance(data["format"], str) and data["format"]
     assert data["num_steps"] == s.num_steps
     assert data["compute_steps"] == list(s.compute_steps)

@@ -35,6 +35,7 @@ import torch
 
 from ..estimators import ESTIMATORS
 from ..estimators import MAX_EXTRAPOLATION_ORDER
+from ..estimators import FITTED
 from ..estimators import POLYNOMIAL_ESTIMATORS
 from ..estimators import MAX_GAIN
 from ..estimators import _GAUSS
@@ -719,13 +720,33 @@ def joint_solve(
     return schedules if many else schedules[0]
 
 
+def _fitted_cost(recording: Recording, computed: Sequence[int], rows, a: int, b: int) -> float:
+    """:func:`extrapolation_costs`' cost of the fitted segment ``a -> b`` whose skipped steps carry the weight
+    ``rows`` on the last computed steps of ``computed`` (oldest first): ``mean|x^_b - x_b| / (sigma_a - sigma_b)``
+    with ``x^_b = x_{a+1} + sum_i dt_i sum_j w_j(i) v_{c_j}`` from the recorded rows, 0 below the noise floor."""
+    sig = recording.sigmas
+    p, n = recording.num_inputs, recording.num_steps
+    lat = recording.latents.reshape(p, n + 1, -1)
+    vel = recording.velocities.reshape(p, n, -1)
+    nodes = list(computed[-len(rows[0]):])
+    dev = lat[:, a + 1].double() - lat[:, b].double()
+    for i, w in zip(range(a + 1, b), rows):
+        for c, x in zip(nodes, w):
+            dev += (sig[i + 1] - sig[i]) * x * vel[:, c].double()
+    err = float(dev.abs().mean(dim=-1).mean())
+    if err <= float(_noise_floor(lat)[b]):
+        return 0.0
+    h = sig[a] - sig[b]
+    return err / h if h > 0 else err
+
+
 def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
     """The cost of each segment of ``schedule``, at its own estimator and order: what the searches minimise
     (``sum cost ** gamma``), for checks, plots and brute force.
 
     A meancache segment is priced by :func:`segment_costs`' replay with its K (from step 0 too), an extrapolate or
-    predict segment by :func:`extrapolation_costs` with the schedule's compute steps up to its start; 1-step
-    segments cost 0.
+    predict segment by :func:`extrapolation_costs` with the schedule's compute steps up to its start, a fitted one
+    by the same deviation with its stored weights; 1-step segments cost 0.
 
     Args:
         recording: a :class:`Recording` with the schedule's N steps.
@@ -761,6 +782,8 @@ def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
             if k not in per_k:
                 per_k[k] = _per_order_costs(recording, longest, [k])[0]
             out.append(float(per_k[k][a, b - a]))
+        elif e == FITTED:
+            out.append(_fitted_cost(recording, steps[: j + 1], schedule.weights[j], a, b))
         else:
             nodes = [-1] * max(0, k + 1 - (j + 1)) + list(steps[max(0, j - k) : j + 1])
             out.append(float(extrapolation_costs(recording, [nodes], order=k, max_len=b - a, estimator=e,
