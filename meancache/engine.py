@@ -101,7 +101,7 @@ class Stats:
             lines.append(f"  latents changed from outside at {self.latent_edits} step(s); history re-anchored")
         if self.schedule is not None:
             steps, marks = self.schedule.pattern()
-            what = "K" if self.schedule.published else "K; l/q/c: extrapolate, L/Q/C: predict, order 1/2/3"
+            what = "K" if self.schedule.published else "K; l/q/c: extrapolate, L/Q/C: predict, f/g/h: fitted, order 1/2/3"
             lines.append(f"  schedule: {steps}  ({what}: {marks})")
         return "\n".join(lines)
 

@@ -325,7 +325,8 @@ class Schedule:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """One short label per segment: ``K<K>`` for meancache, ``e<p>`` for extrapolate, ``p<p>`` for predict.
+        """One short label per segment: ``K<K>`` for meancache, ``e<p>`` for extrapolate, ``p<p>`` for predict,
+        ``f<p>`` for fitted.
 
         Example:
             >>> Schedule([0, 2, 3], [2, 0], num_steps=4).labels
@@ -397,8 +398,8 @@ class Schedule:
     def pattern(self) -> tuple[str, str]:
         """The two strings of algorithm.md §6.3: ``C``/``.`` per step, and the estimator per skipped step (``-`` if
         computed): the digit K for meancache, ``l``/``q``/``c`` (linear, quadratic, cubic: ``e1``/``e2``/``e3`` of
-        :attr:`labels`) for extrapolate and ``L``/``Q``/``C`` (``p1``/``p2``/``p3``) for predict, one character per
-        step so the two strings line up.
+        :attr:`labels`) for extrapolate, ``L``/``Q``/``C`` (``p1``/``p2``/``p3``) for predict and ``f``/``g``/``h``
+        (``f1``/``f2``/``f3``) for fitted, one character per step so the two strings line up.
 
         Example:
             >>> Schedule([0, 2, 3], [1, 0], num_steps=4).pattern()
