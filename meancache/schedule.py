@@ -683,6 +683,11 @@ class Schedule:
         if num_steps == self._num_steps:
             return self
         if self.fitted:  # the weights belong to the steps they were fitted on
+            if (self, num_steps) not in _WARNED:
+                if len(_WARNED) < 64:
+                    _WARNED.add((self, num_steps))
+                logger.warning("meancache: a schedule with fitted weights (fitted on %d steps) resampled to %d steps "
+                               "uses predict of the same orders instead", self._num_steps, num_steps)
             return self.unfitted().resample(num_steps)
         if self.budget >= num_steps:
             if self.budget > num_steps:

@@ -117,11 +117,17 @@ def test_fitted_json_roundtrip_and_versions():
 
 
 def test_unfitted_resample_and_other_grids(caplog):
+    from meancache.schedule import _WARNED
+
+    _WARNED.clear()  # the warnings are once per process: start from none
     s = _small_fitted()
     plain = s.unfitted()
     assert plain.estimators == ("predict", "meancache", "predict") and not plain.fitted
     assert plain.compute_steps == s.compute_steps and plain.orders == s.orders
-    assert s.resample(12) == plain.resample(12)  # the weights belong to the 6-step grid
+    with caplog.at_level(logging.WARNING, logger="meancache"):
+        assert s.resample(12) == plain.resample(12)  # the weights belong to the 6-step grid
+    assert "resampled to 12 steps uses predict" in caplog.text
+    caplog.clear()
     assert s.for_grid(list(s.grid)) is s
     moved = [g * 0.99 if 0 < g < 1 else g for g in s.grid]
     with caplog.at_level(logging.WARNING, logger="meancache"):
@@ -317,6 +323,10 @@ def test_calibrate_with_fit_finds_the_exact_weights():
     rec = meancache.record(_scaled, x0, grid, progress=False)
     again = meancache.calibrate(rec, budget=6, fit=True, progress=False)
     assert again.fitted and rel_err(meancache.sample(_scaled, held_out, grid, again), full) <= 1e-3
+    replay: list = []
+    assert meancache.calibrate(rec, budget=6, fit=True, report=replay, progress=False) == again
+    chosen = replay[0]["chosen"]
+    assert replay[0]["measure"] == "replay" and chosen in replay[0]["fitted"] and replay[0]["candidates"][chosen] == again
 
 
 def test_fit_needs_the_predict_family_and_a_bool():
