@@ -819,6 +819,8 @@ def test_quality(benchmark, flow_name, machine_info, capsys):
     assert all(m in result["rows"] for m in (DEFAULT_CAL, *BAR))
     assert (f"{DEFAULT_CAL} from mixture-shift3" in result["rows"]) == (flow_name == "mixture-heldout")
     assert set(result["chosen"]) == set(TEST_BUDGETS) and set(bar(result)) == set(TEST_BUDGETS)
+    assert all(m in result["rows"] for m in (FIT_CAL, *FIT_BAR)) and set(result["chosen_fit"]) == set(TEST_BUDGETS)
+    assert set(bar(result, FIT_BAR, FIT_CAL)) == set(TEST_BUDGETS)
     benchmark.extra_info.update(machine_info)
     benchmark.extra_info.update(
         flow=result["flow"],
@@ -826,6 +828,7 @@ def test_quality(benchmark, flow_name, machine_info, capsys):
         errors={m: {str(b): list(v) for b, v in rows.items()} for m, rows in result["rows"].items()},
         schedules={str(b): s for b, s in result["schedules"].items()},
         chosen={str(b): c for b, c in result["chosen"].items()},
+        chosen_fit={str(b): c for b, c in result["chosen_fit"].items()},
         full_vs_exact=list(result["full_vs_exact"]),
         seconds=result["seconds"],
         lowest=winners(result),
