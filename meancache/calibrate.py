@@ -485,10 +485,10 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             for b in group:
                 safe = _safe(b, n, families, max_len, L)
                 candidates = _candidates(safe, everything, b)
-                scores, stopped = _run_scores(runs, candidates, rec.num_inputs)
+                scores, stopped, complete = _run_scores(runs, candidates, rec.num_inputs)
                 fitted = {}
                 if fit:
-                    leader = runs[0](candidates[_least(scores)])
+                    leader = complete[_least(scores)]
                     for name, base in _fit_bases(safe, rec):
                         errs = _cross_errors(rec, base, lambda s, val: runs[0](s, val))
                         fitted[name] = _fit_entry(errs, leader)
@@ -610,10 +610,11 @@ def _chosen(rec, budget, measure, scores, candidates, refine, scorer, progress, 
 STOP_LOSING_RUNS = True
 
 
-def _run_scores(runs, candidates: dict[str, Schedule | None], count: int) -> tuple[dict[str, float], dict]:
+def _run_scores(runs, candidates: dict[str, Schedule | None], count: int) -> tuple[dict[str, float], dict, dict]:
     """Each candidate's :func:`run_score` from real runs (``runs``: a scorer of
-    :mod:`~meancache.calibration.runs`), ``inf`` for a candidate without a schedule, and the candidates whose runs
-    were stopped early, ``{name: lower bound of its score}`` (their score is None).
+    :mod:`~meancache.calibration.runs`), ``inf`` for a candidate without a schedule, the candidates whose runs
+    were stopped early, ``{name: lower bound of its score}`` (their score is None), and the per-input errors
+    ``(count,)`` of every candidate whose runs completed (what the fitted candidates are weighed against).
 
     A schedule that several candidates share is run once. Where each input runs in its own model call (a list of
     inputs, a pipeline) and :data:`STOP_LOSING_RUNS` is set, every schedule first runs the first input; then, in
@@ -629,25 +630,30 @@ def _run_scores(runs, candidates: dict[str, Schedule | None], count: int) -> tup
             distinct.setdefault(s, []).append(name)
     scores: dict[str, float | None] = {name: math.inf for name in candidates}
     stopped: dict[str, float] = {}
+    complete: dict[str, torch.Tensor] = {}
     if per_run == 1 or count < 2 or not STOP_LOSING_RUNS:
         for s, names in distinct.items():
-            value = run_score(errors(s))
-            scores.update(dict.fromkeys(names, value))
-        return scores, stopped
-    first = {s: float(errors(s, [0])[0]) for s in distinct}
+            e = errors(s)
+            scores.update(dict.fromkeys(names, run_score(e)))
+            complete.update(dict.fromkeys(names, e))
+        return scores, stopped, complete
+    first = {s: errors(s, [0]).double() for s in distinct}
     best = math.inf
-    for s in sorted(distinct, key=lambda s: first[s]):  # stable: equal errors keep the candidates' order
-        total, done = first[s], 1
+    for s in sorted(distinct, key=lambda s: float(first[s][0])):  # stable: equal errors keep the candidates' order
+        parts = [first[s]]
+        total, done = float(first[s][0]), 1
         while done < count and not total > best * (1 + 2 * COST_RTOL):
-            total += float(errors(s, [done])[0])
+            parts.append(errors(s, [done]).double())
+            total += float(parts[-1][0])
             done += 1
         if done == count:  # complete (its last input may still have put it above the best)
             best = min(best, total)
             scores.update(dict.fromkeys(distinct[s], total / count))
+            complete.update(dict.fromkeys(distinct[s], torch.cat(parts)))
         else:
             scores.update(dict.fromkeys(distinct[s], None))
             stopped.update(dict.fromkeys(distinct[s], total / count))
-    return scores, stopped
+    return scores, stopped, complete
 
 
 def _least(scores: dict[str, float]) -> str:

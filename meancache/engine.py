@@ -141,10 +141,10 @@ class Trajectory:
     def __init__(self, plan, sigmas: list[float], history: History | None = None):
         if len(sigmas) != plan.num_steps + 1:
             raise ValueError(f"sigmas has {len(sigmas)} values for a plan of {plan.num_steps} steps: need N + 1")
-        fitted = plan.static_schedule if getattr(plan, "static_schedule", None) is not None else None
-        if fitted is not None and fitted.fitted:  # fitted weights hold on their own grid only
-            used = fitted.for_grid(sigmas)
-            if used is not fitted:
+        schedule = getattr(plan, "static_schedule", None)
+        if schedule is not None and schedule.fitted:  # fitted weights hold on their own grid only
+            used = schedule.for_grid(sigmas)
+            if used is not schedule:
                 plan = type(plan)(used)
         self.plan = plan
         self.sigmas = sigmas

@@ -314,6 +314,17 @@ def test_calibrate_with_fit_finds_the_exact_weights():
     assert report[0]["chosen"] in ("tail f1", "uniform f1") and set(report[0]["fitted"]) == {"tail f1", "uniform f1"}
     entry = report[0]["fitted"][report[0]["chosen"]]
     assert entry["mean"] < entry["leader_mean"] and entry["rms"] < entry["leader_rms"]
+    # the leader's errors are those its runs scored: the mean is the least score of the other candidates
+    others = [v for k, v in report[0]["scores"].items() if k not in report[0]["fitted"] and v is not None]
+    assert entry["leader_mean"] == pytest.approx(min(others), rel=1e-12)
+    # one call per input (a list): losing candidates stop early, and the leader's complete runs are reused
+    listed: list = []
+    per_input = meancache.calibrate(_scaled, list(x0.split(1)), sigmas=grid, budget=6, fit=True, report=listed,
+                                    progress=False)
+    assert per_input.fitted and listed[0]["chosen"] in listed[0]["fitted"]
+    lead = listed[0]["fitted"][listed[0]["chosen"]]
+    complete = [v for k, v in listed[0]["scores"].items() if k not in listed[0]["fitted"] and v is not None]
+    assert lead["leader_mean"] == pytest.approx(min(complete), rel=1e-12)
     held_out = torch.randn(64, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     full = meancache.sample(_scaled, held_out, grid, Schedule.full(N))
     ours = rel_err(meancache.sample(_scaled, held_out, grid, fitted), full)

@@ -27,6 +27,7 @@ from ..estimators import FITTED
 from ..estimators import POLYNOMIAL_ESTIMATORS
 from ..estimators import polynomial_weights
 from ..schedule import Schedule
+from ..validation import is_real
 from .recording import Recording
 from .recording import record  # noqa: F401  (the doctests build recordings with it)
 
@@ -71,7 +72,7 @@ def fit_schedule(recording: Recording, schedule: Schedule, inputs: Sequence[int]
     """
     if schedule.num_steps != recording.num_steps:
         raise ValueError(f"schedule.num_steps={schedule.num_steps} != the recording's {recording.num_steps} steps")
-    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge >= 0:
+    if not is_real(ridge) or not ridge >= 0:
         raise ValueError(f"ridge={ridge!r}: must be a number >= 0")
     picked = list(range(recording.num_inputs)) if inputs is None else list(inputs)
     if not picked or any(not 0 <= i < recording.num_inputs for i in picked):

@@ -720,10 +720,11 @@ def joint_solve(
     return schedules if many else schedules[0]
 
 
-def _fitted_cost(recording: Recording, computed: Sequence[int], rows, a: int, b: int) -> float:
+def _fitted_cost(recording: Recording, computed: Sequence[int], rows, a: int, b: int, floor: torch.Tensor) -> float:
     """:func:`extrapolation_costs`' cost of the fitted segment ``a -> b`` whose skipped steps carry the weight
     ``rows`` on the last computed steps of ``computed`` (oldest first): ``mean|x^_b - x_b| / (sigma_a - sigma_b)``
-    with ``x^_b = x_{a+1} + sum_i dt_i sum_j w_j(i) v_{c_j}`` from the recorded rows, 0 below the noise floor."""
+    with ``x^_b = x_{a+1} + sum_i dt_i sum_j w_j(i) v_{c_j}`` from the recorded rows, 0 below ``floor[b]`` (the
+    recording's :func:`_noise_floor`)."""
     sig = recording.sigmas
     p, n = recording.num_inputs, recording.num_steps
     lat = recording.latents.reshape(p, n + 1, -1)
@@ -734,7 +735,7 @@ def _fitted_cost(recording: Recording, computed: Sequence[int], rows, a: int, b:
         for c, x in zip(nodes, w):
             dev += (sig[i + 1] - sig[i]) * x * vel[:, c].double()
     err = float(dev.abs().mean(dim=-1).mean())
-    if err <= float(_noise_floor(lat)[b]):
+    if err <= float(floor[b]):
         return 0.0
     h = sig[a] - sig[b]
     return err / h if h > 0 else err
@@ -775,6 +776,7 @@ def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
     longest = max(b - a for a, b, _, _ in schedule.segments)
     out: list[float] = []
     per_k: dict[int, torch.Tensor] = {}
+    floor = None
     for j, (a, b, e, k) in enumerate(schedule.segments):
         if b - a == 1:
             out.append(0.0)
@@ -783,7 +785,9 @@ def schedule_costs(recording: Recording, schedule: Schedule) -> list[float]:
                 per_k[k] = _per_order_costs(recording, longest, [k])[0]
             out.append(float(per_k[k][a, b - a]))
         elif e == FITTED:
-            out.append(_fitted_cost(recording, steps[: j + 1], schedule.weights[j], a, b))
+            if floor is None:  # one pass over the recording, for every fitted segment
+                floor = _noise_floor(recording.latents.reshape(recording.num_inputs, n + 1, -1))
+            out.append(_fitted_cost(recording, steps[: j + 1], schedule.weights[j], a, b, floor))
         else:
             nodes = [-1] * max(0, k + 1 - (j + 1)) + list(steps[max(0, j - k) : j + 1])
             out.append(float(extrapolation_costs(recording, [nodes], order=k, max_len=b - a, estimator=e,
