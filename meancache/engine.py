@@ -12,7 +12,11 @@ A trajectory owns:
 * the **stats** of the trajectory (:class:`Stats`);
 * the three **steps** through the fused ops: :meth:`compute` (log + Euler), :meth:`skip` (estimate + log + Euler),
   :meth:`estimate` (estimate + log, the caller steps), plus :meth:`log` for a computed step whose Euler step
-  somebody else takes (the diffusers scheduler).
+  somebody else takes (the diffusers scheduler);
+* the schedule's **corrector** (:func:`~meancache.estimators.correction_weights`): at a computed step that ends a
+  segment of a node estimator, :meth:`compute` adds the correction to the latent it returns, and :meth:`log`
+  returns it as a velocity term for the caller to add to the velocity it steps with (a few tensor ops, once per
+  such step; not fused).
 
 Invariant: after step ``i`` of a branch, its ring holds steps ``max(0, i + 1 - C) .. i`` (``history.count == i + 1``),
 so a skipped step's window ``k = min(K, logged)`` always finds its entries. The adapters only work out which step
@@ -32,6 +36,7 @@ import torch
 from . import ops
 from .estimators import FITTED
 from .estimators import NODE_ESTIMATORS
+from .estimators import correction_weights
 from .estimators import polynomial_weights
 from .history import History
 from .schedule import Schedule
@@ -150,6 +155,7 @@ class Trajectory:
         self.sigmas = sigmas
         # computed velocities each branch keeps for extrapolate segments (0: the published estimator only)
         self.depth = plan.depth
+        self.corrector = plan.corrector
         self.branches: dict[Hashable, Branch] = {}
         self._spare: dict[Hashable, History] = {}
         self.stats = Stats(num_steps=plan.num_steps, schedule=plan.static_schedule)
@@ -200,10 +206,10 @@ class Trajectory:
         g = self.sigmas
         return k, g[i - k], g[i], g[i + 1]
 
-    def _extrapolation(self, i: int, branch: Branch) -> tuple[list[int], tuple[float, ...]]:
+    def _extrapolation(self, i: int, branch: Branch, nodes=None) -> tuple[list[int], tuple[float, ...]]:
         """Slots in ``vc`` and weights of step ``i``'s polynomial estimate through the branch's kept computed
-        steps."""
-        nodes = branch.history.nodes
+        steps (``nodes``, default the branch's current ones)."""
+        nodes = branch.history.nodes if nodes is None else nodes
         step = self.plan[i]
         if step.estimator == FITTED:  # the schedule's own weights, on the same nodes the fit read
             return [slot for slot, _ in nodes[-len(step.weights):]], step.weights
@@ -211,24 +217,60 @@ class Trajectory:
                                         step.order)
         return [slot for slot, _ in nodes[-q - 1 :]], weights
 
+    def _correction(self, i: int, branch: Branch, v: torch.Tensor) -> torch.Tensor | None:
+        """The corrector's latent correction at computed step ``i`` with velocity ``v`` (before ``v`` is kept), or
+        None where there is none: no corrector, or the segment before ``i`` skipped nothing or is meancache."""
+        if not self.corrector or i == 0:
+            return None
+        a = i - 1
+        while not self.plan[a].computed:
+            a -= 1
+        if a == i - 1 or self.plan[i - 1].estimator not in NODE_ESTIMATORS:
+            return None
+        nodes = branch.history.nodes
+        g = self.sigmas
+        rows = []
+        for j in range(a + 1, i):
+            slots, weights = self._extrapolation(j, branch, nodes)
+            rows.append((g[j], g[j + 1] - g[j], weights))
+        old, new = correction_weights([s for _, s in nodes], g[i], rows, self.corrector)
+        out = v * new
+        for (slot, _), w in zip(nodes[-len(old):], old):
+            out = out.add(branch.history.vc[slot].to(out.dtype), alpha=w)
+        return out
+
     # -- the steps ------------------------------------------------------------------------------------------------
     def compute(self, i: int, x: torch.Tensor, v: torch.Tensor, key: Hashable = 0) -> torch.Tensor:
-        """Computed step ``i``: log the model's ``(x_i, v_i)`` and return ``x_{i+1} = x_i + dt * v_i`` (one op)."""
+        """Computed step ``i``: log the model's ``(x_i, v_i)`` and return ``x_{i+1} = x_i + dt * v_i`` (one op),
+        plus the corrector's correction where the schedule has one."""
         b = self.branch(i, key)
         xs, vs = b.history.prepare(x)
         out = ops.compute_step(x, v, xs, vs, i, self.sigmas[i], self.sigmas[i + 1])
         b.history.advance()
+        delta = self._correction(i, b, v)
+        if delta is not None:
+            out = out + delta.to(out.dtype)
         b.history.keep(self.sigmas[i], v)
         b.pending = v
         return out
 
-    def log(self, i: int, x: torch.Tensor, v: torch.Tensor, key: Hashable = 0, observed=None) -> None:
+    def log(self, i: int, x: torch.Tensor, v: torch.Tensor, key: Hashable = 0, observed=None):
         """Computed step ``i`` whose Euler step the caller takes: log ``(x_i, v_i)``; ``observed`` (default ``v``)
-        is what an online plan measures."""
+        is what an online plan measures.
+
+        Returns:
+            None, or with a corrector the velocity term ``u`` (``v``'s shape and dtype) the caller adds to the
+            velocity it steps with, ``x_{i+1} = x_i + dt * (v_i + u)`` (the latent correction divided by ``dt``).
+        """
         b = self.branch(i, key)
         b.history.push(x, v)
+        delta = self._correction(i, b, v)
         b.history.keep(self.sigmas[i], v)
         b.pending = v if observed is None else observed
+        if delta is None:
+            return None
+        dt = self.sigmas[i + 1] - self.sigmas[i]
+        return delta / dt if dt else torch.zeros_like(delta)
 
     def skip(self, i: int, x: torch.Tensor, key: Hashable = 0) -> torch.Tensor:
         """Skipped step ``i``: estimate the average velocity, log it, return ``x_{i+1}`` (one op)."""

@@ -25,6 +25,13 @@ with weights that depend only on sigmas. They are computed here, in float64 on t
   a recording of the model, one set per skipped step, and stored in the schedule with the grid they were fitted on
   (:func:`meancache.calibration.fitting.fit_schedule`). They depend on that grid, not on the run's sigmas: a run on
   another grid uses ``predict`` of the same order instead (logged).
+
+A schedule may also carry a **corrector** of order c = 1 or 2 (:func:`correction_weights`): at each compute step
+that ends a segment of these node estimators, the velocity just computed is a node *past* the segment's skipped
+steps, so their velocities can be interpolated instead of extrapolated. The skipped steps' estimates are already
+spent in the latent, so the difference ``sum_i dt_i * (interpolated_i - estimate_i)`` is added at that compute
+step: a predictor-corrector pair (the corrected latent is not evaluated again, as in PEC multistep solvers and
+UniPC's corrector), with no extra model evaluation.
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ from typing import Sequence
 __all__ = [
     "ESTIMATORS",
     "FITTED",
+    "correction_weights",
     "NODE_ESTIMATORS",
     "POLYNOMIAL_ESTIMATORS",
     "SCHEDULE_ESTIMATORS",
+    "MAX_CORRECTOR",
     "MAX_EXTRAPOLATION_ORDER",
     "MAX_GAIN",
     "MAX_TERMS",
@@ -63,6 +72,9 @@ NODE_ESTIMATORS = POLYNOMIAL_ESTIMATORS + (FITTED,)
 _LABEL = {"meancache": "K", "extrapolate": "e", "predict": "p", FITTED: "f"}
 #: Highest polynomial order of ``extrapolate`` (a cubic through 4 computed velocities).
 MAX_EXTRAPOLATION_ORDER = 3
+#: Highest corrector order: a line through the segment's two ends (1), or the quadratic through them and the
+#: computed velocity before the segment (2).
+MAX_CORRECTOR = 2
 #: Most velocity terms one weighted step combines (the 4 nodes of a cubic).
 MAX_TERMS = MAX_EXTRAPOLATION_ORDER + 1
 #: Conditioning guard of :func:`extrapolation_weights`: the largest allowed ``sum_j |w_j|``, the factor by which
@@ -194,3 +206,57 @@ def polynomial_weights(
     if estimator == "extrapolate":
         return extrapolation_weights(nodes, sigma_now, sigma_next, order)
     raise ValueError(f"estimator={estimator!r}: must be one of {', '.join(POLYNOMIAL_ESTIMATORS)}")
+
+
+def correction_weights(
+    nodes: Sequence[float], sigma_new: float, skipped: Sequence[tuple[float, float, Sequence[float]]], order: int
+) -> tuple[tuple[float, ...], float]:
+    """Weights of the corrector of order ``order`` at a compute step that ends a segment of node estimators.
+
+    The segment's skipped steps ``i`` took ``x_{i+1} = x_i + dt_i * v_hat_i`` with ``v_hat_i = sum_j w_ij *
+    v(nodes[-len(w_i) + j])``. Once the velocity ``v_new`` at ``sigma_new`` is known, the polynomial in sigma
+    through the last ``q`` old nodes and ``(sigma_new, v_new)`` (``q = min(order, len(nodes))``) interpolates the
+    velocity at each skipped step's start, and the latent is corrected by ``delta = sum_i dt_i * (P(sigma_i) -
+    v_hat_i) = sum_j a_j * v(nodes[-m + j]) + a_new * v_new``. Host floats, float64.
+
+    Args:
+        nodes: sigmas of the computed steps before ``sigma_new``, oldest first (at least one).
+        sigma_new: the sigma of the compute step that ends the segment.
+        skipped: one ``(sigma_i, dt_i, weights_i)`` per skipped step of the segment, ``weights_i`` on the last
+            ``len(weights_i)`` of ``nodes`` (as the estimator used them), oldest first.
+        order: the corrector order c, 1..:data:`MAX_CORRECTOR`.
+
+    Returns:
+        ``(a, a_new)``: ``a`` on the last ``len(a)`` of ``nodes``, oldest first, and the weight of ``v_new``.
+
+    Example:
+        >>> # one skipped step at 0.5 between nodes 1.0 and 0.0, which reused v(1.0) over dt = -0.5:
+        >>> # the line through both ends gives (v(1.0) + v(0.0)) / 2 there
+        >>> correction_weights([1.0], 0.0, [(0.5, -0.5, (1.0,))], 1)
+        ((0.25,), -0.25)
+    """
+    if not is_int(order) or not 1 <= order <= MAX_CORRECTOR:
+        raise ValueError(f"order={order!r}: the corrector order must be an int in 1..{MAX_CORRECTOR}")
+    if not nodes:
+        raise ValueError("nodes=[]: a corrector needs the computed step before the segment")
+    q = min(int(order), len(nodes))
+    depth = max([q] + [len(w) for _, _, w in skipped])
+    if depth > len(nodes):
+        raise ValueError(f"skipped: weights on {depth} nodes but only {len(nodes)} are given")
+    old = [float(s) for s in nodes[-depth:]]
+    points = old[-q:] + [float(sigma_new)]
+    a = [0.0] * depth
+    a_new = 0.0
+    for sigma, dt, w in skipped:
+        for j, sj in enumerate(points):
+            basis = 1.0
+            for m, sm in enumerate(points):
+                if m != j:
+                    basis *= (sigma - sm) / (sj - sm)
+            if j == q:
+                a_new += dt * basis
+            else:
+                a[depth - q + j] += dt * basis
+        for j, wj in enumerate(w):
+            a[depth - len(w) + j] -= dt * wj
+    return tuple(a), a_new

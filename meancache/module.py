@@ -242,9 +242,10 @@ class MeanCacheController:
             v_out, branch.rebuild = split_output(out)
             check_velocity(v_out, x, f"model call at step {step}")
             branch.out_dtype = v_out.dtype
-            traj.log(step, x, v_out.to(history_dtype(x.dtype)) * sign, key, observed=v_out)
+            extra = traj.log(step, x, v_out.to(history_dtype(x.dtype)) * sign, key, observed=v_out)
             traj.stats.model_calls += 1
-            result = out
+            # the schedule's corrector: the caller steps with the returned velocity, so the correction rides on it
+            result = out if extra is None else branch.rebuild((v_out + extra * sign).to(v_out.dtype))
         else:
             v_out = traj.estimate(step, x, key, sign, branch.out_dtype)
             traj.stats.calls_saved += 1

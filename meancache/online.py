@@ -150,6 +150,8 @@ class OnlinePlan:
 
     #: An online plan has no schedule before the run (the :mod:`meancache.plans` interface).
     static_schedule = None
+    #: Nor a corrector: its compute steps are decided one at a time.
+    corrector = 0
 
     def __len__(self) -> int:
         return self.num_steps

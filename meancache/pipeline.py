@@ -159,7 +159,9 @@ class _PipelineState:
         self._follow_edits(sample, i)
         if traj.computed(i):
             check_velocity(model_output, sample, f"the pipeline's velocity at step {i}")
-            traj.log(i, sample, model_output)
+            extra = traj.log(i, sample, model_output)
+            if extra is not None:  # the schedule's corrector, carried by the velocity the scheduler steps with
+                model_output = (model_output + extra).to(model_output.dtype)
             result = original_step(model_output, timestep, sample, *args, **kwargs)
         else:
             x_next = traj.skip(i, sample)

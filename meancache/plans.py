@@ -84,6 +84,7 @@ class StaticPlan:
             self._steps = schedule.expand()
             self.window = schedule.window
             self.depth = schedule.depth
+            self.corrector = schedule.corrector
         else:
             if not is_int(num_steps) or num_steps < 1:
                 raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
@@ -91,6 +92,7 @@ class StaticPlan:
             self._steps = (StepPlan(True, 0),) * self.num_steps
             self.window = 1
             self.depth = 0
+            self.corrector = 0
 
     def __len__(self) -> int:
         return self.num_steps

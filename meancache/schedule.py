@@ -18,6 +18,11 @@ compute step ``c < N - 1`` starts one more segment, ``c -> N``, whose steps are 
 ``orders`` and ``estimators``). At small budgets that gives the evaluation the last step would spend, near
 sigma = 0 where the velocity changes least, to the rest of the run.
 
+A schedule may carry a **corrector** (``corrector=1`` or ``2``, :func:`meancache.estimators.correction_weights`):
+at each compute step that ends a segment of a node estimator (``extrapolate``, ``predict``, ``fitted``), the
+segment's skipped velocities are re-estimated by interpolation through the new velocity, and the difference is
+added to the latent there, with no extra model evaluation. ``corrector=0`` (the default) is the plain run.
+
 Published tables ship as JSON files in ``meancache/presets`` and load with :meth:`Schedule.preset`.
 """
 
@@ -41,6 +46,7 @@ from .estimators import ESTIMATORS
 from .estimators import FITTED
 from .estimators import NODE_ESTIMATORS
 from .estimators import SCHEDULE_ESTIMATORS
+from .estimators import MAX_CORRECTOR
 from .estimators import MAX_EXTRAPOLATION_ORDER
 from .estimators import estimator_label
 from .validation import is_int
@@ -58,11 +64,12 @@ logger = logging.getLogger("meancache")
 #: second or two. Without a bound, a file with ``"num_steps": 1000000000`` loads and then hangs in ``window``.
 MAX_STEPS = 10_000
 #: Newest version of schedule files. Version 2 adds each segment's estimator, version 3 the open tail, version 4
-#: fitted segments (their weights and grid); :meth:`Schedule.to_dict` writes the oldest version that holds the
-#: schedule (2 without a tail, 3 with one, 4 with fitted weights), so older releases read what they can run.
-#: :meth:`Schedule.from_json` reads versions 1 (every segment the published estimator) to 4.
-SCHEDULE_FORMAT_VERSION = 4
-_READ_VERSIONS = (1, 2, 3, 4)
+#: fitted segments (their weights and grid), version 5 the corrector; :meth:`Schedule.to_dict` writes the oldest
+#: version that holds the schedule (2 without a tail, 3 with one, 4 with fitted weights, 5 with a corrector), so
+#: older releases read what they can run. :meth:`Schedule.from_json` reads versions 1 (every segment the published
+#: estimator) to 5.
+SCHEDULE_FORMAT_VERSION = 5
+_READ_VERSIONS = (1, 2, 3, 4, 5)
 #: Largest difference between a run's sigmas and the grid a fitted schedule was fitted on for which the fitted
 #: weights are used; beyond it the run uses ``predict`` of the same order (:meth:`Schedule.unfitted`).
 GRID_ATOL = 1e-6
@@ -122,6 +129,9 @@ class Schedule:
             first. None (the default) when no segment is fitted.
         grid: with fitted segments: the ``num_steps + 1`` sigmas the weights were fitted on (a run on another grid
             uses ``predict`` instead, :meth:`unfitted`); None otherwise.
+        corrector: 0 (the default: none), 1 or 2: the order of the corrector applied at each compute step that
+            ends an ``extrapolate``, ``predict`` or ``fitted`` segment (see the module docstring); at least one
+            segment must use one of these estimators.
 
     Raises:
         ValueError: naming the field, the bad value and the rule, for every violated invariant.
@@ -138,7 +148,8 @@ class Schedule:
         (True, ('C.C.C.', '-1-l-l'))
     """
 
-    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_estimators", "_weights", "_grid", "_plan")
+    __slots__ = ("_compute_steps", "_orders", "_num_steps", "_estimators", "_weights", "_grid", "_corrector",
+                 "_plan")
 
     def __init__(
         self,
@@ -149,6 +160,7 @@ class Schedule:
         *,
         weights=None,
         grid=None,
+        corrector: int = 0,
     ):
         _check_num_steps(num_steps)
         steps = _as_tuple(compute_steps, "compute_steps", "a sequence of ints (the computed step indices)")
@@ -219,6 +231,14 @@ class Schedule:
                     "segments; a skipped step needs K >= 1"
                 )
         self._weights, self._grid = _check_fit(weights, grid, steps, ends, names, ks, num_steps)
+        if not is_int(corrector) or not 0 <= corrector <= MAX_CORRECTOR:
+            raise ValueError(f"corrector={corrector!r}: must be an int in 0..{MAX_CORRECTOR} (0: no corrector)")
+        if corrector and not any(e in NODE_ESTIMATORS for e in names):
+            raise ValueError(
+                f"corrector={corrector}: corrects extrapolate, predict and fitted segments only, and estimators="
+                f"{list(names)} has none"
+            )
+        self._corrector = int(corrector)
         self._compute_steps = tuple(int(c) for c in steps)
         self._orders = tuple(int(k) for k in ks)
         self._num_steps = int(num_steps)
@@ -266,6 +286,16 @@ class Schedule:
         return self._estimators
 
     @property
+    def corrector(self) -> int:
+        """The corrector order: 0 (none), 1 or 2 (see the module docstring).
+
+        Example:
+            >>> Schedule([0, 3, 5], [1, 1], 6, ["predict"] * 2, corrector=1).corrector
+            1
+        """
+        return self._corrector
+
+    @property
     def fitted(self) -> bool:
         """Whether a segment carries fitted weights (then :attr:`weights` and :attr:`grid` are set)."""
         return self._grid is not None
@@ -294,7 +324,7 @@ class Schedule:
         if not self.fitted:
             return self
         names = ["predict" if e == FITTED else e for e in self._estimators]
-        return Schedule(self._compute_steps, self._orders, self._num_steps, names)
+        return Schedule(self._compute_steps, self._orders, self._num_steps, names, corrector=self._corrector)
 
     def for_grid(self, sigmas) -> "Schedule":
         """The schedule a run on ``sigmas`` (``num_steps + 1`` values) uses: itself, or :meth:`unfitted` with a log
@@ -418,7 +448,8 @@ class Schedule:
 
     # -- equality and display -------------------------------------------------------------------------------------
     def _key(self):
-        return (self._compute_steps, self._orders, self._num_steps, self._estimators, self._weights, self._grid)
+        return (self._compute_steps, self._orders, self._num_steps, self._estimators, self._weights, self._grid,
+                self._corrector)
 
     def __eq__(self, other):
         if not isinstance(other, Schedule):
@@ -432,6 +463,8 @@ class Schedule:
         extra = "" if self.published else f", estimators={list(self._estimators)}"
         if self.fitted:
             extra += f", weights={_listed(self._weights)}, grid={list(self._grid)}"
+        if self._corrector:
+            extra += f", corrector={self._corrector}"
         return (
             f"Schedule(compute_steps={list(self._compute_steps)}, orders={list(self._orders)}, "
             f"num_steps={self._num_steps}{extra})"
@@ -445,10 +478,10 @@ class Schedule:
     # -- serialisation --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-ready dict with the format name and version (2; 3 for a schedule with an open tail; 4 with fitted
-        segments, which adds ``weights`` and ``grid``)."""
+        segments, which adds ``weights`` and ``grid``; 5 with a corrector, which adds ``corrector``)."""
         out = {
             "format": SCHEDULE_FORMAT,
-            "version": 4 if self.fitted else 3 if self.open_tail else 2,
+            "version": 5 if self._corrector else 4 if self.fitted else 3 if self.open_tail else 2,
             "num_steps": self._num_steps,
             "compute_steps": list(self._compute_steps),
             "orders": list(self._orders),
@@ -457,6 +490,8 @@ class Schedule:
         if self.fitted:
             out["weights"] = _listed(self._weights)
             out["grid"] = list(self._grid)
+        if self._corrector:
+            out["corrector"] = self._corrector
         return out
 
     def to_json(self) -> str:
@@ -471,9 +506,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data) -> "Schedule":
-        """Build from :meth:`to_dict` output, checking the format name and version (1 to 4; a version 1 file has
-        no ``estimators`` and loads as the published estimator on every segment; only versions 3 and 4 may leave the
-        last step to an open tail, only version 4 holds fitted segments)."""
+        """Build from :meth:`to_dict` output, checking the format name and version (1 to 5; a version 1 file has
+        no ``estimators`` and loads as the published estimator on every segment; only versions 3 and later may leave
+        the last step to an open tail, only 4 and later hold fitted segments, only 5 a corrector)."""
         if not isinstance(data, dict):
             raise ValueError(f"schedule data={type(data).__name__}: must be a JSON object")
         fmt = data.get("format")
@@ -500,7 +535,12 @@ class Schedule:
             raise ValueError(f"{sorted(fit)} in a version {version} schedule: fitted weights need version 4")
         if version < 4 and FITTED in (data.get("estimators") or ()):
             raise ValueError(f"a fitted segment in a version {version} schedule: fitted segments need version 4")
-        out = cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"), **fit)
+        if "corrector" in data and version < 5:
+            raise ValueError(f"corrector in a version {version} schedule: a corrector needs version 5")
+        if version == 5 and "corrector" not in data:
+            raise ValueError("a version 5 schedule must give its corrector (version 5 is written only with one)")
+        out = cls(data["compute_steps"], data["orders"], data["num_steps"], data.get("estimators"), **fit,
+                  corrector=data.get("corrector", 0))
         if out.open_tail and version < 3:
             raise ValueError(
                 f"compute_steps={list(out.compute_steps)} leaves the last step {out.num_steps - 1} to an open tail, "
@@ -707,7 +747,8 @@ class Schedule:
         names = list(self._estimators)
         if self.open_tail and steps[-1] == num_steps - 1:  # the tail shrank to the computed last step
             orders, names = orders[:-1], names[:-1]
-        return Schedule(steps, orders, num_steps, names)
+        keep = self._corrector if any(e in NODE_ESTIMATORS for e in names) else 0
+        return Schedule(steps, orders, num_steps, names, corrector=keep)
 
 
 def fit_steps(schedule: Schedule, num_steps: int) -> Schedule:
