@@ -101,7 +101,8 @@ def fit_schedule(recording: Recording, schedule: Schedule, inputs: Sequence[int]
             rows.append(tuple(float(x) for x in w))
         names.append(FITTED)
         weights.append(rows)
-    return Schedule(steps, schedule.orders, schedule.num_steps, names, weights=weights, grid=sig)
+    return Schedule(steps, schedule.orders, schedule.num_steps, names, weights=weights, grid=sig,
+                    corrector=schedule.corrector)
 
 
 def cross_fitted(recording: Recording, schedule: Schedule, folds) -> list[tuple[Schedule, list[int]]]:
