@@ -162,7 +162,7 @@ def test_v2_documents_are_validated():
     good = json.loads(MIXED.to_json())
     for change, match in [
         ({"estimators": None}, "estimators"),
-        ({"version": 5}, "versions 1, 2, 3, 4"),
+        ({"version": 6}, "versions 1, 2, 3, 4, 5"),
         ({"version": 1}, "version 1"),
     ]:
         with pytest.raises(ValueError, match=match):

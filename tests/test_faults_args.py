@@ -334,7 +334,7 @@ def _schedule_doc(**changes):
 @pytest.mark.parametrize("version", [2.0, 1.0, np.float64(2.0)], ids=["2.0", "1.0", "np-2.0"])
 def test_schedule_version_must_be_an_int(version):
     with pytest.raises(ValueError, match=rf"version={re.escape(repr(version))}: this meancache reads schedule format "
-                                         r"versions 1, 2, 3, 4 \(an integer\)"):
+                                         r"versions 1, 2, 3, 4, 5 \(an integer\)"):
         Schedule.from_dict(_schedule_doc(version=version))
 
 

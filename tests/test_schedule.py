@@ -581,6 +581,7 @@ OPEN_TAILS = {
     "tail-e1": Schedule([0, 8, 17, 25, 33, 42], [1, 1, 1, 1, 1, 1], 50, ["meancache"] + ["extrapolate"] * 5),
     "tail-K3": Schedule([0, 1, 4], [0, 2, 3], 7),
     "tail-of-2": Schedule([0, 1, 2], [0, 0, 1], 4, ["meancache", "meancache", "predict"]),
+    "corrected": Schedule([0, 3, 5], [2, 1, 1], 7, ["meancache", "predict", "extrapolate"], corrector=2),
 }
 FITTED = {
     "fitted-tail": Schedule([0, 2, 3], [1, 0, 1], 6, ["fitted", "meancache", "fitted"],
@@ -602,8 +603,8 @@ def test_json_roundtrip(key):
     assert back.pattern() == s.pattern()
     data = json.loads(text)
     # the oldest version that holds it: 2 without a tail (which releases before the tail read), 3 with one, 4 with
-    # fitted weights (the newest)
-    assert data["version"] == (SCHEDULE_FORMAT_VERSION if s.fitted else 3 if s.open_tail else 2)
+    # fitted weights, 5 with a corrector (the newest)
+    assert data["version"] == (5 if s.corrector else 4 if s.fitted else 3 if s.open_tail else 2)
     assert isinstance(data["format"], str) and data["format"]
     assert data["num_steps"] == s.num_steps
     assert data["compute_steps"] == list(s.compute_steps)
