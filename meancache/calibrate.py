@@ -146,7 +146,10 @@ def calibrate(
             the safe schedules that need no search (:func:`~meancache.calibration.selection.safe_candidates`:
             ``Schedule.default``, uniform compute steps with ``predict`` p = 1 and ``extrapolate`` p = 1, and
             ``tail e1`` and ``tail p1``, the same over the whole run with an open tail (``tail e1`` is a two-step
-            Adams-Bashforth solver on the B compute steps); those whose estimators are in ``estimators``) and the
+            Adams-Bashforth solver on the B compute steps), and ``uniform p1`` and ``tail p1`` with a corrector of
+            order 1 and 2 (``uniform p1 c1`` ... ``tail p1 c2``, :data:`~meancache.calibration.selection.CORRECTED`:
+            each segment re-estimated by interpolation once the next velocity is computed, see
+            :class:`~meancache.Schedule`); those whose estimators are in ``estimators``) and the
             searches: the published estimator's, and the joint search under each gain cap of :data:`GAIN_CAPS` (with every estimator, and
             with the polynomial ones only), and the joint search free to end in an open tail (``joint g4 tail``,
             ``joint g8 tail``: the last steps estimated, their evaluation spent earlier; see

@@ -108,6 +108,8 @@ class Stats:
             steps, marks = self.schedule.pattern()
             what = "K" if self.schedule.published else "K; l/q/c: extrapolate, L/Q/C: predict, f/g/h: fitted, order 1/2/3"
             lines.append(f"  schedule: {steps}  ({what}: {marks})")
+            if self.schedule.corrector:
+                lines.append(f"  corrector: order {self.schedule.corrector}")
         return "\n".join(lines)
 
 
@@ -234,7 +236,8 @@ class Trajectory:
             slots, weights = self._extrapolation(j, branch, nodes)
             rows.append((g[j], g[j + 1] - g[j], weights))
         old, new = correction_weights([s for _, s in nodes], g[i], rows, self.corrector)
-        out = v * new
+        # at least float32: with half-precision latents the terms nearly cancel
+        out = v.to(torch.promote_types(v.dtype, torch.float32)) * new
         for (slot, _), w in zip(nodes[-len(old):], old):
             out = out.add(branch.history.vc[slot].to(out.dtype), alpha=w)
         return out
