@@ -299,3 +299,32 @@ def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch)
                 assert full["scores"][name] > full["scores"][full["chosen"]] * (1 + COST_RTOL)
             else:
                 assert value == pytest.approx(full["scores"][name], rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_shared_first_calls_change_no_score(batched, monkeypatch):
+    """The runs of one input share their first model calls where the latents repeat (step 0 for every schedule,
+    the second compute step within a family): every candidate's score is that of unshared runs, with fewer calls."""
+    flow, x, sig, _ = _recording(seed=3, steps=30, inputs=4)
+    inputs = x if batched else [row[None] for row in x]
+    calls = []
+
+    def counted(z, sigma):
+        calls.append(sigma)
+        return flow(z, sigma)
+
+    def run(shared):
+        monkeypatch.setattr(importlib.import_module("meancache.calibration.runs"), "SHARED_CALLS", shared)
+        monkeypatch.setattr(importlib.import_module("meancache.calibrate"), "STOP_LOSING_RUNS", False)
+        calls.clear()
+        report = []
+        got = meancache.calibrate(counted, inputs, sigmas=sig, budget=[5, 8], report=report, progress=False)
+        return got, report, len(calls)
+
+    plain, plain_report, plain_calls = run(0)
+    shared, report, shared_calls = run(2)
+    assert shared == plain
+    for entry, want in zip(report, plain_report):
+        assert entry["scores"] == want["scores"]
+    # step 0 once per input (batched: once) instead of once per run, and the second compute step once per family
+    assert shared_calls < plain_calls - 10
