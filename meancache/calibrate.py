@@ -205,7 +205,9 @@ def calibrate(
             schedule's score, by the refinement's measure) and ``candidates`` (each candidate's schedule on all
             inputs, None where it has none, before refinement); with real runs of inputs that run one call each
             (a list of inputs, a pipeline), ``stopped``: the candidates whose runs stopped once they could not win
-            (score None), each with a lower bound of its score (:data:`STOP_LOSING_RUNS`). Budgets answered at
+            (score None), each with a lower bound of its score (:data:`STOP_LOSING_RUNS`); with real runs,
+            ``errors``: each candidate's per-input relative errors (a list of floats) for the candidates whose runs
+            completed, so that an input that runs away under a candidate shows beside the mean. Budgets answered at
             once (2, N, or ``select=False``) give only ``budget`` and ``chosen``.
         elements: search and validate on a fixed, seeded subset of this many elements of each input's latent
             (:meth:`Recording.elements`, the same subset on every machine; default :data:`SEARCH_ELEMENTS`), so
@@ -501,6 +503,8 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                                                reported)
                 if stopped:
                     entries[b]["stopped"] = stopped
+                # the per-input errors behind the scores: an input that runs away shows here
+                entries[b]["errors"] = {name: e.tolist() for name, e in complete.items()}
                 if fitted:
                     entries[b]["fitted"] = fitted
             continue

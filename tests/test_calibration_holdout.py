@@ -222,8 +222,11 @@ def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale):
         for name in ("default", entry["chosen"]):  # the score is the mean error of a real run of that schedule
             out = meancache.sample(flow, x, sig, entry["candidates"][name])
             full = meancache.sample(flow, x, sig, Schedule.full(30))
-            err = ((out - full).double().norm(dim=1) / full.double().norm(dim=1)).mean().item()
-            assert err == pytest.approx(scores[name], rel=1e-4, abs=1e-7)
+            per_input = (out - full).double().norm(dim=1) / full.double().norm(dim=1)
+            assert per_input.mean().item() == pytest.approx(scores[name], rel=1e-4, abs=1e-7)
+            # the report's per-input errors are those of the run, and their mean is the score
+            assert entry["errors"][name] == pytest.approx(per_input.tolist(), rel=1e-4, abs=1e-7)
+            assert sum(entry["errors"][name]) / len(entry["errors"][name]) == pytest.approx(scores[name], rel=1e-12)
 
 
 def test_validate_modes_and_their_targets():

@@ -1,0 +1,134 @@
+"""Which candidates :func:`meancache.calibrate` should weigh, and by which score, measured on flows the quality bench
+(``bench_quality.py``) does not use.
+
+For each of eight Gaussian-mixture flows (:data:`FLOWS`; 16 to 64 dimensions, 4 to 16 components, component std
+free or fixed at 0.4 to 0.6, grid shifts 1 to 3) and each budget B of 6, 8, 10, 17 and 25 out of 50 steps, one
+``calibrate(flow, calibration_noise, report=...)`` gives every candidate's schedule and its per-input errors on the
+32 calibration inputs (seed 55; the report's ``candidates`` and ``errors``). Every candidate is then sampled from
+4,096 held-out inputs (seed 7) and compared with the full 50-step Euler run. A *rule* (a pool of candidates and a
+score of their calibration errors) picks one candidate per cell; its row gives the held-out rel L2 and median of
+the pick over the best candidate's in that cell (geometric mean over the 40 cells, worst cell in brackets), and the
+cells where the pick has a lower rel L2 and median than AB2 with B steps, TaylorSeer-lite on uniform steps and
+``Schedule.default``. The first pool's mean pick is the reference for the last columns.
+
+Run: ``python bench/candidate_study.py`` (one torch thread; about 5 minutes here). Not a pytest module.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+import meancache
+from meancache import Schedule
+from meancache.calibration.selection import CORRECTED
+from meancache.flows import GaussianMixtureFlow
+from meancache.flows import shifted_sigmas
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from bench_quality import BUDGETS  # noqa: E402
+from bench_quality import STEPS  # noqa: E402
+from bench_quality import adams_bashforth2  # noqa: E402
+from bench_quality import errors  # noqa: E402
+from bench_quality import taylorseer_lite  # noqa: E402
+from bench_quality import uniform_steps  # noqa: E402
+
+#: seed -> (flow arguments, grid shift); none of them is a flow of bench_quality.py
+FLOWS = {
+    41: (dict(dim=16, components=4, seed=41), 1.0),
+    42: (dict(dim=24, components=8, seed=42, spread=2.5, scale=0.4), 3.0),
+    43: (dict(dim=32, components=12, seed=43), 2.0),
+    44: (dict(dim=48, components=6, seed=44, spread=2.5, scale=0.45), 2.0),
+    45: (dict(dim=64, components=16, seed=45, scale=0.5), 3.0),
+    46: (dict(dim=16, components=10, seed=46, spread=3.0, scale=0.6), 1.0),
+    47: (dict(dim=32, components=5, seed=47, spread=2.5, scale=0.4), 2.0),
+    48: (dict(dim=24, components=8, seed=48), 3.0),
+}
+#: scores of a candidate's per-input calibration errors ``e`` (float64, one per input)
+SCORES = {
+    "mean": lambda e: e.mean().item(),
+    "root mean square": lambda e: e.pow(2).mean().sqrt().item(),
+    "geometric mean": lambda e: e.clamp_min(1e-12).log().mean().exp().item(),
+}
+_NAMES = [name for name, _ in CORRECTED]
+#: pool name -> which candidates it keeps
+POOLS = {
+    "without corrected candidates": lambda n: n not in _NAMES,
+    "+ order 1 only (uniform p1 c1, tail p1 c1)": lambda n: n not in ("uniform p1 c2", "tail p1 c2"),
+    "+ order 2 only (uniform p1 c2, tail p1 c2)": lambda n: n not in ("uniform p1 c1", "tail p1 c1"),
+    "+ all four (the default)": lambda n: True,
+}
+
+
+def cells(flows=FLOWS, budgets=BUDGETS, held_out: int = 4096) -> dict:
+    """``{"seed/B": {"calibration": {name: [errors]}, "held": {name: (rel L2, median)}, "comparators": {...}}}``."""
+    out = {}
+    for seed, (kwargs, shift) in flows.items():
+        flow = GaussianMixtureFlow(**kwargs)
+        grid = shifted_sigmas(STEPS, shift)
+        cal = torch.randn(32, flow.dim, generator=torch.Generator().manual_seed(55))
+        held = torch.randn(held_out, flow.dim, generator=torch.Generator().manual_seed(7))
+        report: list = []
+        meancache.calibrate(flow, cal, sigmas=grid, budget=list(budgets), report=report, progress=False)
+        full = meancache.sample(flow, held, grid, Schedule.full(STEPS))
+        for entry in report:
+            b = entry["budget"]
+            runs: dict = {}
+            held_errors = {}
+            for name in entry["errors"]:
+                s = entry["candidates"][name]
+                if s not in runs:
+                    runs[s] = errors(meancache.sample(flow, held, grid, s), full)
+                held_errors[name] = runs[s]
+            comparators = {
+                "AB2": errors(adams_bashforth2(flow, held, shifted_sigmas(b, shift)), full),
+                "TaylorSeer-lite uniform": errors(taylorseer_lite(flow, held, grid, uniform_steps(b)), full),
+                "default": held_errors["default"],
+            }
+            out[f"{seed}/{b}"] = {"calibration": entry["errors"], "held": held_errors, "comparators": comparators}
+            print(f"    flow {seed} B={b}: chose {entry['chosen']}", flush=True)
+    return out
+
+
+def pick(cell: dict, keep, score) -> str:
+    """The candidate of ``cell`` that ``score`` ranks first among those ``keep`` keeps (the earliest on a tie,
+    within 1e-9 relative, as :func:`meancache.calibrate` breaks ties)."""
+    scored = {n: score(torch.tensor(e, dtype=torch.float64)) for n, e in cell["calibration"].items() if keep(n)}
+    least = min(scored.values())
+    return next(n for n, v in scored.items() if v <= least * (1 + 1e-9) + 1e-15)
+
+
+def markdown(data: dict) -> str:
+    """The table of every pool and score (see the module docstring)."""
+    lines = ["| pool | score | rel L2 / best candidate | median / best candidate | cells below AB2, "
+             "TaylorSeer-lite and default in both | rel L2 / median against the first pool's mean pick | "
+             "lower / higher in both |", "|---|---|---|---|---|---|---|"]
+    reference = {k: pick(c, POOLS["without corrected candidates"], SCORES["mean"]) for k, c in data.items()}
+    for pool, keep in POOLS.items():
+        for label, score in SCORES.items():
+            logs = [[], [], [], []]
+            worst = [0.0, 0.0]
+            met = lower = higher = 0
+            for key, cell in data.items():
+                held = cell["held"]
+                mine, ref = held[pick(cell, keep, score)], held[reference[key]]
+                for i in (0, 1):
+                    best = min(v[i] for v in held.values())
+                    logs[i].append(math.log(mine[i] / best))
+                    logs[2 + i].append(math.log(mine[i] / ref[i]))
+                    worst[i] = max(worst[i], mine[i] / best)
+                met += all(mine[0] < c[0] and mine[1] < c[1] for c in cell["comparators"].values())
+                lower += mine[0] < ref[0] and mine[1] < ref[1]
+                higher += mine[0] > ref[0] and mine[1] > ref[1]
+            geo = [math.exp(sum(x) / len(x)) for x in logs]
+            lines.append(f"| {pool} | {label} | {geo[0]:.2f}x ({worst[0]:.1f}x) | {geo[1]:.2f}x ({worst[1]:.1f}x) "
+                         f"| {met} of {len(data)} | {geo[2]:.2f}x / {geo[3]:.2f}x | {lower} / {higher} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    print(markdown(cells()))
