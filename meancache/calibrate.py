@@ -144,9 +144,10 @@ def calibrate(
             ``(1,)`` or ``(1, 2)`` is much cheaper.
         select: choose each budget's schedule on inputs the search did not see (the default). The candidates are
             the safe schedules that need no search (:func:`~meancache.calibration.selection.safe_candidates`:
-            ``Schedule.default``, uniform compute steps with ``predict`` p = 1 and ``extrapolate`` p = 1, and
-            ``tail e1`` and ``tail p1``, the same over the whole run with an open tail (``tail e1`` is a two-step
-            Adams-Bashforth solver on the B compute steps), and ``uniform p1`` and ``tail p1`` with a corrector of
+            ``Schedule.default``, uniform compute steps with ``predict`` p = 1, and ``tail e1`` and ``tail p1``,
+            evenly spread over the whole run with an open tail, ``extrapolate`` or ``predict`` p = 1 (``tail e1``
+            is a two-step Adams-Bashforth solver on the B compute steps), and ``uniform p1`` and ``tail p1`` with a
+            corrector of
             order 1 and 2 (``uniform p1 c1`` ... ``tail p1 c2``, :data:`~meancache.calibration.selection.CORRECTED`:
             each segment re-estimated by interpolation once the next velocity is computed, see
             :class:`~meancache.Schedule`); those whose estimators are in ``estimators``) and the
