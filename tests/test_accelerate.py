@@ -76,6 +76,18 @@ def guided(model, guidance=GUIDANCE):
     return velocity
 
 
+def guided_module_run(schedule, seed):
+    """``(out, expected)``: the caller's CFG loop on a fresh :class:`FlowModel` accelerated with ``schedule``, and
+    :func:`meancache.sample` of the guided velocity; checks that each computed step called both branches once."""
+    model = FlowModel()
+    x0 = _noise(seed)
+    expected = meancache.sample(guided(model), x0, SIGMAS, schedule)
+    meancache.accelerate(model, schedule, sigmas=SIGMAS)
+    out = euler_loop(model, x0, guidance=GUIDANCE)
+    assert model.calls == 2 * schedule.budget
+    return out, expected
+
+
 @pytest.mark.parametrize("name,budget", [("qwen-image", 10), ("z-image", 20), ("qwen-image-2512", 17)])
 def test_single_branch_matches_sample_and_official_loop(name, budget):
     schedule = Schedule.preset(name, budget)

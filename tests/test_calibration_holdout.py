@@ -264,6 +264,23 @@ def test_real_runs_find_an_exact_schedule_where_the_safe_prediction_is_exact():
         assert entry["scores"]["tail e1"] > 1e-4 and entry["scores"]["published"] > 1e-4
 
 
+def _counted_calibration(flow, inputs, sig, budgets, monkeypatch, **settings):
+    """``(schedules, report, model calls)`` of ``calibrate(flow, inputs)`` with the module settings given by name
+    (``STOP_LOSING_RUNS`` of meancache.calibrate, ``SHARED_CALLS`` of meancache.calibration.runs)."""
+    for name, value in settings.items():
+        module = "meancache.calibration.runs" if name == "SHARED_CALLS" else "meancache.calibrate"
+        monkeypatch.setattr(importlib.import_module(module), name, value)
+    calls = []
+
+    def counted(z, sigma):
+        calls.append(sigma)
+        return flow(z, sigma)
+
+    report = []
+    got = meancache.calibrate(counted, inputs, sigmas=sig, budget=budgets, report=report, progress=False)
+    return got, report, len(calls)
+
+
 @pytest.mark.parametrize("seed,scale", [(3, None), (6, 0.45)])
 def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch):
     """With a list of inputs (one model call each) a candidate's runs stop once it cannot win: the choice, and the
@@ -271,18 +288,8 @@ def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch)
     its complete score; fewer model calls are made."""
     flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30, inputs=6)
     inputs = [row[None] for row in x]  # six inputs, one call each
-    calls = []
-
-    def counted(z, sigma):
-        calls.append(sigma)
-        return flow(z, sigma)
-
     def run(stop):
-        monkeypatch.setattr(importlib.import_module("meancache.calibrate"), "STOP_LOSING_RUNS", stop)
-        calls.clear()
-        report = []
-        got = meancache.calibrate(counted, inputs, sigmas=sig, budget=[5, 8, 12], report=report, progress=False)
-        return got, report, len(calls)
+        return _counted_calibration(flow, inputs, sig, [5, 8, 12], monkeypatch, STOP_LOSING_RUNS=stop)
 
     complete, full_report, full_calls = run(False)
     stopped, report, few_calls = run(True)
@@ -309,19 +316,9 @@ def test_shared_first_calls_change_no_score(batched, monkeypatch):
     the second compute step within a family): every candidate's score is that of unshared runs, with fewer calls."""
     flow, x, sig, _ = _recording(seed=3, steps=30, inputs=4)
     inputs = x if batched else [row[None] for row in x]
-    calls = []
-
-    def counted(z, sigma):
-        calls.append(sigma)
-        return flow(z, sigma)
-
     def run(shared):
-        monkeypatch.setattr(importlib.import_module("meancache.calibration.runs"), "SHARED_CALLS", shared)
-        monkeypatch.setattr(importlib.import_module("meancache.calibrate"), "STOP_LOSING_RUNS", False)
-        calls.clear()
-        report = []
-        got = meancache.calibrate(counted, inputs, sigmas=sig, budget=[5, 8], report=report, progress=False)
-        return got, report, len(calls)
+        return _counted_calibration(flow, inputs, sig, [5, 8], monkeypatch, SHARED_CALLS=shared,
+                                    STOP_LOSING_RUNS=False)
 
     plain, plain_report, plain_calls = run(0)
     shared, report, shared_calls = run(2)

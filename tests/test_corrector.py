@@ -4,18 +4,16 @@ evaluation). Held to an independent loop, through every front-end and grad mode,
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from fields import rel_err
-from test_accelerate import GUIDANCE
 from test_accelerate import SIGMAS
 from test_accelerate import FlowModel
 from test_accelerate import _noise
-from test_accelerate import euler_loop
 from test_accelerate import guided
+from test_accelerate import guided_module_run
 
 import meancache
 from meancache import Schedule
@@ -199,13 +197,7 @@ def test_every_grad_mode_gives_the_same_corrected_run(mode):
 
 @pytest.mark.parametrize("corrector", [1, 2])
 def test_a_module_corrects_every_guidance_branch(corrector):
-    schedule = tail_schedule(9, N, "predict", 1, corrector=corrector)
-    model = FlowModel()
-    x0 = _noise(7)
-    expected = meancache.sample(guided(model), x0, SIGMAS, schedule)
-    meancache.accelerate(model, schedule, sigmas=SIGMAS)
-    out = euler_loop(model, x0, guidance=GUIDANCE)
-    assert model.calls == 2 * schedule.budget
+    out, expected = guided_module_run(tail_schedule(9, N, "predict", 1, corrector=corrector), 7)
     assert rel_err(out, expected) <= 1e-6
     plain = meancache.sample(guided(FlowModel()), _noise(7), SIGMAS, tail_schedule(9, N, "predict", 1))
     assert rel_err(expected, plain) > 1e-6

@@ -16,6 +16,7 @@ from test_accelerate import FlowModel
 from test_accelerate import _noise
 from test_accelerate import euler_loop
 from test_accelerate import guided
+from test_accelerate import guided_module_run
 
 import meancache
 from meancache import Schedule
@@ -187,12 +188,7 @@ def test_a_module_runs_fitted_weights_on_every_guidance_branch():
     scaled = Schedule(fitted.compute_steps, fitted.orders, N, fitted.estimators, grid=SIGMAS,
                       weights=[None if w is None else [tuple(0.9 * x for x in r) for r in w] for w in fitted.weights])
     for schedule in (fitted, scaled):
-        model = FlowModel()
-        x0 = _noise(7)
-        expected = meancache.sample(guided(model), x0, SIGMAS, schedule)
-        meancache.accelerate(model, schedule, sigmas=SIGMAS)
-        out = euler_loop(model, x0, guidance=GUIDANCE)
-        assert model.calls == 2 * schedule.budget
+        out, expected = guided_module_run(schedule, 7)
         assert rel_err(out, expected) <= 1e-12
     plain = meancache.sample(guided(FlowModel()), _noise(7), SIGMAS, base)
     assert rel_err(expected, plain) > 1e-6  # the scaled weights were used, not predict's
