@@ -205,8 +205,10 @@ def test_a_module_corrects_every_guidance_branch(corrector):
 
 @pytest.mark.parametrize("name", ["flux", "qwen-image"])
 def test_a_pipeline_runs_the_corrector(name):
-    """Inside a diffusers pipeline the correction rides on the velocity the scheduler steps with: the latents equal
-    those of ``sample`` on the recorded velocity, and differ from the uncorrected run."""
+    """Inside a diffusers pipeline the correction rides on the velocity the scheduler steps with: with the same
+    three transformer evaluations, the final latents move away from the uncorrected run's. (The correction's
+    arithmetic is held to an independent loop by the ``sample`` and module tests above; this one checks that the
+    scheduler path applies it.)"""
     pipe, kw, info = tiny_pipelines.build(name)
     rec = meancache.record(pipe, [tiny_pipelines.fresh_kwargs(kw)], progress=False)
     n = rec.num_steps
