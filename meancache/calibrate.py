@@ -172,9 +172,11 @@ def calibrate(
             one fold, scored on the other, both ways) and stays in the running only when it beats the best other
             candidate in both the mean and the root mean square of the per-input errors; the winner is fitted on
             every input. The report's ``fitted`` entry gives both measures. Off by default: on the bench (8 flows,
-            B = 6 to 25, held-out inputs) it changed the choice in 8 of 40 cells and lowered the median per-input
-            error in all 8 (geometric mean 0.52x), but raised the rel L2 in 4 of them (up to 1.71x): a few more
-            inputs run away, which 32 calibration inputs do not show (bench/RESULTS.md).
+            B = 6 to 25, held-out inputs), before the corrected candidates, it changed the choice in 8 of 40 cells
+            and lowered the median per-input error in all 8 (geometric mean 0.52x), but raised the rel L2 in 4 of
+            them (up to 1.71x): a few more inputs run away, which 32 calibration inputs do not show. With them it
+            changes 3 cells, too few to show that this has gone, and costs about a third more on the digits model
+            (bench/RESULTS.md).
         validate: how ``select`` scores the candidates. ``"runs"``: real sampled runs of the model from every
             calibration input (B evaluations per input and candidate), each candidate searched on all inputs, the
             score the mean per-input relative error (:func:`~meancache.calibration.selection.run_score`); needs the

@@ -233,7 +233,7 @@ class Trajectory:
         g = self.sigmas
         rows = []
         for j in range(a + 1, i):
-            slots, weights = self._extrapolation(j, branch, nodes)
+            _, weights = self._extrapolation(j, branch, nodes)
             rows.append((g[j], g[j + 1] - g[j], weights))
         old, new = correction_weights([s for _, s in nodes], g[i], rows, self.corrector)
         # at least float32: with half-precision latents the terms nearly cancel
@@ -262,8 +262,9 @@ class Trajectory:
         is what an online plan measures.
 
         Returns:
-            None, or with a corrector the velocity term ``u`` (``v``'s shape and dtype) the caller adds to the
-            velocity it steps with, ``x_{i+1} = x_i + dt * (v_i + u)`` (the latent correction divided by ``dt``).
+            None, or with a corrector the velocity term ``u`` (``v``'s shape; float32, or ``v``'s dtype when wider)
+            the caller adds to the velocity it steps with, ``x_{i+1} = x_i + dt * (v_i + u)`` (the latent correction
+            divided by ``dt``).
         """
         b = self.branch(i, key)
         b.history.push(x, v)
