@@ -9,7 +9,8 @@ free or fixed at 0.4 to 0.6, grid shifts 1 to 3) and each budget B of 6, 8, 10, 
 score of their calibration errors) picks one candidate per cell; its row gives the held-out rel L2 and median of
 the pick over the best candidate's in that cell (geometric mean over the 40 cells, worst cell in brackets), and the
 cells where the pick has a lower rel L2 and median than AB2 with B steps, TaylorSeer-lite on uniform steps and
-``Schedule.default``. The first pool's mean pick is the reference for the last columns.
+``Schedule.default``. The first pool's mean pick is the reference for the last columns. The default pool is also
+scored by the robust and relative scores of :data:`MORE_SCORES`.
 
 Run: ``python bench/candidate_study.py`` (one torch thread; about 5 minutes here). Not a pytest module.
 """
@@ -46,19 +47,31 @@ FLOWS = {
     47: (dict(dim=32, components=5, seed=47, spread=2.5, scale=0.4), 2.0),
     48: (dict(dim=24, components=8, seed=48), 3.0),
 }
-#: scores of a candidate's per-input calibration errors ``e`` (float64, one per input)
+#: scores of the candidates' per-input calibration errors ``E`` (float64, candidates x inputs), one per candidate
 SCORES = {
-    "mean": lambda e: e.mean().item(),
-    "root mean square": lambda e: e.pow(2).mean().sqrt().item(),
-    "geometric mean": lambda e: e.clamp_min(1e-12).log().mean().exp().item(),
+    "mean": lambda E: E.mean(1),
+    "root mean square": lambda E: E.pow(2).mean(1).sqrt(),
+    "geometric mean": lambda E: E.clamp_min(1e-12).log().mean(1).exp(),
+}
+#: more scores, tried on the default pool only; the ratios ``E / E.min(0)`` compare each input with the best
+#: candidate on that input, so an input every candidate gets wrong weighs little and one that only this candidate
+#: gets wrong weighs much
+MORE_SCORES = {
+    "mean without the worst input": lambda E: E.sort(1).values[:, :-1].mean(1),
+    "mean without the two worst inputs": lambda E: E.sort(1).values[:, :-2].mean(1),
+    "90th percentile": lambda E: E.quantile(0.9, dim=1),
+    "mean ratio to the input's best": lambda E: (E / E.min(0).values.clamp_min(1e-12)).mean(1),
+    "mean / least mean + median / least median": lambda E: (
+        E.mean(1) / E.mean(1).min() + E.median(1).values / E.median(1).values.min()),
 }
 _NAMES = [name for name, _ in CORRECTED]
+DEFAULT_POOL = "+ all four (the default)"
 #: pool name -> which candidates it keeps
 POOLS = {
     "without corrected candidates": lambda n: n not in _NAMES,
     "+ order 1 only (uniform p1 c1, tail p1 c1)": lambda n: n not in ("uniform p1 c2", "tail p1 c2"),
     "+ order 2 only (uniform p1 c2, tail p1 c2)": lambda n: n not in ("uniform p1 c1", "tail p1 c1"),
-    "+ all four (the default)": lambda n: True,
+    DEFAULT_POOL: lambda n: True,
 }
 
 
@@ -95,9 +108,10 @@ def cells(flows=FLOWS, budgets=BUDGETS, held_out: int = 4096) -> dict:
 def pick(cell: dict, keep, score) -> str:
     """The candidate of ``cell`` that ``score`` ranks first among those ``keep`` keeps (the earliest on a tie,
     within 1e-9 relative, as :func:`meancache.calibrate` breaks ties)."""
-    scored = {n: score(torch.tensor(e, dtype=torch.float64)) for n, e in cell["calibration"].items() if keep(n)}
-    least = min(scored.values())
-    return next(n for n, v in scored.items() if v <= least * (1 + 1e-9) + 1e-15)
+    names = [n for n in cell["calibration"] if keep(n)]
+    scored = score(torch.tensor([cell["calibration"][n] for n in names], dtype=torch.float64)).tolist()
+    least = min(scored)
+    return next(n for n, v in zip(names, scored) if v <= least * (1 + 1e-9) + 1e-15)
 
 
 def markdown(data: dict) -> str:
@@ -107,7 +121,8 @@ def markdown(data: dict) -> str:
              "lower / higher in both |", "|---|---|---|---|---|---|---|"]
     reference = {k: pick(c, POOLS["without corrected candidates"], SCORES["mean"]) for k, c in data.items()}
     for pool, keep in POOLS.items():
-        for label, score in SCORES.items():
+        scores = {**SCORES, **MORE_SCORES} if pool == DEFAULT_POOL else SCORES
+        for label, score in scores.items():
             logs = [[], [], [], []]
             worst = [0.0, 0.0]
             met = lower = higher = 0
