@@ -52,6 +52,7 @@ from .calibration.fitting import fit_schedule
 from .calibration.runs import generator_states
 from .calibration.runs import model_runs
 from .calibration.runs import pipeline_runs
+from .calibration.selection import corrected
 from .calibration.selection import folds
 from .calibration.selection import input_errors
 from .calibration.selection import refine as refine_moves
@@ -185,11 +186,11 @@ def calibrate(
             two folds and whole-run replays described under ``select`` (no model needed). ``"auto"`` (default):
             ``"runs"`` with a ``velocity_fn`` target, ``"replay"`` with a recording or a pipeline (a pipeline's run
             per candidate and input costs B transformer calls, about 9x the recording over five budgets). Why:
-            on eight Gaussian-mixture flows the bench does not use (B = 6 to 25 of 50), the candidate chosen by
-            real runs had a held-out rel L2 1.24x that of the best candidate (geometric mean over the 40 cells),
-            against 1.63x for the replay folds, and 1.43x when the runs scored fold searches on the other fold
-            (searches on half the inputs are worse, and a run does not score what the search priced, so scoring
-            on the searched inputs costs little) (bench/RESULTS.md).
+            on eight Gaussian-mixture flows the bench does not use (B = 6 to 25 of 50; the candidates before the
+            corrected ones), the candidate chosen by real runs had a held-out rel L2 1.24x that of the best
+            candidate (geometric mean over the 40 cells), against 1.63x for the replay folds, and 1.43x when the
+            runs scored fold searches on the other fold (searches on half the inputs are worse, and a run does not
+            score what the search priced, so scoring on the searched inputs costs little) (bench/RESULTS.md).
         refine: model evaluations per budget for local moves after the choice
             (:func:`~meancache.calibration.selection.refine`: shift one compute step, change one segment's
             estimator or order), never raising the largest gain above the cap or the start's, each kept only when
@@ -494,6 +495,14 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                 safe = _safe(b, n, families, max_len, L)
                 candidates = _candidates(safe, everything, b)
                 scores, stopped, complete = _run_scores(runs, candidates, rec.num_inputs)
+                extra = _corrected_search(candidates, scores, stopped, everything.names)
+                if extra:
+                    done = [v for v in scores.values() if v is not None and math.isfinite(v)]
+                    more = _run_scores(runs, extra, rec.num_inputs, min(done, default=math.inf) * rec.num_inputs)
+                    candidates.update(extra)
+                    scores.update(more[0])
+                    stopped.update(more[1])
+                    complete.update(more[2])
                 fitted = {}
                 if fit:
                     leader = complete[_least(scores)]
@@ -603,6 +612,31 @@ def _candidates(safe: list, searches: "_Searches", budget: int) -> dict[str, Sch
     return {**dict(safe), **{nm: searches.solve(nm, [budget])[0] for nm in searches.names}}
 
 
+#: The corrector orders tried on the best searched schedule when real runs choose (:func:`_corrected_search`).
+SEARCH_CORRECTORS = (1, 2)
+
+
+def _corrected_search(candidates: dict, scores: dict, stopped: dict, searched) -> dict[str, Schedule]:
+    """The best-scored searched candidate (by its run score, or by the lower bound of one whose runs were stopped)
+    with each corrector of :data:`SEARCH_CORRECTORS`, named ``"<name> c<order>"``; none where no search has a
+    schedule, or where the best has nothing to correct (:func:`~meancache.calibration.selection.corrected`).
+
+    Why only the best: the searches price their segments without a corrector, and on eight Gaussian-mixture
+    flows the bench does not use (``bench/candidate_study.py``'s cells; B = 6 to 25 of 50, 32 calibration inputs,
+    4,096 held-out ones) adding the best one's two corrected versions raised the cells that beat AB2,
+    TaylorSeer-lite and ``Schedule.default`` in both held-out measures from 26 to 31 of 40, with a held-out rel L2
+    0.78x and median 0.92x those of the choice without them (geometric means; lower in both in 7 cells, higher in
+    both in none), for two more candidates' runs per budget (bench/RESULTS.md)."""
+    ranked = {name: scores[name] if scores[name] is not None else stopped[name] for name in searched
+              if candidates.get(name) is not None and (scores[name] is None or math.isfinite(scores[name]))}
+    if not ranked:
+        return {}
+    best = min(ranked, key=lambda name: ranked[name])  # the first on a tie: the searches' order
+    out = {f"{best} c{c}": corrected(candidates[best], c) for c in SEARCH_CORRECTORS}
+    # a corrected answer that is already a candidate (a search that found uniform steps) is not run twice
+    return {name: s for name, s in out.items() if s is not None and s not in candidates.values()}
+
+
 def _chosen(rec, budget, measure, scores, candidates, refine, scorer, progress, reported) -> tuple[Schedule, dict]:
     """The least-scored candidate (:func:`_least`), refined, and its report entry."""
     name = _least(scores)
@@ -620,7 +654,8 @@ def _chosen(rec, budget, measure, scores, candidates, refine, scorer, progress, 
 STOP_LOSING_RUNS = True
 
 
-def _run_scores(runs, candidates: dict[str, Schedule | None], count: int) -> tuple[dict[str, float], dict, dict]:
+def _run_scores(runs, candidates: dict[str, Schedule | None], count: int,
+                best: float = math.inf) -> tuple[dict[str, float], dict, dict]:
     """Each candidate's :func:`run_score` from real runs (``runs``: a scorer of
     :mod:`~meancache.calibration.runs`), ``inf`` for a candidate without a schedule, the candidates whose runs
     were stopped early, ``{name: lower bound of its score}`` (their score is None), and the per-input errors
@@ -632,7 +667,8 @@ def _run_scores(runs, candidates: dict[str, Schedule | None], count: int) -> tup
     least complete sum by more than ``2 * COST_RTOL``: errors are never negative, so it cannot come within
     :data:`COST_RTOL` of the least, and the choice (:func:`_least`) is the one of complete runs. On the digits
     model (4 inputs, 11 candidates, five budgets) it cut ``calibrate(model)`` from 67.2 s to 46.0 s
-    (bench/RESULTS.md)."""
+    (bench/RESULTS.md). ``best``: the least complete error sum of candidates scored before (by an earlier call),
+    so that later candidates stop against it too."""
     errors, per_run, _ = runs
     distinct: dict[Schedule, list[str]] = {}
     for name, s in candidates.items():
@@ -648,7 +684,6 @@ def _run_scores(runs, candidates: dict[str, Schedule | None], count: int) -> tup
             complete.update(dict.fromkeys(names, e))
         return scores, stopped, complete
     first = {s: errors(s, [0]).double() for s in distinct}
-    best = math.inf
     for s in sorted(distinct, key=lambda s: float(first[s][0])):  # stable: equal errors keep the candidates' order
         parts = [first[s]]
         total, done = float(first[s][0]), 1
