@@ -494,15 +494,19 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             for b in group:
                 safe = _safe(b, n, families, max_len, L)
                 candidates = _candidates(safe, everything, b)
-                scores, stopped, complete = _run_scores(runs, candidates, rec.num_inputs)
-                extra = _corrected_search(candidates, scores, stopped, everything.names)
+                # the searches' runs stop against the best search, not the best candidate: which search is best
+                # must not depend on the stopping, since its corrected versions join the running
+                scores, stopped, complete = {}, {}, {}
+                groups = [list(dict(safe)), list(everything.names)]
+                for names in groups:
+                    _merge((scores, stopped, complete), _run_scores(runs, {k: candidates[k] for k in names},
+                                                                    rec.num_inputs))
+                extra = _corrected_search(candidates, scores, everything.names)
                 if extra:
                     done = [v for v in scores.values() if v is not None and math.isfinite(v)]
-                    more = _run_scores(runs, extra, rec.num_inputs, min(done, default=math.inf) * rec.num_inputs)
+                    _merge((scores, stopped, complete), _run_scores(runs, extra, rec.num_inputs,
+                                                                    min(done) * rec.num_inputs))
                     candidates.update(extra)
-                    scores.update(more[0])
-                    stopped.update(more[1])
-                    complete.update(more[2])
                 fitted = {}
                 if fit:
                     leader = complete[_least(scores)]
@@ -616,9 +620,15 @@ def _candidates(safe: list, searches: "_Searches", budget: int) -> dict[str, Sch
 SEARCH_CORRECTORS = (1, 2)
 
 
-def _corrected_search(candidates: dict, scores: dict, stopped: dict, searched) -> dict[str, Schedule]:
-    """The best-scored searched candidate (by its run score, or by the lower bound of one whose runs were stopped)
-    with each corrector of :data:`SEARCH_CORRECTORS`, named ``"<name> c<order>"``; none where no search has a
+def _merge(into: tuple[dict, dict, dict], parts: tuple[dict, dict, dict]) -> None:
+    """Fold one :func:`_run_scores` answer into the running ``(scores, stopped, complete)``."""
+    for whole, part in zip(into, parts):
+        whole.update(part)
+
+
+def _corrected_search(candidates: dict, scores: dict, searched) -> dict[str, Schedule]:
+    """The best-scored searched candidate (:func:`_least` among the searches whose runs completed) with each
+    corrector of :data:`SEARCH_CORRECTORS`, named ``"<name> c<order>"``; none where no search has a
     schedule, or where the best has nothing to correct (:func:`~meancache.calibration.selection.corrected`).
 
     Why only the best: the searches price their segments without a corrector, and on eight Gaussian-mixture
@@ -627,11 +637,10 @@ def _corrected_search(candidates: dict, scores: dict, stopped: dict, searched) -
     TaylorSeer-lite and ``Schedule.default`` in both held-out measures from 26 to 31 of 40, with a held-out rel L2
     0.78x and median 0.92x those of the choice without them (geometric means; lower in both in 7 cells, higher in
     both in none), for two more candidates' runs per budget (bench/RESULTS.md)."""
-    ranked = {name: scores[name] if scores[name] is not None else stopped[name] for name in searched
-              if candidates.get(name) is not None and (scores[name] is None or math.isfinite(scores[name]))}
+    ranked = {name: scores[name] for name in searched if scores.get(name) is not None and math.isfinite(scores[name])}
     if not ranked:
         return {}
-    best = min(ranked, key=lambda name: ranked[name])  # the first on a tie: the searches' order
+    best = _least(ranked)
     out = {f"{best} c{c}": corrected(candidates[best], c) for c in SEARCH_CORRECTORS}
     # a corrected answer that is already a candidate (a search that found uniform steps) is not run twice
     return {name: s for name, s in out.items() if s is not None and s not in candidates.values()}
