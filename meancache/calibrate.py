@@ -157,7 +157,10 @@ def calibrate(
             ``joint g8 tail``: the last steps estimated, their evaluation spent earlier; see
             :class:`~meancache.Schedule`). Why the tails: on the eight flows named under ``validate``, adding them
             lowered the held-out rel L2 of the choice by 0.84x and its median by 0.70x (geometric means over 40
-            cells; lower in both in 21 cells, higher in both in 2) (bench/RESULTS.md). With
+            cells; lower in both in 21 cells, higher in both in 2) (bench/RESULTS.md). With real runs
+            (``validate="runs"``) the best-scored search is also run with a corrector of order 1 and 2 (named
+            ``"joint g8 c1"`` and so on; :data:`SEARCH_CORRECTORS`): on those eight flows this raised the cells that
+            beat AB2, TaylorSeer-lite and ``Schedule.default`` in both held-out measures from 26 to 31 of 40. With
             ``validate="replay"`` each search runs on two folds of the inputs (even and odd indices) and is scored
             on the other fold, so every input validates it once; the safe schedules are scored on every input. The
             score is the root mean square of the per-input relative errors of whole-run replays
