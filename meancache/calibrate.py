@@ -158,8 +158,8 @@ def calibrate(
             :class:`~meancache.Schedule`). Why the tails: on the eight flows named under ``validate``, adding them
             lowered the held-out rel L2 of the choice by 0.84x and its median by 0.70x (geometric means over 40
             cells; lower in both in 21 cells, higher in both in 2) (bench/RESULTS.md). With real runs
-            (``validate="runs"``) the best-scored search is also run with a corrector of order 1 and 2 (named
-            ``"joint g8 c1"`` and so on; :data:`SEARCH_CORRECTORS`): on those eight flows this raised the cells that
+            (``validate="runs"``) the best-scored search is also run with a corrector of order 2 (named
+            ``"joint g8 c2"`` and so on; :data:`SEARCH_CORRECTORS`): on those eight flows this raised the cells that
             beat AB2, TaylorSeer-lite and ``Schedule.default`` in both held-out measures from 26 to 31 of 40. With
             ``validate="replay"`` each search runs on two folds of the inputs (even and odd indices) and is scored
             on the other fold, so every input validates it once; the safe schedules are scored on every input. The
@@ -497,19 +497,21 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
             for b in group:
                 safe = _safe(b, n, families, max_len, L)
                 candidates = _candidates(safe, everything, b)
-                # the searches' runs stop against the best search, not the best candidate: which search is best
-                # must not depend on the stopping, since its corrected versions join the running
+                # the searches run first, their runs stopping against the best search only: which search is best
+                # must not depend on the stopping, since its corrected versions join the running; those run
+                # next, and the safe candidates last, each stopping against the best so far
                 scores, stopped, complete = {}, {}, {}
-                groups = [list(dict(safe)), list(everything.names)]
-                for names in groups:
-                    _merge((scores, stopped, complete), _run_scores(runs, {k: candidates[k] for k in names},
-                                                                    rec.num_inputs))
+                _merge((scores, stopped, complete), _run_scores(
+                    runs, {k: candidates[k] for k in everything.names}, rec.num_inputs))
                 extra = _corrected_search(candidates, scores, everything.names)
-                if extra:
+                candidates.update(extra)
+                for group in (extra, dict(safe)):
                     done = [v for v in scores.values() if v is not None and math.isfinite(v)]
-                    _merge((scores, stopped, complete), _run_scores(runs, extra, rec.num_inputs,
-                                                                    min(done) * rec.num_inputs))
-                    candidates.update(extra)
+                    _merge((scores, stopped, complete), _run_scores(
+                        runs, group, rec.num_inputs, min(done, default=math.inf) * rec.num_inputs))
+                # the tie order of the choice: safe candidates, then the searches, then the corrected one
+                scores = {k: scores[k] for k in candidates}
+                complete = {k: complete[k] for k in candidates if k in complete}
                 fitted = {}
                 if fit:
                     leader = complete[_least(scores)]
@@ -620,7 +622,9 @@ def _candidates(safe: list, searches: "_Searches", budget: int) -> dict[str, Sch
 
 
 #: The corrector orders tried on the best searched schedule when real runs choose (:func:`_corrected_search`).
-SEARCH_CORRECTORS = (1, 2)
+#: Order 2 only: on the study's flows, order 1 as well changed 2 of 40 choices (31 cells either way; held-out rel
+#: L2 0.78x against 0.80x, median 0.92x against 0.94x), for a third more candidate runs.
+SEARCH_CORRECTORS = (2,)
 
 
 def _merge(into: tuple[dict, dict, dict], parts: tuple[dict, dict, dict]) -> None:
@@ -636,10 +640,10 @@ def _corrected_search(candidates: dict, scores: dict, searched) -> dict[str, Sch
 
     Why only the best: the searches price their segments without a corrector, and on eight Gaussian-mixture
     flows the bench does not use (``bench/candidate_study.py``'s cells; B = 6 to 25 of 50, 32 calibration inputs,
-    4,096 held-out ones) adding the best one's two corrected versions raised the cells that beat AB2,
+    4,096 held-out ones) adding the best one with a corrector of order 2 raised the cells that beat AB2,
     TaylorSeer-lite and ``Schedule.default`` in both held-out measures from 26 to 31 of 40, with a held-out rel L2
-    0.78x and median 0.92x those of the choice without them (geometric means; lower in both in 7 cells, higher in
-    both in none), for two more candidates' runs per budget (bench/RESULTS.md)."""
+    0.80x and median 0.94x those of the choice without it (geometric means; lower in both in 7 cells, higher in
+    both in none), for one more candidate's runs per budget (bench/RESULTS.md)."""
     ranked = {name: scores[name] for name in searched if scores.get(name) is not None and math.isfinite(scores[name])}
     if not ranked:
         return {}

@@ -12,6 +12,7 @@ import torch
 import meancache
 from meancache import Schedule
 from meancache.calibrate import GAIN_CAPS
+from meancache.calibrate import SEARCH_CORRECTORS
 from meancache.calibrate import auto_max_len
 from meancache.calibration import COST_RTOL
 from meancache.calibration import joint_costs
@@ -238,8 +239,8 @@ def _extras(entry) -> dict[str, str]:
 
 @pytest.mark.parametrize("seed,scale", [(3, None), (6, 0.45)])
 def test_real_runs_weigh_the_best_search_with_a_corrector(seed, scale):
-    """With real runs, the best-scored search (the tie rule among the searches) joins the running again with a
-    corrector of order 1 and 2, as the same steps and estimators; no other search does."""
+    """With real runs, the best-scored search (the tie rule among the searches) joins the running again with each
+    corrector order of SEARCH_CORRECTORS, as the same steps and estimators; no other search does."""
     flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30)
     report = []
     meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False)
@@ -257,7 +258,7 @@ def test_real_runs_weigh_the_best_search_with_a_corrector(seed, scale):
             assert (s.compute_steps, s.estimators, s.orders) == (base.compute_steps, base.estimators, base.orders)
             assert s.corrector == int(name[-1]) and name in entry["errors"]
             seen += 1
-        for c in (1, 2):  # an order is left out only where it is nothing new: no node estimator, or a candidate
+        for c in SEARCH_CORRECTORS:  # left out only where it is nothing new: no node estimator, or a candidate
             if f"{best} c{c}" not in extras:
                 fixed = corrected(cands[best], c)
                 assert fixed is None or fixed in cands.values()
