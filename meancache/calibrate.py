@@ -500,15 +500,12 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                 # the searches run first, their runs stopping against the best search only: which search is best
                 # must not depend on the stopping, since its corrected versions join the running; those run
                 # next, and the safe candidates last, each stopping against the best so far
-                scores, stopped, complete = {}, {}, {}
-                _merge((scores, stopped, complete), _run_scores(
-                    runs, {k: candidates[k] for k in everything.names}, rec.num_inputs))
+                scores, stopped, complete = state = {}, {}, {}
+                _score_more(runs, {k: candidates[k] for k in everything.names}, rec.num_inputs, candidates, state)
                 extra = _corrected_search(candidates, scores, everything.names)
                 candidates.update(extra)
-                for group in (extra, dict(safe)):
-                    done = [v for v in scores.values() if v is not None and math.isfinite(v)]
-                    _merge((scores, stopped, complete), _run_scores(
-                        runs, group, rec.num_inputs, min(done, default=math.inf) * rec.num_inputs))
+                for part in (extra, dict(safe)):
+                    _score_more(runs, part, rec.num_inputs, candidates, state)
                 # the tie order of the choice: safe candidates, then the searches, then the corrected one
                 scores = {k: scores[k] for k in candidates}
                 complete = {k: complete[k] for k in candidates if k in complete}
@@ -627,10 +624,22 @@ def _candidates(safe: list, searches: "_Searches", budget: int) -> dict[str, Sch
 SEARCH_CORRECTORS = (2,)
 
 
-def _merge(into: tuple[dict, dict, dict], parts: tuple[dict, dict, dict]) -> None:
-    """Fold one :func:`_run_scores` answer into the running ``(scores, stopped, complete)``."""
-    for whole, part in zip(into, parts):
-        whole.update(part)
+def _score_more(runs, part: dict[str, Schedule | None], count: int, candidates: dict, state) -> None:
+    """Score the candidates of ``part`` by :func:`_run_scores` and fold the answer into ``state``, the running
+    ``(scores, stopped, complete)``: their runs stop against the least complete score in it, and a schedule that a
+    candidate already scored has (``candidates`` gives the schedules) takes that one's result without running again
+    (stopped there, it cannot win here either: the least complete score only falls)."""
+    scores = state[0]
+    seen = {candidates[n]: n for n in scores if candidates[n] is not None}
+    new = {n: s for n, s in part.items() if s is None or s not in seen}
+    done = [v for v in scores.values() if v is not None and math.isfinite(v)]
+    for whole, answer in zip(state, _run_scores(runs, new, count, min(done, default=math.inf) * count)):
+        whole.update(answer)
+    for n, s in part.items():
+        if n not in new:
+            for whole in state:
+                if seen[s] in whole:
+                    whole[n] = whole[seen[s]]
 
 
 def _corrected_search(candidates: dict, scores: dict, searched) -> dict[str, Schedule]:

@@ -265,6 +265,29 @@ def test_real_runs_weigh_the_best_search_with_a_corrector(seed, scale):
     assert seen > 0
 
 
+def test_a_schedule_scored_in_an_earlier_group_is_not_run_again():
+    """The searches, the corrected search and the safe candidates are scored in turn; a schedule that an earlier
+    candidate already has takes its result (its score and per-input errors) instead of new runs."""
+    from meancache.calibrate import _score_more
+
+    s1 = Schedule([0, 3, 9], [1, 1], 10, ["predict"] * 2)
+    s2 = Schedule([0, 5, 9], [1, 1], 10, ["predict"] * 2)
+    ran = []
+
+    def errors(schedule, which=None):
+        ran.append(schedule)
+        return torch.tensor([0.1, 0.3]) if schedule == s1 else torch.tensor([0.2, 0.2])
+
+    runs = (errors, 1, None)
+    candidates = {"search": s1, "none": None, "safe a": s2, "safe b": s1}
+    state = ({}, {}, {})
+    _score_more(runs, {"search": s1, "none": None}, 2, candidates, state)
+    _score_more(runs, {"safe a": s2, "safe b": s1}, 2, candidates, state)
+    assert ran == [s1, s2]
+    assert state[0] == pytest.approx({"search": 0.2, "none": math.inf, "safe a": 0.2, "safe b": 0.2})
+    assert state[2]["safe b"].tolist() == pytest.approx([0.1, 0.3])
+
+
 def test_a_flow_where_a_corrected_search_is_right_chooses_one():
     """A 16-d mixture at B = 25 of 50 (one of bench/candidate_study.py's flows): the best search with a corrector
     scores well below every other candidate on the 32 calibration inputs, and on 512 held-out inputs its mean
