@@ -288,6 +288,36 @@ def test_a_schedule_scored_in_an_earlier_group_is_not_run_again():
     assert state[2]["safe b"].tolist() == pytest.approx([0.1, 0.3])
 
 
+def test_losing_runs_meet_the_hard_inputs_first():
+    """Once a candidate's runs complete, the others run the inputs in falling order of its errors, so a loser
+    stops on the input where everyone errs most; the per-input errors come back in input order."""
+    from meancache.calibrate import _score_more
+
+    table = {  # per-input errors: input 3 is hard for every schedule
+        Schedule([0, 3, 9], [1, 1], 10, ["predict"] * 2): [0.10, 0.10, 0.10, 2.00],
+        Schedule([0, 5, 9], [1, 1], 10, ["predict"] * 2): [0.12, 0.10, 0.10, 3.00],
+        Schedule([0, 6, 9], [1, 1], 10, ["predict"] * 2): [0.11, 0.30, 0.30, 3.00],
+    }
+    first, second, third = table
+    ran = []
+
+    def errors(schedule, which=None):
+        ran.append((schedule, tuple(which)))
+        return torch.tensor([table[schedule][i] for i in which], dtype=torch.float64)
+
+    runs = (errors, 4, None)  # one call per input, as for a list of inputs
+    candidates = {"a": first, "b": second, "c": third}
+    state = ({}, {}, {})
+    _score_more(runs, {"a": first}, 4, candidates, state)
+    assert [w for _, w in ran] == [(0,), (1,), (2,), (3,)]
+    ran.clear()
+    _score_more(runs, {"b": second, "c": third}, 4, candidates, state)
+    # the first input is a's hardest (3); b and c stop there: 3.12 and 3.11 already exceed a's sum 2.30
+    assert sorted(ran, key=str) == sorted([(second, (3,)), (third, (3,))], key=str)
+    assert state[1] == pytest.approx({"b": 3.0 / 4, "c": 3.0 / 4})
+    assert state[2]["a"].tolist() == pytest.approx(table[first])
+
+
 def test_a_flow_where_a_corrected_search_is_right_chooses_one():
     """A 16-d mixture at B = 25 of 50 (one of bench/candidate_study.py's flows): the best search with a corrector
     scores well below every other candidate on the 32 calibration inputs, and on 512 held-out inputs its mean
@@ -349,9 +379,9 @@ def test_real_runs_find_an_exact_schedule_where_the_safe_prediction_is_exact():
 
 def _counted_calibration(flow, inputs, sig, budgets, monkeypatch, **settings):
     """``(schedules, report, model calls)`` of ``calibrate(flow, inputs)`` with the module settings given by name
-    (``STOP_LOSING_RUNS`` of meancache.calibrate, ``SHARED_CALLS`` of meancache.calibration.runs)."""
+    (``STOP_LOSING_RUNS`` of meancache.calibrate, ``SHARED_BYTES`` of meancache.calibration.runs)."""
     for name, value in settings.items():
-        module = "meancache.calibration.runs" if name == "SHARED_CALLS" else "meancache.calibrate"
+        module = "meancache.calibration.runs" if name == "SHARED_BYTES" else "meancache.calibrate"
         monkeypatch.setattr(importlib.import_module(module), name, value)
     calls = []
 
@@ -394,19 +424,23 @@ def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch)
 
 
 @pytest.mark.parametrize("batched", [True, False])
-def test_shared_first_calls_change_no_score(batched, monkeypatch):
-    """The runs of one input share their first model calls where the latents repeat (step 0 for every schedule,
-    the second compute step within a family): every candidate's score is that of unshared runs, with fewer calls."""
+def test_shared_calls_change_no_score(batched, monkeypatch):
+    """The runs of one input share the model calls where the latents repeat (step 0 for every schedule, the second
+    compute step within a family, a corrected schedule's calls up to its first correction): every candidate's
+    score is that of unshared runs, with fewer calls; a cap on the kept bytes keeps the first calls only (step 0
+    here), still exact."""
     flow, x, sig, _ = _recording(seed=3, steps=30, inputs=4)
     inputs = x if batched else [row[None] for row in x]
     def run(shared):
-        return _counted_calibration(flow, inputs, sig, [5, 8], monkeypatch, SHARED_CALLS=shared,
+        return _counted_calibration(flow, inputs, sig, [5, 8], monkeypatch, SHARED_BYTES=shared,
                                     STOP_LOSING_RUNS=False)
 
     plain, plain_report, plain_calls = run(0)
-    shared, report, shared_calls = run(2)
-    assert shared == plain
-    for entry, want in zip(report, plain_report):
-        assert entry["scores"] == want["scores"]
-    # step 0 once per input (batched: once) instead of once per run, and the second compute step once per family
-    assert shared_calls < plain_calls - 10
+    step0 = 2 * x.element_size() * x.numel()  # the latents and velocity of every input's step 0, nothing more
+    capped, capped_report, capped_calls = run(step0)
+    shared, report, shared_calls = run(256 * 2**20)
+    assert shared == plain and capped == plain
+    for entry, capped_entry, want in zip(report, capped_report, plain_report):
+        assert entry["scores"] == want["scores"] and capped_entry["scores"] == want["scores"]
+    # step 0 once per input (batched: once) instead of once per run; more shared without the cap
+    assert shared_calls < capped_calls < plain_calls

@@ -205,6 +205,7 @@ def extrapolation_costs(
     m = table.shape[1]
     rows_per_chunk = max(1, _ROW_CHUNK_BYTES // (p * d * 8))
     starts = table[:, -1]
+    buffer = None
     with torch.no_grad():
         for a in sorted(set(starts.tolist())):
             reach = min(length, end - a)  # longest segment from a
@@ -232,8 +233,15 @@ def extrapolation_costs(
             chunk = max(1, rows_per_chunk // len(steps))
             for c0 in range(0, len(sub), chunk):
                 c1 = min(len(sub), c0 + chunk)
-                # x^_b - x_b = (x_{a+1} - x_b) + sum_j W_j v_{c_j}
-                dev = (coef[c0:c1].reshape(-1, span) @ rows).view(c1 - c0, len(steps), p * d)
+                # x^_b - x_b = (x_{a+1} - x_b) + sum_j W_j v_{c_j}, into one reused buffer: a fresh chunk each
+                # time costs more in page faults than in arithmetic
+                size = (c1 - c0) * len(steps) * p * d
+                if buffer is None or buffer.numel() < size:
+                    buffer = torch.empty(max(size, min(rows_per_chunk, len(table) * length) * p * d),
+                                         dtype=torch.float64)
+                dev = buffer[:size].view((c1 - c0) * len(steps), p * d)
+                torch.mm(coef[c0:c1].reshape(-1, span), rows, out=dev)
+                dev = dev.view(c1 - c0, len(steps), p * d)
                 dev += base[None]
                 err[c0:c1] = dev.abs_().view(c1 - c0, len(steps), p, d).mean(dim=-1).mean(dim=-1)
             err = torch.where(err <= floor[ends][None, :], 0.0, err)

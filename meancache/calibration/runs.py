@@ -38,45 +38,42 @@ def _halves(count: int):
     return [list(range(half)), list(range(half, count))] if half else None
 
 
-#: Model calls at the start of each run that :func:`model_runs` shares between the runs of one input: every
-#: schedule computes step 0 from the same latents, and schedules with the same compute steps whose first segment
-#: is plain reuse (``uniform p1`` with and without a corrector, ``tail e1`` and ``tail p1`` ...) reach their second
-#: compute step with the same latents too. Later calls rarely repeat, so they are neither looked up nor kept.
-SHARED_CALLS = 2
+#: Bytes of latents and velocities that :func:`model_runs` keeps (all inputs together) to share model calls
+#: between runs: a run whose call has the very same sigma and latents as an earlier run's gets that call's velocity
+#: instead of a new call. Every schedule computes step 0 from the same latents, schedules with the same compute
+#: steps whose first segment is plain reuse reach their second compute step with the same latents, and a schedule
+#: with a corrector repeats the uncorrected one's calls up to its first correction. On the digits model (five
+#: budgets, 4 inputs) keeping every call instead of each run's first two cut the model calls from 2,420 to 2,222
+#: (bench/RESULTS.md). Once the cap is reached, calls are still looked up but no more are kept.
+SHARED_BYTES = 256 * 2**20
 
 
-class _SharedStarts:
-    """The first :data:`SHARED_CALLS` model calls of every run of one input, kept with their latents: a run whose
-    call has the very same sigma and latents (``torch.equal``) gets the kept velocity instead of a new call. Exact
-    for a deterministic model; memory: a few latents and velocities per input."""
+class _SharedCalls:
+    """The model calls of every run of one input, kept with their latents (see :data:`SHARED_BYTES`); ``kept``
+    counts the bytes of every input's table together. Exact for a deterministic model."""
 
-    def __init__(self, velocity_fn):
+    def __init__(self, velocity_fn, kept: list[int]):
         self.velocity_fn = velocity_fn
-        self.kept: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.kept = kept
+        self.table: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def run(self):
-        """A velocity function for one run of the input."""
-        calls = [0]
-
-        def velocity(x, sigma):
-            calls[0] += 1
-            if calls[0] > SHARED_CALLS:
-                return self.velocity_fn(x, sigma)
-            key = float(sigma)
-            for kx, kv in self.kept.get(key, ()):
-                if kx.shape == x.shape and kx.dtype == x.dtype and torch.equal(kx, x):
-                    return kv.clone()
-            v = self.velocity_fn(x, sigma)
-            self.kept.setdefault(key, []).append((x.detach().clone(), v.detach().clone()))
-            return v
-
-        return velocity
+    def __call__(self, x, sigma):
+        key = float(sigma)
+        for kx, kv in self.table.get(key, ()):
+            if kx.shape == x.shape and kx.dtype == x.dtype and kx.device == x.device and torch.equal(kx, x):
+                return kv.clone()
+        v = self.velocity_fn(x, sigma)
+        size = (x.numel() * x.element_size() + v.numel() * v.element_size()) if isinstance(v, torch.Tensor) else None
+        if size is not None and self.kept[0] + size <= SHARED_BYTES:
+            self.kept[0] += size
+            self.table.setdefault(key, []).append((x.detach().clone(), v.detach().clone()))
+        return v
 
 
 def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
     """Runs of ``velocity_fn`` (:func:`meancache.sample`) from the recorded inputs (``inputs`` as given to
     :func:`~meancache.record`: one batched tensor or a list of tensors), the validation split or ``every`` input.
-    The first calls of the runs of each input are shared where they repeat (:data:`SHARED_CALLS`).
+    The runs of each input share the model calls that repeat (:data:`SHARED_BYTES`).
 
     Example:
         >>> import torch
@@ -97,7 +94,8 @@ def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
     subset = rec.meta.get("elements")
     elem = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
 
-    shared = [_SharedStarts(velocity_fn) for _ in starts]
+    kept = [0]
+    shared = [_SharedCalls(velocity_fn, kept) for _ in starts]
 
     def errors(schedule: Schedule, which: list[int] | None = None) -> torch.Tensor:
         rows = list(range(len(idx))) if which is None else list(which)
@@ -106,7 +104,7 @@ def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
         else:
             runs = [(starts[w], shared[w]) for w in rows]
         with torch.no_grad():
-            outs = [sample(memo.run(), x, rec.sigmas, schedule) for x, memo in runs]
+            outs = [sample(memo, x, rec.sigmas, schedule) for x, memo in runs]
         out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
         if elem is not None:  # the recording keeps a subset of each latent: compare on the same elements
             out = out[:, elem.to(out.device)]
