@@ -534,3 +534,23 @@ def test_batched_node_weights_are_the_run_time_weights_bit_for_bit(estimator, or
                     q, w = polynomial_weights(estimator, present, sig[i], sig[i + 1], order)
                     want = [0.0] * (len(row) - q - 1) + list(w)
                     assert got[r, t].tolist() == want, (sig, row, i)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 6 * 3 * 8 * 5])
+def test_extrapolation_costs_do_not_depend_on_the_chunking(chunk_bytes, monkeypatch):
+    """The deviations are formed chunk by chunk in one reused buffer: chunks of one row (the buffer reused at once)
+    and of a few rows (the last chunk of a start smaller, the buffer grown for a start with more skipped steps)
+    give the costs and gains of the default single chunk, within float64 rounding."""
+    import meancache.calibration.joint as joint
+
+    rec = _mixture_recording(5, steps=14)
+    nodes = [[-1] * (3 - m) + list(range(a - m, a + 1)) for a in range(0, 13) for m in range(0, 4) if a >= m]
+    for order, estimator in ((1, "extrapolate"), (3, "predict")):
+        want = extrapolation_costs(rec, nodes, order=order, max_len=8, estimator=estimator, with_gain=True)
+        monkeypatch.setattr(joint, "_ROW_CHUNK_BYTES", chunk_bytes)
+        got = extrapolation_costs(rec, nodes, order=order, max_len=8, estimator=estimator, with_gain=True)
+        monkeypatch.undo()
+        for g, w in zip(got, want):
+            finite = torch.isfinite(w)
+            assert torch.equal(finite, torch.isfinite(g))
+            assert torch.allclose(g[finite], w[finite], rtol=1e-12, atol=0)
