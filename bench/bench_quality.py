@@ -611,6 +611,11 @@ def refine_measure(name: str, budgets=BUDGETS, evals: int = REFINE_EVALS) -> dic
     }
 
 
+def below_all(mine: tuple[float, float], others) -> bool:
+    """Whether ``mine`` (rel L2, median) is strictly below each of ``others`` in both (a tie is not below)."""
+    return all(mine[0] < o[0] and mine[1] < o[1] for o in others)
+
+
 def candidate_bound(name: str, budgets=BUDGETS) -> dict[int, dict]:
     """How far a better choice could go on one flow: every candidate of the default calibration (``report=``'s
     ``candidates``) sampled from the held-out noise and held to the bar as if it were the one chosen (TaylorSeer-lite
@@ -634,7 +639,7 @@ def candidate_bound(name: str, budgets=BUDGETS) -> dict[int, dict]:
         for s in {s for s in entry["candidates"].values() if s is not None}:
             mine = errors(meancache.sample(flow, noise, sigmas, s), full)
             others = [*fixed, errors(taylorseer_lite(flow, noise, sigmas, s.compute_steps), full)]
-            verdict[s] = all(mine[0] < o[0] and mine[1] < o[1] for o in others)
+            verdict[s] = below_all(mine, others)
         out[b] = {"chosen": entry["chosen"],
                   "meets": [n for n, s in entry["candidates"].items() if s is not None and verdict[s]]}
     return out

@@ -10,8 +10,8 @@ score of their calibration errors) picks one candidate per cell; its row gives t
 the pick over the best candidate's in that cell (geometric mean over the 40 cells, worst cell in brackets), and the
 cells where the pick has a lower rel L2 and median than AB2 with B steps, TaylorSeer-lite on uniform steps and
 ``Schedule.default``. The first pool's mean pick is the reference for the last columns. The last row is a bound:
-the cells where any candidate of the last pool would meet that test, were it picked on the held-out inputs. The pool with the four
-corrected safe candidates is also scored by the robust and relative scores of :data:`MORE_SCORES`; the last pool
+the cells where any candidate of the last pool would meet that test, were it picked on the held-out inputs. The
+pool with the four corrected safe candidates is also scored by the robust and relative scores of :data:`MORE_SCORES`; the last pool
 adds the best search with a corrector, as :func:`meancache.calibrate` weighs it with real runs.
 
 Run: ``python bench/candidate_study.py`` (one torch thread; about 5 minutes here). Not a pytest module.
@@ -34,6 +34,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from bench_quality import BUDGETS  # noqa: E402
 from bench_quality import STEPS  # noqa: E402
 from bench_quality import adams_bashforth2  # noqa: E402
+from bench_quality import below_all  # noqa: E402
 from bench_quality import errors  # noqa: E402
 from bench_quality import taylorseer_lite  # noqa: E402
 from bench_quality import uniform_steps  # noqa: E402
@@ -161,7 +162,7 @@ def markdown(data: dict) -> str:
 
 def _meets(cell: dict, held: tuple[float, float]) -> bool:
     """Whether held-out ``(rel L2, median)`` are below every comparator's of ``cell`` in both."""
-    return all(held[0] < c[0] and held[1] < c[1] for c in cell["comparators"].values())
+    return below_all(held, cell["comparators"].values())
 
 
 if __name__ == "__main__":

@@ -536,7 +536,7 @@ def test_batched_node_weights_are_the_run_time_weights_bit_for_bit(estimator, or
                     assert got[r, t].tolist() == want, (sig, row, i)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 3 * 6 * 3 * 8 * 5])
+@pytest.mark.parametrize("chunk_bytes", [1, 15 * (3 * 6) * 8])  # one row; 15 rows of 3 inputs x 6 float64
 def test_extrapolation_costs_do_not_depend_on_the_chunking(chunk_bytes, monkeypatch):
     """The deviations are formed chunk by chunk in one reused buffer: chunks of one row (the buffer reused at once)
     and of a few rows (the last chunk of a start smaller, the buffer grown for a start with more skipped steps)
