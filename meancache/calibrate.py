@@ -108,6 +108,7 @@ def calibrate(
     refine: int | None = None,
     report: list | None = None,
     elements: int | None = SEARCH_ELEMENTS,
+    draws: int | None = None,
     progress: bool = True,
     out: str | os.PathLike | None = None,
     **pipeline_kwargs,
@@ -221,6 +222,18 @@ def calibrate(
             the search costs the same for any latent size; with a model target only these elements are recorded
             too (:func:`record`). Every estimator acts element by element, so the subset's costs are unbiased
             estimates of the full ones. None: every element.
+        draws: new noise rows that join the real runs which choose between the candidates (``validate`` runs),
+            scored against their own uncached runs; the searches still read the calibration inputs only. For a
+            ``velocity_fn`` with one batched tensor of inputs ``(P, *shape)`` whose grid starts at sigma = 1 (so
+            the inputs are noise), with ``fit=False``. None (default): enough rows to bring the runs to
+            :data:`DRAW_ROWS` rows while those rows hold at most :data:`DRAW_ELEMENTS` latent elements in all (a
+            cheap model's small rows: the demo's 1,024-d flow gets 32 more rows, a 16-d one 992; a real model's
+            image latent none), 0 elsewhere. 0: none. Rows from :func:`~meancache.calibration.runs.validation_draws`
+            (seeded: the same on every machine); the report's ``errors`` list the inputs, then the draws. Why: the
+            choice's mean error over 32 inputs is decided by the one or two inputs that run away, so it picks
+            close to chance between candidates whose tails differ; on the bench's six analytic flows (B = 6 to 25,
+            32 calibration inputs, 8,192 held-out ones) choosing on 1,024 rows met the issue-19 bar in 22 of 30
+            cells against 18 (bench/RESULTS.md).
         progress: tqdm progress bar while recording.
         out: with a model or pipeline target, stream the recording this calibration makes to this file
             (:func:`record`'s ``out``: memory-mapped as it is made, :meth:`Recording.save`'s format), so it can be
@@ -264,6 +277,8 @@ def calibrate(
     extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
     if max_len is not None:
         max_len = _check_max_len(max_len)
+    if draws is not None and (not is_int(draws) or draws < 0):
+        raise ValueError(f"draws={draws!r}: must be None or an int >= 0 (new noise rows for the real runs)")
     if elements is not None and (not is_int(elements) or elements < 1):
         raise ValueError(f"elements={elements!r}: must be None or an int >= 1 (latent elements per input)")
     if refine is not None and (not is_int(refine) or refine < 0):
@@ -305,6 +320,7 @@ def calibrate(
     if validate == "runs" and isinstance(target, Recording):
         raise ValueError("validate='runs' with a Recording target: real runs need the model (a velocity_fn or a "
                          "pipeline); use 'replay' or 'auto'")
+    draws = _draws(draws, model_fn, inputs, sigmas, select, validate, fit)
     if pipeline_kwargs and not is_pipeline(target):
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
     if n is not None:
@@ -336,7 +352,7 @@ def calibrate(
     if model_fn:
         scorer = model_runs(target, inputs, rec) if refine else None
         if select and validate in ("auto", "runs"):
-            runs = model_runs(target, inputs, rec, every=True)
+            runs = model_runs(target, inputs, rec, every=True, draws=draws)
     elif is_pipeline(target):
         scorer = pipeline_runs(target, inputs, states, rec, pipeline_kwargs) if refine else None
         if select and validate == "runs":
@@ -349,7 +365,7 @@ def calibrate(
     with shared_weights(), shared_costs():
         schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
                                 scorer, progress, report if report is not None else [], report is not None, runs,
-                                fit and "predict" in families)
+                                fit and "predict" in families, draws)
     return schedules if many else schedules[0]
 
 
@@ -366,6 +382,36 @@ JOINT_SIZE_CAP = 500_000
 #: elements); above it (N above 2,500 at max_len 8) only the joint graph, if it fits, and the safe schedules are
 #: weighed, so no N and budget make the search's cost explode.
 PUBLISHED_SIZE_CAP = 20_000
+
+
+#: Rows the real runs that choose reach with ``calibrate(draws=None)``'s new noise rows (inputs and draws).
+DRAW_ROWS = 1024
+#: Most latent elements those rows may hold in all (whole rows, not the element subset): new rows are drawn only
+#: while they are cheap, so a real model's calibration costs what it did.
+DRAW_ELEMENTS = 2**16
+
+
+def _draws(draws, model_fn: bool, inputs, sigmas, select: bool, validate: str, fit: bool) -> int:
+    """The new noise rows of ``calibrate(draws=)`` (see there); a ValueError naming the rule for a count given
+    where draws do not apply."""
+    why = None
+    if not model_fn or not isinstance(inputs, torch.Tensor):
+        why = "a velocity_fn target with one batched tensor of inputs"
+    elif not select or validate == "replay":
+        why = "the choice by real runs (select=True, validate='auto' or 'runs')"
+    elif fit:
+        why = "fit=False (the fitted candidates are weighed input by input against the calibration inputs)"
+    elif float(as_sigma_list(sigmas)[0]) != 1.0:
+        why = "a grid that starts at sigma = 1, where the inputs are standard-normal noise"
+    if draws is None:
+        if why is not None:
+            return 0
+        rows = inputs.shape[0]
+        per_row = max(1, math.prod(inputs.shape[1:]))
+        return max(0, min(DRAW_ROWS, DRAW_ELEMENTS // per_row) - rows)
+    if draws and why is not None:
+        raise ValueError(f"draws={draws}: new noise rows need {why}")
+    return int(draws)
 
 
 def auto_max_len(num_steps: int, budget: int) -> int:
@@ -456,10 +502,11 @@ class _Searches:
 
 
 def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, scorer, progress, report,
-                reported=False, runs=None, fit=False):
+                reported=False, runs=None, fit=False, draws=0):
     """One schedule per budget (see :func:`calibrate`); ``runs``, the scorer of real sampled runs on every input
-    (:func:`~meancache.calibration.runs.model_runs` or ``pipeline_runs``), when the choice is made by them
-    (``validate``), else the replay folds; ``fit``: weigh the fitted candidates (:data:`FIT_BASES`) too."""
+    and ``draws`` new noise rows after them (:func:`~meancache.calibration.runs.model_runs` or
+    ``pipeline_runs``), when the choice is made by them (``validate``), else the replay folds; ``fit``: weigh the
+    fitted candidates (:data:`FIT_BASES`) too."""
     n = rec.num_steps
     polynomial = tuple(f for f in families if f in POLYNOMIAL_ESTIMATORS)
     found: dict[int, Schedule] = {}
@@ -492,6 +539,7 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                     f"at most {PUBLISHED_SIZE_CAP}; add the polynomial estimators (the default) or use fewer steps"
                 )
         if runs is not None:
+            scored = rec.num_inputs + draws
             # real runs of each candidate searched on all inputs, scored on those inputs: measured, this chose
             # better on held-out inputs than real runs of fold searches on the other fold (RESULTS.md)
             for b in group:
@@ -501,11 +549,11 @@ def _calibrated(rec, budgets, families, gamma, max_len, orders, select, refine, 
                 # must not depend on the stopping, since its corrected versions join the running; those run
                 # next, and the safe candidates last, each stopping against the best so far
                 scores, stopped, complete = state = {}, {}, {}
-                _score_more(runs, {k: candidates[k] for k in everything.names}, rec.num_inputs, candidates, state)
+                _score_more(runs, {k: candidates[k] for k in everything.names}, scored, candidates, state)
                 extra = _corrected_search(candidates, scores, everything.names)
                 candidates.update(extra)
                 for part in (extra, dict(safe)):
-                    _score_more(runs, part, rec.num_inputs, candidates, state)
+                    _score_more(runs, part, scored, candidates, state)
                 # the tie order of the choice: safe candidates, then the searches, then the corrected one
                 scores = {k: scores[k] for k in candidates}
                 complete = {k: complete[k] for k in candidates if k in complete}

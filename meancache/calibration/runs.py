@@ -25,7 +25,7 @@ from .recording import element_subset
 from .selection import _relative
 from .selection import validation_split
 
-__all__ = ["generator_states", "model_runs", "pipeline_runs"]
+__all__ = ["generator_states", "model_runs", "pipeline_runs", "validation_draws"]
 
 
 def _scored(rec: Recording, every: bool) -> list[int]:
@@ -70,10 +70,11 @@ class _SharedCalls:
         return v
 
 
-def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
+def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False, draws: int = 0):
     """Runs of ``velocity_fn`` (:func:`meancache.sample`) from the recorded inputs (``inputs`` as given to
-    :func:`~meancache.record`: one batched tensor or a list of tensors), the validation split or ``every`` input.
-    The runs of each input share the model calls that repeat (:data:`SHARED_BYTES`).
+    :func:`~meancache.record`: one batched tensor or a list of tensors), the validation split or ``every`` input,
+    then from ``draws`` new noise rows (:func:`validation_draws`; one batched tensor of inputs only), each scored
+    against its own uncached run. The runs of each input share the model calls that repeat (:data:`SHARED_BYTES`).
 
     Example:
         >>> import torch
@@ -84,21 +85,35 @@ def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
         >>> errors, calls, _ = model_runs(f, x, rec, every=True)
         >>> float(errors(Schedule.full(8)).max()) < 1e-6, calls
         (True, 1)
+        >>> errors, _, halves = model_runs(f, x, rec, every=True, draws=6)
+        >>> tuple(errors(Schedule([0, 4, 7], [1, 1], 8)).shape), [len(h) for h in halves]
+        ((10,), [5, 5])
     """
     idx = _scored(rec, every)
-    if isinstance(inputs, torch.Tensor):
-        starts, per_run = [inputs[idx]], 1
-    else:
-        starts, per_run = [inputs[i] for i in idx], len(idx)
-    ref = rec.latents[idx, -1].double()
     subset = rec.meta.get("elements")
     elem = None if subset is None else element_subset(math.prod(subset["of_shape"]), subset["count"])
+    ref = rec.latents[idx, -1].double().reshape(len(idx), -1)
+    if isinstance(inputs, torch.Tensor):
+        starts, per_run = [inputs[idx]], 1
+        if draws:
+            extra = validation_draws(inputs, draws)
+            with torch.no_grad():
+                full = sample(velocity_fn, extra, rec.sigmas, Schedule.full(rec.num_steps)).reshape(draws, -1)
+            if elem is not None:
+                full = full[:, elem.to(full.device)]
+            starts = [torch.cat([starts[0], extra])]
+            ref = torch.cat([ref, full.to("cpu", torch.float64)])
+    elif draws:
+        raise ValueError(f"draws={draws}: validation draws need one batched tensor of inputs, not a list")
+    else:
+        starts, per_run = [inputs[i] for i in idx], len(idx)
 
     kept = [0]
     shared = [_SharedCalls(velocity_fn, kept) for _ in starts]
+    count = ref.shape[0]
 
     def errors(schedule: Schedule, which: list[int] | None = None) -> torch.Tensor:
-        rows = list(range(len(idx))) if which is None else list(which)
+        rows = list(range(count)) if which is None else list(which)
         if per_run == 1:
             runs = [(starts[0][rows], shared[0])]
         else:
@@ -108,9 +123,29 @@ def model_runs(velocity_fn, inputs, rec: Recording, every: bool = False):
         out = torch.cat([o.reshape(o.shape[0] if per_run == 1 else 1, -1) for o in outs])
         if elem is not None:  # the recording keeps a subset of each latent: compare on the same elements
             out = out[:, elem.to(out.device)]
-        return _relative(out.to("cpu", torch.float64), ref[rows].reshape(len(rows), -1))
+        return _relative(out.to("cpu", torch.float64), ref[rows])
 
-    return errors, per_run, _halves(len(idx))
+    return errors, per_run, _halves(count)
+
+
+#: Seed of :func:`validation_draws`' generator (a CPU generator: the same rows on every machine).
+DRAW_SEED = 20260119
+
+
+def validation_draws(inputs: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` new standard-normal rows shaped like the rows of ``inputs`` ``(P, *shape)``, on its device and in
+    its dtype, from a CPU generator seeded with :data:`DRAW_SEED`: the same rows on any machine, and (for a
+    different seed than the user's) noise the calibration inputs do not hold.
+
+    Example:
+        >>> import torch
+        >>> d = validation_draws(torch.zeros(3, 2, 5), 4)
+        >>> tuple(d.shape), torch.equal(d, validation_draws(torch.ones(1, 2, 5), 4))
+        ((4, 2, 5), True)
+    """
+    g = torch.Generator().manual_seed(DRAW_SEED)
+    rows = torch.randn((count, *inputs.shape[1:]), generator=g, dtype=torch.float32)
+    return rows.to(device=inputs.device, dtype=inputs.dtype)
 
 
 def _generators(value) -> list[torch.Generator] | None:
