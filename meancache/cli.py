@@ -23,7 +23,8 @@ noise. ``--flow`` and ``--model`` write the recording they make too, as ``record
 sampled runs of the model from every calibration input (B evaluations per input and candidate); ``replay``, folds
 of the recording; ``auto`` (the default), ``runs`` for ``--flow`` and ``replay`` for the others, as the library
 does. ``runs`` needs the model, so not with ``--recording``, and is not sharded, so not under ``torchrun``.
-``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
+``--draws N`` adds N new noise rows to the real runs of ``--flow`` (``calibrate``'s ``draws``; by default as many
+as bring the runs to 1,024 rows while they stay small). ``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
 recording, the ``f`` labels).
 
 ``--pipeline ID_OR_PATH`` records any diffusers pipeline whose scheduler is ``FlowMatchEulerDiscreteScheduler``
@@ -239,6 +240,12 @@ def _check_numbers(args) -> None:
     if args.elements is not None:
         _own_rule("--elements", args.elements, is_int(args.elements) and args.elements >= 1,
                   "must be an int >= 1 (latent elements per input the search reads and the recording keeps)")
+    if args.draws is not None:
+        _own_rule("--draws", args.draws, is_int(args.draws) and args.draws >= 0,
+                  "must be an int >= 0 (new noise rows for the real runs that choose)")
+        _own_rule("--draws", args.draws, args.draws == 0 or (args.flow is not None and args.validate != "replay"
+                                                              and not args.fit),
+                  "new noise rows join real runs of --flow only (not with --validate replay or --fit)")
     _library_rule("--gamma", args.gamma, _check_gamma)
     if args.steps is not None:  # None: --pipeline without --steps, the pipeline's default (_pipeline_plan)
         _library_rule("--steps", args.steps, _check_num_steps)
@@ -696,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="how the candidates are scored (calibrate's validate): runs = real sampled runs of the model "
                           "from the calibration inputs (not with --recording, nor under torchrun); replay = folds of "
                           "the recording; auto (default) = runs for --flow, replay otherwise")
+    cal.add_argument("--draws", type=int, default=None,
+                     help="--flow: new noise rows that join the real runs choosing between the candidates "
+                          "(calibrate's draws; default: up to 1,024 rows while they are small, 0 elsewhere)")
     cal.add_argument("--fit", action="store_true",
                      help="also weigh the fitted candidates (calibrate's fit=True): per-step weights fitted to the "
                           "recording, kept only when they beat the best other candidate on inputs they were not "
@@ -736,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         return _calibrate_pipeline(args, plan, estimators, fail)
     search = dict(budget=list(args.budget), gamma=args.gamma, max_len=args.max_len, estimators=estimators,
                   elements=args.elements, validate=args.validate, fit=args.fit)
+    if args.draws is not None:
+        search["draws"] = args.draws
     try:
         if args.recording is not None:
             rec = Recording.load(args.recording)

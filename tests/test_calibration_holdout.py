@@ -11,12 +11,15 @@ import torch
 
 import meancache
 from meancache import Schedule
+from meancache.calibrate import DRAW_ELEMENTS
+from meancache.calibrate import DRAW_ROWS
 from meancache.calibrate import GAIN_CAPS
 from meancache.calibrate import SEARCH_CORRECTORS
 from meancache.calibrate import auto_max_len
 from meancache.calibration import COST_RTOL
 from meancache.calibration import joint_costs
 from meancache.calibration import joint_solve
+from meancache.calibration.runs import validation_draws
 from meancache.calibration.selection import corrected
 from meancache.calibration.selection import folds
 from meancache.calibration.selection import input_errors
@@ -206,14 +209,18 @@ def test_uniform_schedule_and_safe_candidates():
     assert math.isclose(tail_score(torch.tensor([3.0, 4.0])), math.sqrt(12.5))
 
 
+@pytest.mark.parametrize("draws", [0, None])
 @pytest.mark.parametrize("seed,scale", [(3, None), (6, 0.45)])
-def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale):
+def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale, draws):
     """validate="runs" (the default with a velocity_fn): every candidate, safe ones included, is sampled for real
-    from the calibration inputs; the chosen one's mean per-input error is the least within COST_RTOL, and the
-    scores are those of real runs of the schedules the report gives."""
+    from the calibration inputs and, by default, from new noise rows (``draws=None``: up to DRAW_ROWS rows in
+    all for these 8-element rows); the chosen one's mean per-input error is the least within COST_RTOL, and the
+    scores are those of real runs of the schedules the report gives, from the inputs then the draws."""
     flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30)
     report = []
-    got = meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False)
+    got = meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False, draws=draws)
+    rows = x if draws == 0 else torch.cat([x, validation_draws(x, DRAW_ROWS - len(x))])
+    full = meancache.sample(flow, rows, sig, Schedule.full(30))
     for entry, schedule in zip(report, got):
         assert entry["measure"] == "runs"
         scores = {k: v for k, v in entry["scores"].items() if v is not None}
@@ -221,13 +228,64 @@ def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale):
         assert scores[entry["chosen"]] <= min(scores.values()) * (1 + COST_RTOL), entry
         assert schedule == meancache.calibration.selection.reuse_labelled(entry["candidates"][entry["chosen"]])
         for name in ("default", entry["chosen"]):  # the score is the mean error of a real run of that schedule
-            out = meancache.sample(flow, x, sig, entry["candidates"][name])
-            full = meancache.sample(flow, x, sig, Schedule.full(30))
+            out = meancache.sample(flow, rows, sig, entry["candidates"][name])
             per_input = (out - full).double().norm(dim=1) / full.double().norm(dim=1)
             assert per_input.mean().item() == pytest.approx(scores[name], rel=1e-4, abs=1e-7)
             # the report's per-input errors are those of the run, and their mean is the score
             assert entry["errors"][name] == pytest.approx(per_input.tolist(), rel=1e-4, abs=1e-7)
             assert sum(entry["errors"][name]) / len(entry["errors"][name]) == pytest.approx(scores[name], rel=1e-12)
+
+
+def test_draws_are_checked_before_any_model_call():
+    """A draws count where draws do not apply, or a bad value, is a ValueError naming the rule before the model
+    runs; draws=None there means none (the report's errors list the inputs only)."""
+    flow, x, sig, rec = _recording(seed=5)
+    calls = []
+
+    def counted(z, s):
+        calls.append(1)
+        return flow(z, s)
+
+    cases = [
+        (dict(draws=-1), r"draws=-1: must be None or an int >= 0"),
+        (dict(draws=2.5), r"draws=2.5: must be None or an int >= 0"),
+        (dict(draws=True), r"draws=True: must be None or an int >= 0"),
+        (dict(draws=4, validate="replay"), r"draws=4: new noise rows need the choice by real runs"),
+        (dict(draws=4, select=False), r"draws=4: new noise rows need the choice by real runs"),
+        (dict(draws=4, fit=True), r"draws=4: new noise rows need fit=False"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            meancache.calibrate(counted, x, sigmas=sig, budget=6, progress=False, **kwargs)
+    with pytest.raises(ValueError, match=r"draws=4: new noise rows need a grid that starts at sigma = 1"):
+        meancache.calibrate(counted, x, sigmas=sig[1:], budget=6, progress=False, draws=4)
+    with pytest.raises(ValueError, match=r"draws=4: new noise rows need a velocity_fn target with one batched"):
+        meancache.calibrate(counted, list(x.split(2)), sigmas=sig, budget=6, progress=False, draws=4)
+    with pytest.raises(ValueError, match=r"draws=4: new noise rows need a velocity_fn target with one batched"):
+        meancache.calibrate(rec, budget=6, draws=4)
+    assert not calls
+    for kwargs, rows in ((dict(inputs=list(x.split(2))), len(x) // 2), (dict(inputs=x, sigmas=sig[1:]), len(x)),
+                         (dict(inputs=x, fit=True), len(x))):
+        report = []
+        meancache.calibrate(counted, **{"sigmas": sig, **kwargs}, budget=6, progress=False, report=report)
+        assert {len(e) for e in report[0]["errors"].values()} == {rows}, kwargs
+
+
+def test_the_default_draws_stop_at_the_element_cap():
+    """draws=None fills the runs up to DRAW_ROWS rows, fewer where the rows hold more than DRAW_ELEMENTS elements
+    in all, none where the inputs alone reach that; the draws are the same rows on every call."""
+    flow = GaussianMixtureFlow(dim=DRAW_ELEMENTS // 64, components=3, seed=2)
+    sig = shifted_sigmas(12, 3.0)
+    for inputs, rows in ((8, 64), (64, 64), (80, 80)):
+        x = torch.randn(inputs, flow.dim, generator=torch.Generator().manual_seed(inputs))
+        report = []
+        meancache.calibrate(flow, x, sigmas=sig, budget=5, progress=False, report=report)
+        assert {len(e) for e in report[0]["errors"].values()} == {rows}
+    a, b = validation_draws(torch.zeros(2, 3), 5), validation_draws(torch.ones(7, 3, dtype=torch.float64), 5)
+    assert b.dtype == torch.float64 and torch.equal(a, b.float())
+    state = torch.get_rng_state()
+    validation_draws(torch.zeros(2, 3), 5)
+    assert torch.equal(torch.get_rng_state(), state)  # the user's global stream is left where it was
 
 
 def _extras(entry) -> dict[str, str]:
@@ -377,9 +435,9 @@ def test_real_runs_find_an_exact_schedule_where_the_safe_prediction_is_exact():
         assert entry["scores"]["tail e1"] > 1e-4 and entry["scores"]["published"] > 1e-4
 
 
-def _counted_calibration(flow, inputs, sig, budgets, monkeypatch, **settings):
-    """``(schedules, report, model calls)`` of ``calibrate(flow, inputs)`` with the module settings given by name
-    (``STOP_LOSING_RUNS`` of meancache.calibrate, ``SHARED_BYTES`` of meancache.calibration.runs)."""
+def _counted_calibration(flow, inputs, sig, budgets, monkeypatch, draws=0, **settings):
+    """``(schedules, report, model calls)`` of ``calibrate(flow, inputs, draws=draws)`` with the module settings
+    given by name (``STOP_LOSING_RUNS`` of meancache.calibrate, ``SHARED_BYTES`` of meancache.calibration.runs)."""
     for name, value in settings.items():
         module = "meancache.calibration.runs" if name == "SHARED_BYTES" else "meancache.calibrate"
         monkeypatch.setattr(importlib.import_module(module), name, value)
@@ -390,7 +448,8 @@ def _counted_calibration(flow, inputs, sig, budgets, monkeypatch, **settings):
         return flow(z, sigma)
 
     report = []
-    got = meancache.calibrate(counted, inputs, sigmas=sig, budget=budgets, report=report, progress=False)
+    got = meancache.calibrate(counted, inputs, sigmas=sig, budget=budgets, report=report, progress=False,
+                              draws=draws)
     return got, report, len(calls)
 
 
@@ -423,20 +482,21 @@ def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch)
                 assert value == pytest.approx(full["scores"][name], rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_shared_calls_change_no_score(batched, monkeypatch):
+@pytest.mark.parametrize("batched,draws", [(True, 0), (True, None), (False, None)])
+def test_shared_calls_change_no_score(batched, draws, monkeypatch):
     """The runs of one input share the model calls where the latents repeat (step 0 for every schedule, the second
     compute step within a family, a corrected schedule's calls up to its first correction): every candidate's
     score is that of unshared runs, with fewer calls; a cap on the kept bytes keeps the first calls only (step 0
-    here), still exact."""
+    here), still exact. With the default draws the batched runs hold DRAW_ROWS rows, shared the same way."""
     flow, x, sig, _ = _recording(seed=3, steps=30, inputs=4)
     inputs = x if batched else [row[None] for row in x]
     def run(shared):
         return _counted_calibration(flow, inputs, sig, [5, 8], monkeypatch, SHARED_BYTES=shared,
-                                    STOP_LOSING_RUNS=False)
+                                    STOP_LOSING_RUNS=False, draws=draws)
 
     plain, plain_report, plain_calls = run(0)
-    step0 = 2 * x.element_size() * x.numel()  # the latents and velocity of every input's step 0, nothing more
+    rows = DRAW_ROWS if batched and draws is None else len(x)
+    step0 = 2 * x.element_size() * x[0].numel() * rows  # the latents and velocity of step 0, nothing more
     capped, capped_report, capped_calls = run(step0)
     shared, report, shared_calls = run(256 * 2**20)
     assert shared == plain and capped == plain

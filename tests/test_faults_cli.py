@@ -107,6 +107,7 @@ BAD_NUMBERS = [
     (["--inputs", "-3"], "--inputs -3: must be an int >= 1"),
     (["--inputs", "0"], "--inputs 0: must be an int >= 1"),
     (["--elements", "0"], "--elements 0: must be an int >= 1"),
+    (["--draws", "-1"], "--draws -1: must be an int >= 0"),
     (["--steps", "1"], "--steps 1: must be >= 2"),
     (["--steps", "0"], "--steps 0: must be >= 2"),
     (["--steps", "20000", "--budget", "10"], "--steps 20000: must be <= MAX_STEPS=10000"),
@@ -202,6 +203,34 @@ def test_budget_rules_of_a_saved_recording_name_its_steps(tmp_path, capsys, monk
         assert cli.main(["calibrate", "--recording", str(tmp_path / "rec.pt"), "--budget", *budgets, *extra,
                          "--out", str(tmp_path / "o")]) == 2
         assert _one_error_line(capsys).startswith(message)
+
+
+@pytest.mark.parametrize("option", [["--model", "digits"], ["--flow", "gaussian-mixture", "--validate", "replay"],
+                                    ["--flow", "gaussian-mixture", "--fit"]], ids=["model", "replay", "fit"])
+def test_draws_where_no_real_runs_of_a_flow_choose_are_one_error_line(tmp_path, capsys, no_recording, option):
+    argv = ["calibrate", *option, "--budget", "4", "--steps", "8", "--draws", "4", "--out", str(tmp_path / "o"),
+            "--quiet"]
+    assert cli.main(argv) == 2
+    assert _one_error_line(capsys).startswith("--draws 4: new noise rows join real runs of --flow only")
+    assert not (tmp_path / "o").exists()
+
+
+def test_draws_reach_calibrate(tmp_path, capsys, monkeypatch):
+    """--draws goes to calibrate's draws; without it calibrate's default (None) stands."""
+    seen = []
+    real = cli.calibrate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("draws", "absent"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "calibrate", spy)
+    common = ["calibrate", "--flow", "gaussian-mixture", "--steps", "8", "--dim", "4", "--components", "2",
+              "--inputs", "4", "--budget", "4", "--no-plot", "--quiet"]
+    for extra, expected in ((["--draws", "6"], 6), ([], "absent")):
+        out = tmp_path / str(expected)
+        assert cli.main([*common, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert seen[-1] == expected and (out / "schedule-B4.json").exists()
 
 
 def test_valid_numbers_still_run(tmp_path, capsys):
