@@ -231,9 +231,9 @@ def calibrate(
             image latent none), 0 elsewhere. 0: none. Rows from :func:`~meancache.calibration.runs.validation_draws`
             (seeded: the same on every machine); the report's ``errors`` list the inputs, then the draws. Why: the
             choice's mean error over 32 inputs is decided by the one or two inputs that run away, so it picks
-            close to chance between candidates whose tails differ; on the bench's six analytic flows (B = 6 to 25,
-            32 calibration inputs, 8,192 held-out ones) choosing on 1,024 rows met the issue-19 bar in 22 of 30
-            cells against 18 (bench/RESULTS.md).
+            close to chance between candidates whose tails differ; on the bench's six 16- to 48-d flows (B = 6 to
+            25, 32 calibration inputs, 8,192 held-out ones) choosing on 1,024 rows met the issue-19 bar in 22 of
+            30 cells against 18 without draws (bench/RESULTS.md).
         progress: tqdm progress bar while recording.
         out: with a model or pipeline target, stream the recording this calibration makes to this file
             (:func:`record`'s ``out``: memory-mapped as it is made, :meth:`Recording.save`'s format), so it can be
