@@ -23,8 +23,8 @@ noise. ``--flow`` and ``--model`` write the recording they make too, as ``record
 sampled runs of the model from every calibration input (B evaluations per input and candidate); ``replay``, folds
 of the recording; ``auto`` (the default), ``runs`` for ``--flow`` and ``replay`` for the others, as the library
 does. ``runs`` needs the model, so not with ``--recording``, and is not sharded, so not under ``torchrun``.
-``--draws N`` adds N new noise rows to the real runs of ``--flow`` (``calibrate``'s ``draws``; by default as many
-as bring the runs to 1,024 rows while they stay small). ``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
+``--draws N`` adds N new noise rows to the real runs of ``--flow`` (``calibrate``'s ``draws``, default 0).
+``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
 recording, the ``f`` labels).
 
 ``--pipeline ID_OR_PATH`` records any diffusers pipeline whose scheduler is ``FlowMatchEulerDiscreteScheduler``
@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                           "the recording; auto (default) = runs for --flow, replay otherwise")
     cal.add_argument("--draws", type=int, default=None,
                      help="--flow: new noise rows that join the real runs choosing between the candidates "
-                          "(calibrate's draws; default: up to 1,024 rows while they are small, 0 elsewhere)")
+                          "(calibrate's draws; default 0: none)")
     cal.add_argument("--fit", action="store_true",
                      help="also weigh the fitted candidates (calibrate's fit=True): per-step weights fitted to the "
                           "recording, kept only when they beat the best other candidate on inputs they were not "

@@ -11,8 +11,6 @@ import torch
 
 import meancache
 from meancache import Schedule
-from meancache.calibrate import DRAW_ELEMENTS
-from meancache.calibrate import DRAW_ROWS
 from meancache.calibrate import GAIN_CAPS
 from meancache.calibrate import SEARCH_CORRECTORS
 from meancache.calibrate import auto_max_len
@@ -209,17 +207,17 @@ def test_uniform_schedule_and_safe_candidates():
     assert math.isclose(tail_score(torch.tensor([3.0, 4.0])), math.sqrt(12.5))
 
 
-@pytest.mark.parametrize("draws", [0, None])
+@pytest.mark.parametrize("draws", [0, 120])
 @pytest.mark.parametrize("seed,scale", [(3, None), (6, 0.45)])
 def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale, draws):
     """validate="runs" (the default with a velocity_fn): every candidate, safe ones included, is sampled for real
-    from the calibration inputs and, by default, from new noise rows (``draws=None``: up to DRAW_ROWS rows in
-    all for these 8-element rows); the chosen one's mean per-input error is the least within COST_RTOL, and the
-    scores are those of real runs of the schedules the report gives, from the inputs then the draws."""
+    from the calibration inputs and, with ``draws``, from that many new noise rows; the chosen one's mean
+    per-input error is the least within COST_RTOL, and the scores are those of real runs of the schedules the
+    report gives, from the inputs then the draws."""
     flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30)
     report = []
     got = meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False, draws=draws)
-    rows = x if draws == 0 else torch.cat([x, validation_draws(x, DRAW_ROWS - len(x))])
+    rows = x if draws == 0 else torch.cat([x, validation_draws(x, draws)])
     full = meancache.sample(flow, rows, sig, Schedule.full(30))
     for entry, schedule in zip(report, got):
         assert entry["measure"] == "runs"
@@ -238,7 +236,7 @@ def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale, d
 
 def test_draws_are_checked_before_any_model_call():
     """A draws count where draws do not apply, or a bad value, is a ValueError naming the rule before the model
-    runs; draws=None there means none (the report's errors list the inputs only)."""
+    runs; the default (0) applies everywhere (the report's errors list the inputs only)."""
     flow, x, sig, rec = _recording(seed=5)
     calls = []
 
@@ -247,9 +245,10 @@ def test_draws_are_checked_before_any_model_call():
         return flow(z, s)
 
     cases = [
-        (dict(draws=-1), r"draws=-1: must be None or an int >= 0"),
-        (dict(draws=2.5), r"draws=2.5: must be None or an int >= 0"),
-        (dict(draws=True), r"draws=True: must be None or an int >= 0"),
+        (dict(draws=-1), r"draws=-1: must be an int >= 0"),
+        (dict(draws=2.5), r"draws=2.5: must be an int >= 0"),
+        (dict(draws=True), r"draws=True: must be an int >= 0"),
+        (dict(draws=None), r"draws=None: must be an int >= 0"),
         (dict(draws=4, validate="replay"), r"draws=4: new noise rows need the choice by real runs"),
         (dict(draws=4, select=False), r"draws=4: new noise rows need the choice by real runs"),
         (dict(draws=4, fit=True), r"draws=4: new noise rows need fit=False"),
@@ -271,21 +270,15 @@ def test_draws_are_checked_before_any_model_call():
         assert {len(e) for e in report[0]["errors"].values()} == {rows}, kwargs
 
 
-def test_the_default_draws_stop_at_the_element_cap():
-    """draws=None fills the runs up to DRAW_ROWS rows, fewer where the rows hold more than DRAW_ELEMENTS elements
-    in all, none where the inputs alone reach that; the draws are the same rows on every call."""
-    flow = GaussianMixtureFlow(dim=DRAW_ELEMENTS // 64, components=3, seed=2)
-    sig = shifted_sigmas(12, 3.0)
-    for inputs, rows in ((8, 64), (64, 64), (80, 80)):
-        x = torch.randn(inputs, flow.dim, generator=torch.Generator().manual_seed(inputs))
-        report = []
-        meancache.calibrate(flow, x, sigmas=sig, budget=5, progress=False, report=report)
-        assert {len(e) for e in report[0]["errors"].values()} == {rows}
+def test_validation_draws_are_seeded_rows_like_the_inputs():
+    """The same rows on every call whatever the inputs' values, in the inputs' dtype, and the user's global random
+    stream left where it was."""
     a, b = validation_draws(torch.zeros(2, 3), 5), validation_draws(torch.ones(7, 3, dtype=torch.float64), 5)
-    assert b.dtype == torch.float64 and torch.equal(a, b.float())
+    assert a.shape == (5, 3) and b.dtype == torch.float64 and torch.equal(a, b.float())
+    assert a.std() > 0.2 and not torch.equal(a[0], a[1])
     state = torch.get_rng_state()
     validation_draws(torch.zeros(2, 3), 5)
-    assert torch.equal(torch.get_rng_state(), state)  # the user's global stream is left where it was
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def _extras(entry) -> dict[str, str]:
@@ -482,12 +475,12 @@ def test_stopping_losing_runs_never_changes_the_choice(seed, scale, monkeypatch)
                 assert value == pytest.approx(full["scores"][name], rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.parametrize("batched,draws", [(True, 0), (True, None), (False, None)])
+@pytest.mark.parametrize("batched,draws", [(True, 0), (True, 60), (False, 0)])
 def test_shared_calls_change_no_score(batched, draws, monkeypatch):
     """The runs of one input share the model calls where the latents repeat (step 0 for every schedule, the second
     compute step within a family, a corrected schedule's calls up to its first correction): every candidate's
     score is that of unshared runs, with fewer calls; a cap on the kept bytes keeps the first calls only (step 0
-    here), still exact. With the default draws the batched runs hold DRAW_ROWS rows, shared the same way."""
+    here), still exact. With draws the batched runs hold the inputs and the draws, shared the same way."""
     flow, x, sig, _ = _recording(seed=3, steps=30, inputs=4)
     inputs = x if batched else [row[None] for row in x]
     def run(shared):
@@ -495,7 +488,7 @@ def test_shared_calls_change_no_score(batched, draws, monkeypatch):
                                     STOP_LOSING_RUNS=False, draws=draws)
 
     plain, plain_report, plain_calls = run(0)
-    rows = DRAW_ROWS if batched and draws is None else len(x)
+    rows = len(x) + draws
     step0 = 2 * x.element_size() * x[0].numel() * rows  # the latents and velocity of step 0, nothing more
     capped, capped_report, capped_calls = run(step0)
     shared, report, shared_calls = run(256 * 2**20)
