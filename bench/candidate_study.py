@@ -14,7 +14,8 @@ the cells where any candidate of the last pool would meet that test, were it pic
 pool with the four corrected safe candidates is also scored by the robust and relative scores of :data:`MORE_SCORES`; the last pool
 adds the best search with a corrector, as :func:`meancache.calibrate` weighs it with real runs.
 
-Run: ``python bench/candidate_study.py`` (one torch thread; about 5 minutes here). Not a pytest module.
+Run: ``python bench/candidate_study.py`` (one torch thread; a minute or two here); ``--inputs P`` calibrates on the
+first P of the 32 inputs, ``--draws N`` passes ``calibrate(draws=N)``. Not a pytest module.
 """
 
 from __future__ import annotations
@@ -89,16 +90,17 @@ POOLS = {
 }
 
 
-def cells(flows=FLOWS, budgets=BUDGETS, held_out: int = 4096) -> dict:
-    """``{"seed/B": {"calibration": {name: [errors]}, "held": {name: (rel L2, median)}, "comparators": {...}}}``."""
+def cells(flows=FLOWS, budgets=BUDGETS, held_out: int = 4096, inputs: int = 32, draws: int = 0) -> dict:
+    """``{"seed/B": {"calibration": {name: [errors]}, "held": {name: (rel L2, median)}, "comparators": {...}}}``;
+    ``inputs``: the first rows of the 32 calibration inputs, ``draws``: ``calibrate(draws=)``."""
     out = {}
     for seed, (kwargs, shift) in flows.items():
         flow = GaussianMixtureFlow(**kwargs)
         grid = shifted_sigmas(STEPS, shift)
-        cal = torch.randn(32, flow.dim, generator=torch.Generator().manual_seed(55))
+        cal = torch.randn(32, flow.dim, generator=torch.Generator().manual_seed(55))[:inputs]
         held = torch.randn(held_out, flow.dim, generator=torch.Generator().manual_seed(7))
         report: list = []
-        meancache.calibrate(flow, cal, sigmas=grid, budget=list(budgets), report=report, progress=False)
+        meancache.calibrate(flow, cal, sigmas=grid, budget=list(budgets), report=report, progress=False, draws=draws)
         full = meancache.sample(flow, held, grid, Schedule.full(STEPS))
         for entry in report:
             b = entry["budget"]
@@ -168,4 +170,6 @@ def _meets(cell: dict, held: tuple[float, float]) -> bool:
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
-    print(markdown(cells()))
+    args = sys.argv[1:]  # optional: --inputs P (first P of the 32 calibration inputs), --draws N (calibrate's draws)
+    options = {name: int(args[args.index(f"--{name}") + 1]) for name in ("inputs", "draws") if f"--{name}" in args}
+    print(markdown(cells(**options)))
