@@ -52,6 +52,8 @@ on the CPU (:data:`TEST_PROBLEMS`, one budget, fewer inputs). Script mode (one t
 * ``--calibration-time [--base PATH] [flow ...]``: only the calibration wall times, new against ``--base``;
 * ``--bound [flow ...]``: every candidate of the default calibration held to the bar as if chosen
   (:func:`candidate_bound`): which cells a better choice among today's candidates could still win;
+* ``--stability [flow ...]``: the share of resamples of the held-out inputs in which the default calibration meets
+  the bar (:func:`bar_stability`): which verdicts the held-out sample itself decides;
 * ``--refine [flow ...]``: the default calibration with and without refinement by real model runs
   (``refine=REFINE_EVALS``) on held-out noise (default flows: the sharp ones);
 * ``--gamma``: the measurement behind the default gamma (:func:`gamma_sweep`); ``--defaults``: the candidates for
@@ -616,6 +618,18 @@ def below_all(mine: tuple[float, float], others) -> bool:
     return all(mine[0] < o[0] and mine[1] < o[1] for o in others)
 
 
+def _fixed_outputs(flow, grid, noise, budget: int, published: Schedule) -> dict[str, torch.Tensor]:
+    """The final latents of the bar's comparators that do not depend on the chosen steps (TaylorSeer-lite on the
+    chosen steps does): AB2, TaylorSeer-lite uniform, ``Schedule.default``, the published-only calibration and
+    plain reuse, sampled from ``noise``."""
+    sigmas = grid(STEPS)
+    return {AB2: adams_bashforth2(flow, noise, grid(budget)),
+            TS_UNIFORM: taylorseer_lite(flow, noise, sigmas, uniform_steps(budget)),
+            "default": meancache.sample(flow, noise, sigmas, Schedule.default(budget, STEPS)),
+            PUBLISHED: meancache.sample(flow, noise, sigmas, published),
+            "plain reuse": meancache.sample(flow, noise, sigmas, published.with_order(1))}
+
+
 def candidate_bound(name: str, budgets=BUDGETS) -> dict[int, dict]:
     """How far a better choice could go on one flow: every candidate of the default calibration (``report=``'s
     ``candidates``) sampled from the held-out noise and held to the bar as if it were the one chosen (TaylorSeer-lite
@@ -631,10 +645,7 @@ def candidate_bound(name: str, budgets=BUDGETS) -> dict[int, dict]:
     out = {}
     for entry, pub in zip(report, published):
         b = entry["budget"]
-        fixed = [errors(adams_bashforth2(flow, noise, grid(b)), full),
-                 errors(taylorseer_lite(flow, noise, sigmas, uniform_steps(b)), full),
-                 *(errors(meancache.sample(flow, noise, sigmas, s), full)
-                   for s in (Schedule.default(b, STEPS), pub, pub.with_order(1)))]
+        fixed = [errors(o, full) for o in _fixed_outputs(flow, grid, noise, b, pub).values()]
         verdict: dict[Schedule, bool] = {}
         for s in {s for s in entry["candidates"].values() if s is not None}:
             mine = errors(meancache.sample(flow, noise, sigmas, s), full)
@@ -642,6 +653,46 @@ def candidate_bound(name: str, budgets=BUDGETS) -> dict[int, dict]:
             verdict[s] = below_all(mine, others)
         out[b] = {"chosen": entry["chosen"],
                   "meets": [n for n, s in entry["candidates"].items() if s is not None and verdict[s]]}
+    return out
+
+
+STABILITY_RESAMPLES = 400
+
+
+def bar_stability(name: str, budgets=BUDGETS, resamples: int = STABILITY_RESAMPLES) -> dict[int, tuple[bool, float]]:
+    """How sure the bar's verdict is on one flow: the default calibration's schedules and every comparator sampled
+    from the held-out noise, which is then resampled with replacement ``resamples`` times (seed 0), the bar's test
+    remade on each resample (every row's rel L2 and median on the same rows). ``{budget: (verdict on the full
+    held-out set, share of resamples in which it meets the bar)}``."""
+    budgets = list(budgets)
+    flow, grid, calib, noise, _, _ = _problem(name)
+    sigmas = grid(STEPS)
+    recording, _ = _recording(name)
+    chosen = meancache.calibrate(flow, calib, sigmas=sigmas, budget=budgets, progress=False)
+    published = meancache.calibrate(recording, budget=budgets, estimators=("meancache",), progress=False)
+    full = meancache.sample(flow, noise, sigmas, Schedule.full(STEPS)).double().flatten(1)
+    f2 = full.pow(2).sum(1)
+    rows = torch.randint(0, len(noise), (resamples, len(noise)), generator=torch.Generator().manual_seed(0))
+
+    def measures(out: torch.Tensor, which=None) -> tuple[torch.Tensor, torch.Tensor]:
+        d2 = (out.double().flatten(1) - full).pow(2).sum(1)
+        if which is None:
+            return (d2.sum() / f2.sum()).sqrt(), (d2 / f2).sqrt().median()
+        return (d2[which].sum(-1) / f2[which].sum(-1)).sqrt(), (d2 / f2).sqrt()[which].median(-1).values
+
+    out = {}
+    for b, s, pub in zip(budgets, chosen, published):
+        others = [*_fixed_outputs(flow, grid, noise, b, pub).values(),
+                  taylorseer_lite(flow, noise, sigmas, s.compute_steps)]
+        mine = meancache.sample(flow, noise, sigmas, s)
+        whole = below_all(tuple(float(v) for v in measures(mine)),
+                          [tuple(float(v) for v in measures(o)) for o in others])
+        m = measures(mine, rows)
+        meets = torch.ones(resamples, dtype=torch.bool)
+        for o in others:
+            l2, med = measures(o, rows)
+            meets &= (m[0] < l2) & (m[1] < med)
+        out[b] = (whole, meets.double().mean().item())
     return out
 
 
@@ -956,6 +1007,14 @@ if __name__ == "__main__":
                 bound += bool(cell["meets"])
                 print(f"    {flow_name} B={b}: chose {cell['chosen']}; meeting the bar: {cell['meets']}", flush=True)
         print(f"\nchosen candidate meets the bar in {met} cells; some candidate in {bound}")
+        sys.exit(0)
+    if "--stability" in argv:
+        print(_header(f"how sure the bar's verdicts are ({STABILITY_RESAMPLES} resamples)"), flush=True)
+        print("| flow | " + " | ".join(f"B={b}" for b in BUDGETS) + " |\n|---|" + "---|" * len(BUDGETS))
+        for flow_name in [a for a in argv if not a.startswith("--")] or PROBLEMS:
+            cells = bar_stability(flow_name)
+            print(f"| {flow_name} | " + " | ".join(f"{share:.2f}{'' if met else ' (lost)'}"
+                                                   for met, share in cells.values()) + " |", flush=True)
         sys.exit(0)
     if "--refine" in argv:
         print(_header(f"refine={REFINE_EVALS}"), flush=True)
