@@ -191,7 +191,8 @@ def test_uniform_schedule_and_safe_candidates():
     s = uniform_schedule(6, 50, "extrapolate", 1)
     assert s.compute_steps == (0, 10, 20, 29, 39, 49) and set(s.labels) == {"e1"}
     assert [n for n, _ in safe_candidates(6, 50)] == ["default", "uniform p1", "tail e1", "tail p1",
-                                                      "uniform p1 c1", "uniform p1 c2", "tail p1 c1", "tail p1 c2"]
+                                                      "uniform p1 c1", "uniform p1 c2", "tail p1 c1", "tail p1 c2",
+                                                      "early p1 c2"]
     assert [n for n, _ in safe_candidates(50, 50)] == ["default", "uniform p1", "uniform p1 c1", "uniform p1 c2"]
     for n in (3, 7, 50, 51):  # every budget below N leaves an open tail, evenly spaced, all of it extrapolate p1
         for b in range(2, n):
