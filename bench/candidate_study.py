@@ -12,8 +12,9 @@ cells where the pick has a lower rel L2 and median than AB2 with B steps, Taylor
 ``Schedule.default``. The first pool's mean pick is the reference for the last columns. The last row is a bound:
 the cells where any candidate of the last pool would meet that test, were it picked on the held-out inputs. The
 pool with the four corrected safe candidates is also scored by the robust and relative scores of :data:`MORE_SCORES`; the next
-pool adds the best search with a corrector, as :func:`meancache.calibrate` weighs it with real runs, and the last one
-``early p1 c2`` (compute steps a little denser at the start, with a corrector): the default's pool.
+pool adds the best search with a corrector, as :func:`meancache.calibrate` weighs it with real runs, and the last two
+add ``early p1 c2``, then ``early p2 c2`` too (compute steps a little denser at the start, ``predict`` p = 1 or 2,
+with a corrector): the last is the default's pool.
 
 Run: ``python bench/candidate_study.py`` (one torch thread; a minute or two here); ``--inputs P`` calibrates on the
 first P of the 32 inputs, ``--draws N`` passes ``calibrate(draws=N)``. Not a pytest module.
@@ -30,6 +31,7 @@ import meancache
 from meancache import Schedule
 from meancache.calibration.selection import CORRECTED
 from meancache.calibration.selection import EARLY
+from meancache.calibration.selection import EARLY_CANDIDATES
 from meancache.flows import GaussianMixtureFlow
 from meancache.flows import shifted_sigmas
 
@@ -70,7 +72,8 @@ MORE_SCORES = {
     "mean / least mean + median / least median": lambda E: (
         E.mean(1) / E.mean(1).min() + E.median(1).values / E.median(1).values.min()),
 }
-_NAMES = [name for name, _ in CORRECTED] + [EARLY]
+_EARLY = [name for name, _ in EARLY_CANDIDATES]
+_NAMES = [name for name, _ in CORRECTED] + _EARLY
 
 
 def _search_corrected(name: str) -> bool:
@@ -79,16 +82,17 @@ def _search_corrected(name: str) -> bool:
 
 
 FOUR = "+ all four"
-DEFAULT_POOL = f"+ {EARLY} (the default)"
-#: pool name -> which candidates it keeps (``early p1 c2`` only in the last pool)
+DEFAULT_POOL = f"+ {_EARLY[1]} (the default)"
+#: pool name -> which candidates it keeps (the early candidates only in the last two pools)
 POOLS = {
     "without corrected candidates": lambda n: n not in _NAMES and not _search_corrected(n),
-    "+ order 1 only (uniform p1 c1, tail p1 c1)": lambda n: n not in ("uniform p1 c2", "tail p1 c2", EARLY)
+    "+ order 1 only (uniform p1 c1, tail p1 c1)": lambda n: n not in ("uniform p1 c2", "tail p1 c2", *_EARLY)
     and not _search_corrected(n),
-    "+ order 2 only (uniform p1 c2, tail p1 c2)": lambda n: n not in ("uniform p1 c1", "tail p1 c1", EARLY)
+    "+ order 2 only (uniform p1 c2, tail p1 c2)": lambda n: n not in ("uniform p1 c1", "tail p1 c1", *_EARLY)
     and not _search_corrected(n),
-    FOUR: lambda n: n != EARLY and not _search_corrected(n),
-    "+ the best search corrected": lambda n: n != EARLY,
+    FOUR: lambda n: n not in _EARLY and not _search_corrected(n),
+    "+ the best search corrected": lambda n: n not in _EARLY,
+    f"+ {EARLY}": lambda n: n != _EARLY[1],
     DEFAULT_POOL: lambda n: True,
 }
 

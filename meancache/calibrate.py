@@ -152,9 +152,10 @@ def calibrate(
             corrector of
             order 1 and 2 (``uniform p1 c1`` ... ``tail p1 c2``, :data:`~meancache.calibration.selection.CORRECTED`:
             each segment re-estimated by interpolation once the next velocity is computed, see
-            :class:`~meancache.Schedule`), and ``early p1 c2``, compute steps a little denser at the start with
-            that corrector (:func:`~meancache.calibration.selection.early_schedule`); those whose estimators are
-            in ``estimators``) and the
+            :class:`~meancache.Schedule`), and ``early p1 c2`` and ``early p2 c2``, compute steps a little denser
+            at the start with ``predict`` p = 1 or 2 and that corrector
+            (:func:`~meancache.calibration.selection.early_schedule`); those whose estimators are in
+            ``estimators``) and the
             searches: the published estimator's, and the joint search under each gain cap of :data:`GAIN_CAPS` (with every estimator, and
             with the polynomial ones only), and the joint search free to end in an open tail (``joint g4 tail``,
             ``joint g8 tail``: the last steps estimated, their evaluation spent earlier; see

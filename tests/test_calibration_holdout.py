@@ -192,7 +192,7 @@ def test_uniform_schedule_and_safe_candidates():
     assert s.compute_steps == (0, 10, 20, 29, 39, 49) and set(s.labels) == {"e1"}
     assert [n for n, _ in safe_candidates(6, 50)] == ["default", "uniform p1", "tail e1", "tail p1",
                                                       "uniform p1 c1", "uniform p1 c2", "tail p1 c1", "tail p1 c2",
-                                                      "early p1 c2"]
+                                                      "early p1 c2", "early p2 c2"]
     assert [n for n, _ in safe_candidates(50, 50)] == ["default", "uniform p1", "uniform p1 c1", "uniform p1 c2"]
     for n in (3, 7, 50, 51):  # every budget below N leaves an open tail, evenly spaced, all of it extrapolate p1
         for b in range(2, n):
@@ -371,15 +371,15 @@ def test_losing_runs_meet_the_hard_inputs_first():
 
 
 def test_a_flow_where_a_corrected_search_is_right_chooses_one():
-    """A 16-d mixture at B = 25 of 50 (one of bench/candidate_study.py's flows): the best search with a corrector
+    """A 16-d mixture at B = 17 of 50 (one of bench/candidate_study.py's flows): the best search with a corrector
     scores well below every other candidate on the 32 calibration inputs, and on 512 held-out inputs its mean
-    error is below 0.8x that of every other candidate (measured 0.60x)."""
+    error is below 0.8x that of every other candidate (measured 0.71x; at B = 25 `early p2 c2` is better)."""
     flow = GaussianMixtureFlow(dim=16, components=4, seed=41)
     sig = shifted_sigmas(50, 1.0)
     cal = torch.randn(32, 16, generator=torch.Generator().manual_seed(55))
     held = torch.randn(512, 16, generator=torch.Generator().manual_seed(7))
     report = []
-    got = meancache.calibrate(flow, cal, sigmas=sig, budget=25, report=report, progress=False)
+    got = meancache.calibrate(flow, cal, sigmas=sig, budget=17, report=report, progress=False)
     entry = report[0]
     assert entry["chosen"] in _extras(entry)
     full = meancache.sample(flow, held, sig, Schedule.full(50))

@@ -40,6 +40,7 @@ from .search import COST_RTOL
 
 __all__ = [
     "EARLY",
+    "EARLY_CANDIDATES",
     "VALIDATION_EVERY",
     "early_schedule",
     "folds",
@@ -321,20 +322,21 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
     line's value at each step's start, as the Euler run the error is measured against takes the velocity there).
     Then ``uniform p1`` and ``tail p1`` with a corrector of order 1 and 2 (:data:`CORRECTED`): the same
     evaluations, with each segment's skipped velocities re-estimated by interpolation once the next velocity is
-    computed (the open tail is not corrected). Last, ``early p1 c2`` (:func:`early_schedule`: compute steps a little
-    denser at the start, ``predict`` p = 1, corrector of order 2; budgets below ``num_steps`` only). All have
-    gains of a few units at most (:func:`schedule_gain`).
+    computed (the open tail is not corrected). Last, ``early p1 c2`` and ``early p2 c2`` (:func:`early_schedule`:
+    compute steps a little denser at the start, ``predict`` p = 1 or 2, a corrector of order 2; budgets below
+    ``num_steps`` only; :data:`EARLY_CANDIDATES`). All have gains of a few units at most (:func:`schedule_gain`).
 
-    Tried and dropped: uniform steps with ``predict`` p = 2 (on a sharp held-out flow they looked best on the
-    validation inputs at B = 10 and 17 and then ran away on held-out ones: rel L2 0.13 and 0.09, medians 0.006 and
-    0.001); uniform steps with ``extrapolate`` p = 1 (``uniform e1``), once the corrected candidates were in: on
+    Tried and dropped: uniform steps with ``predict`` p = 2 and no corrector (on a sharp held-out flow they looked
+    best on the validation inputs at B = 10 and 17 and then ran away on held-out ones: rel L2 0.13 and 0.09, medians
+    0.006 and 0.001; ``early p2 c2``, with the corrector, held up on the eight flows of
+    ``bench/candidate_study.py``: bench/RESULTS.md); uniform steps with ``extrapolate`` p = 1 (``uniform e1``), once the corrected candidates were in: on
     the eight flows of ``bench/candidate_study.py`` it was never chosen, and on the digits model it cost about a
     fifteenth of the real runs.
 
     Example:
         >>> [name for name, _ in safe_candidates(10, 50)]  # doctest: +NORMALIZE_WHITESPACE
         ['default', 'uniform p1', 'tail e1', 'tail p1', 'uniform p1 c1', 'uniform p1 c2', 'tail p1 c1',
-         'tail p1 c2', 'early p1 c2']
+         'tail p1 c2', 'early p1 c2', 'early p2 c2']
     """
     found = [
         ("default", Schedule.default(budget, num_steps)),
@@ -349,13 +351,17 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
         elif budget < num_steps:
             found.append((name, tail_schedule(budget, num_steps, "predict", 1, corrector=c)))
     if budget < num_steps:
-        found.append((EARLY, early_schedule(budget, num_steps, "predict", 1, corrector=2)))
+        for name, order in EARLY_CANDIDATES:
+            found.append((name, early_schedule(budget, num_steps, "predict", order, corrector=2)))
     return found
 
 
 #: The name of the safe candidate with compute steps a little denser at the start (:func:`early_schedule`,
-#: ``predict`` p = 1, corrector of order 2); last of all, so that ties go to the others.
+#: ``predict`` p = 1, corrector of order 2); last but one, so that ties go to the others.
 EARLY = "early p1 c2"
+#: The early candidates, name -> ``predict`` order (both with a corrector of order 2), in the order they are
+#: weighed: p = 1, then p = 2 (the line, then the parabola through the last three computed velocities).
+EARLY_CANDIDATES = ((EARLY, 1), ("early p2 c2", 2))
 #: The power of :func:`early_schedule`'s placement: compute step j of B at ``(N - 1) * (j / (B - 1)) ** power``.
 EARLY_POWER = 1.15
 
