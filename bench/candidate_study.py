@@ -11,10 +11,10 @@ the pick over the best candidate's in that cell (geometric mean over the 40 cell
 cells where the pick has a lower rel L2 and median than AB2 with B steps, TaylorSeer-lite on uniform steps and
 ``Schedule.default``. The first pool's mean pick is the reference for the last columns. The last row is a bound:
 the cells where any candidate of the last pool would meet that test, were it picked on the held-out inputs. The
-pool with the four corrected safe candidates is also scored by the robust and relative scores of :data:`MORE_SCORES`; the next
-pool adds the best search with a corrector, as :func:`meancache.calibrate` weighs it with real runs, and the last two
-add ``early p1 c2``, then ``early p2 c2`` too (compute steps a little denser at the start, ``predict`` p = 1 or 2,
-with a corrector): the last is the default's pool.
+pool with the four corrected safe candidates is also scored by the robust and relative scores of
+:data:`MORE_SCORES`; the next pool adds the best search with a corrector, as :func:`meancache.calibrate` weighs it
+with real runs, and the last two add ``early p1 c2``, then ``early p2 c2`` too (compute steps a little denser at
+the start, ``predict`` p = 1 or 2, with a corrector): the last is the default's pool.
 
 Run: ``python bench/candidate_study.py`` (one torch thread; a minute or two here); ``--inputs P`` calibrates on the
 first P of the 32 inputs, ``--draws N`` passes ``calibrate(draws=N)``. Not a pytest module.

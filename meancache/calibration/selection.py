@@ -329,9 +329,9 @@ def safe_candidates(budget: int, num_steps: int) -> list[tuple[str, Schedule]]:
     Tried and dropped: uniform steps with ``predict`` p = 2 and no corrector (on a sharp held-out flow they looked
     best on the validation inputs at B = 10 and 17 and then ran away on held-out ones: rel L2 0.13 and 0.09, medians
     0.006 and 0.001; ``early p2 c2``, with the corrector, held up on the eight flows of
-    ``bench/candidate_study.py``: bench/RESULTS.md); uniform steps with ``extrapolate`` p = 1 (``uniform e1``), once the corrected candidates were in: on
-    the eight flows of ``bench/candidate_study.py`` it was never chosen, and on the digits model it cost about a
-    fifteenth of the real runs.
+    ``bench/candidate_study.py``: bench/RESULTS.md); uniform steps with ``extrapolate`` p = 1 (``uniform e1``), once
+    the corrected candidates were in: on the eight flows of ``bench/candidate_study.py`` it was never chosen, and on
+    the digits model it cost about a fifteenth of the real runs.
 
     Example:
         >>> [name for name, _ in safe_candidates(10, 50)]  # doctest: +NORMALIZE_WHITESPACE
