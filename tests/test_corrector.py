@@ -264,7 +264,7 @@ def _bending(x, sigma):
 def _steep_start(x, sigma):
     """A velocity whose change is steepest at sigma = 1 (``sqrt(1 - sigma)``): evenly spread compute steps miss the
     start; ``early p1 c2``'s denser first steps and corrector follow it (measured at B = 10 of 30: its score is
-    0.065x the best candidate's but the early ones; the test asks for 0.2x)."""
+    0.065x the best score of the candidates that are not early ones; the test asks for 0.2x)."""
     return math.sqrt(max(0.0, 1.0 - float(sigma))) * (1.0 + 0.1 * x)
 
 

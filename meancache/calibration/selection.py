@@ -377,9 +377,10 @@ def early_schedule(budget: int, num_steps: int, estimator: str = "predict", orde
     Why: where a few inputs run away into another mixture component, denser early steps keep more of them on the
     Euler run's track (``Schedule.default`` has the lowest held-out rel L2 at small budgets on such flows), while
     evenly spread steps with a corrector have the lowest typical error. Powers 1.15, 1.3, 1.5 and 1.75, open and
-    closed ends, ``predict`` and ``extrapolate``, correctors 0 to 2 were measured on the quality bench's six
-    analytic flows (bench/RESULTS.md); this one, added to the candidates, raised the cells the choice wins there
-    and on the eight flows of ``bench/candidate_study.py`` and lost none.
+    closed ends, ``predict`` and ``extrapolate`` of orders 1 and 2, correctors 0 to 2 were measured on the quality
+    bench's six analytic flows (bench/RESULTS.md); power 1.15 with ``predict`` p = 1 and 2 and a corrector of
+    order 2 (:data:`EARLY_CANDIDATES`), added to the candidates, raised the cells the choice wins there and on the
+    eight flows of ``bench/candidate_study.py`` and lost no cell in either.
 
     Example:
         >>> early_schedule(6, 50).compute_steps, early_schedule(6, 50, corrector=2).labels
