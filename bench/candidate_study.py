@@ -17,7 +17,8 @@ with real runs, and the last two add ``early p1 c2``, then ``early p2 c2`` too (
 the start, ``predict`` p = 1 or 2, with a corrector): the last is the default's pool.
 
 Run: ``python bench/candidate_study.py`` (one torch thread; a minute or two here); ``--inputs P`` calibrates on the
-first P of the 32 inputs, ``--draws N`` passes ``calibrate(draws=N)``. Not a pytest module.
+first P of the 32 inputs, ``--draws N`` passes ``calibrate(draws=N)`` (without it, ``calibrate``'s default: runs
+of 1,024 rows on these flows; ``--draws 0``: the inputs only). Not a pytest module.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ POOLS = {
 }
 
 
-def cells(flows=FLOWS, budgets=BUDGETS, held_out: int = 4096, inputs: int = 32, draws: int = 0) -> dict:
+def cells(flows=FLOWS, budgets=BUDGETS, held_out: int = 4096, inputs: int = 32, draws: int | None = None) -> dict:
     """``{"seed/B": {"calibration": {name: [errors]}, "held": {name: (rel L2, median)}, "comparators": {...}}}``;
-    ``inputs``: the first rows of the 32 calibration inputs, ``draws``: ``calibrate(draws=)``."""
+    ``inputs``: the first rows of the 32 calibration inputs, ``draws``: ``calibrate(draws=)`` (None: its default,
+    which brings these flows' runs to 1,024 rows)."""
     out = {}
     for seed, (kwargs, shift) in flows.items():
         flow = GaussianMixtureFlow(**kwargs)

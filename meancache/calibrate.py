@@ -108,7 +108,7 @@ def calibrate(
     refine: int | None = None,
     report: list | None = None,
     elements: int | None = SEARCH_ELEMENTS,
-    draws: int = 0,
+    draws: int | None = None,
     progress: bool = True,
     out: str | os.PathLike | None = None,
     **pipeline_kwargs,
@@ -230,14 +230,15 @@ def calibrate(
             ``velocity_fn`` with one batched tensor of inputs ``(P, *shape)`` whose grid starts at sigma = 1 (so
             the inputs are noise), with ``fit=False``; each run then holds ``P + draws`` rows. Rows from
             :func:`~meancache.calibration.runs.validation_draws` (seeded: the same on every machine); the report's
-            ``errors`` list the inputs, then the draws. 0 (default): none. Off by default because, measured, the
-            choice on more rows is no better at the bar of issue 19: on the eight flows of
-            ``bench/candidate_study.py`` (calibrating on 4, 8, 16 and 32 inputs, 1,024 rows with the draws) it met
-            111 of 160 cells either way and raised the held-out median of the pick from 1.21x to 1.47x that of the
-            best candidate (geometric means); on the quality bench's six 16- to 48-d flows (32 inputs, 992 draws)
-            it met 22 of 30 cells against 18 (bench/RESULTS.md). The mean over more rows weighs the few inputs that
-            run away more surely; our reading is that the candidates which keep those on track have a higher typical
-            error, which the bar's median then sees.
+            ``errors`` list the inputs, then the draws. None (default): enough rows to bring the runs to
+            :data:`DRAW_ROWS` rows while those rows hold at most :data:`DRAW_ELEMENTS` latent elements in all (a
+            cheap model's small rows: a 16-d flow with 32 inputs gets 992, the demo's 1,024-d one 32, a real
+            model's image latent none), 0 where draws do not apply. 0: none. Why: the mean error over a few inputs
+            is decided by the one or two that run away, so the choice between candidates whose tails differ is
+            close to chance; with the early candidates in the running, choosing on 1,024 rows met the issue-19
+            bar in 132 of 160 cells of ``bench/candidate_study.py``'s eight flows (4, 8, 16 and 32 calibration
+            inputs) against 117 without, and in 28 of the quality bench's 40 cells against 24; it lowers the
+            held-out rel L2 of the pick and raises its median a little (bench/RESULTS.md).
         progress: tqdm progress bar while recording.
         out: with a model or pipeline target, stream the recording this calibration makes to this file
             (:func:`record`'s ``out``: memory-mapped as it is made, :meth:`Recording.save`'s format), so it can be
@@ -281,8 +282,8 @@ def calibrate(
     extrapolation_orders = _check_orders(extrapolation_orders, "extrapolation_orders", MAX_EXTRAPOLATION_ORDER)
     if max_len is not None:
         max_len = _check_max_len(max_len)
-    if not is_int(draws) or draws < 0:
-        raise ValueError(f"draws={draws!r}: must be an int >= 0 (new noise rows for the real runs)")
+    if draws is not None and (not is_int(draws) or draws < 0):
+        raise ValueError(f"draws={draws!r}: must be None or an int >= 0 (new noise rows for the real runs)")
     if elements is not None and (not is_int(elements) or elements < 1):
         raise ValueError(f"elements={elements!r}: must be None or an int >= 1 (latent elements per input)")
     if refine is not None and (not is_int(refine) or refine < 0):
@@ -388,8 +389,17 @@ JOINT_SIZE_CAP = 500_000
 PUBLISHED_SIZE_CAP = 20_000
 
 
-def _draws(draws: int, model_fn: bool, inputs, sigmas, select: bool, validate: str, fit: bool) -> int:
-    """``calibrate(draws=)`` checked against where draws apply (see there): a ValueError naming the rule."""
+#: Rows the real runs that choose reach with ``calibrate(draws=None)``'s new noise rows (inputs and draws).
+DRAW_ROWS = 1024
+#: Most latent elements those rows may hold in all (whole rows, not the element subset): new rows are drawn only
+#: while they are cheap, so a real model's calibration costs what it did.
+DRAW_ELEMENTS = 2**16
+
+
+def _draws(draws: int | None, model_fn: bool, inputs, sigmas, select: bool, validate: str, fit: bool) -> int:
+    """The new noise rows of ``calibrate(draws=)`` (see there): None picks them (:data:`DRAW_ROWS`,
+    :data:`DRAW_ELEMENTS`; 0 where draws do not apply); a count given where they do not apply is a ValueError
+    naming the rule."""
     why = None
     if not model_fn or not isinstance(inputs, torch.Tensor):
         why = "a velocity_fn target with one batched tensor of inputs"
@@ -399,6 +409,11 @@ def _draws(draws: int, model_fn: bool, inputs, sigmas, select: bool, validate: s
         why = "fit=False (the fitted candidates are weighed input by input against the calibration inputs)"
     elif float(as_sigma_list(sigmas)[0]) != 1.0:
         why = "a grid that starts at sigma = 1, where the inputs are standard-normal noise"
+    if draws is None:
+        if why is not None:
+            return 0
+        per_row = max(1, math.prod(inputs.shape[1:]))
+        return max(0, min(DRAW_ROWS, DRAW_ELEMENTS // per_row) - inputs.shape[0])
     if draws and why is not None:
         raise ValueError(f"draws={draws}: new noise rows need {why}")
     return int(draws)

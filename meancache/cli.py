@@ -23,7 +23,8 @@ noise. ``--flow`` and ``--model`` write the recording they make too, as ``record
 sampled runs of the model from every calibration input (B evaluations per input and candidate); ``replay``, folds
 of the recording; ``auto`` (the default), ``runs`` for ``--flow`` and ``replay`` for the others, as the library
 does. ``runs`` needs the model, so not with ``--recording``, and is not sharded, so not under ``torchrun``.
-``--draws N`` adds N new noise rows to the real runs of ``--flow`` (``calibrate``'s ``draws``, default 0).
+``--draws N`` sets the new noise rows in the real runs of ``--flow`` (``calibrate``'s ``draws``; without it
+``calibrate`` picks them: up to 1,024 rows in all for a cheap flow, none for a large latent).
 ``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
 recording, the ``f`` labels).
 
@@ -705,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                           "the recording; auto (default) = runs for --flow, replay otherwise")
     cal.add_argument("--draws", type=int, default=None,
                      help="--flow: new noise rows that join the real runs choosing between the candidates "
-                          "(calibrate's draws; default 0: none)")
+                          "(calibrate's draws; default: up to 1,024 rows in all for a cheap flow, 0 for none)")
     cal.add_argument("--fit", action="store_true",
                      help="also weigh the fitted candidates (calibrate's fit=True): per-step weights fitted to the "
                           "recording, kept only when they beat the best other candidate on inputs they were not "

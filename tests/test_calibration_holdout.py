@@ -11,6 +11,8 @@ import torch
 
 import meancache
 from meancache import Schedule
+from meancache.calibrate import DRAW_ELEMENTS
+from meancache.calibrate import DRAW_ROWS
 from meancache.calibrate import GAIN_CAPS
 from meancache.calibrate import SEARCH_CORRECTORS
 from meancache.calibrate import auto_max_len
@@ -237,7 +239,8 @@ def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale, d
 
 def test_draws_are_checked_before_any_model_call():
     """A draws count where draws do not apply, or a bad value, is a ValueError naming the rule before the model
-    runs; the default (0) applies everywhere (the report's errors list the inputs only)."""
+    runs; the default (None) applies everywhere, with no draws where they do not apply (the report's errors list
+    the inputs only)."""
     flow, x, sig, rec = _recording(seed=5)
     calls = []
 
@@ -246,10 +249,10 @@ def test_draws_are_checked_before_any_model_call():
         return flow(z, s)
 
     cases = [
-        (dict(draws=-1), r"draws=-1: must be an int >= 0"),
-        (dict(draws=2.5), r"draws=2.5: must be an int >= 0"),
-        (dict(draws=True), r"draws=True: must be an int >= 0"),
-        (dict(draws=None), r"draws=None: must be an int >= 0"),
+        (dict(draws=-1), r"draws=-1: must be None or an int >= 0"),
+        (dict(draws=2.5), r"draws=2.5: must be None or an int >= 0"),
+        (dict(draws=True), r"draws=True: must be None or an int >= 0"),
+        (dict(draws="4"), r"draws='4': must be None or an int >= 0"),
         (dict(draws=4, validate="replay"), r"draws=4: new noise rows need the choice by real runs"),
         (dict(draws=4, select=False), r"draws=4: new noise rows need the choice by real runs"),
         (dict(draws=4, fit=True), r"draws=4: new noise rows need fit=False"),
@@ -269,6 +272,24 @@ def test_draws_are_checked_before_any_model_call():
         report = []
         meancache.calibrate(counted, **{"sigmas": sig, **kwargs}, budget=6, progress=False, report=report)
         assert {len(e) for e in report[0]["errors"].values()} == {rows}, kwargs
+
+
+@pytest.mark.parametrize("inputs,dim,expected", [(8, 8, DRAW_ROWS - 8), (8, DRAW_ELEMENTS // 40, 32),
+                                                  (4, DRAW_ELEMENTS // 2, 0)])
+def test_default_draws_bring_cheap_runs_to_draw_rows(inputs, dim, expected):
+    """draws=None (the default) with one batched tensor of noise inputs: new rows until the runs hold DRAW_ROWS
+    rows or DRAW_ELEMENTS latent elements, whichever comes first, none where the inputs alone reach that; the
+    scores are the mean over the inputs and those draws (the report's errors, inputs first)."""
+    flow = GaussianMixtureFlow(dim=dim, components=3, seed=2)
+    sig = shifted_sigmas(12, 3.0)
+    x = torch.randn(inputs, dim, generator=torch.Generator().manual_seed(9))
+    report = []
+    got = meancache.calibrate(flow, x, sigmas=sig, budget=4, report=report, progress=False)
+    errors = report[0]["errors"]
+    assert {len(e) for e in errors.values()} == {inputs + expected}
+    explicit = []
+    again = meancache.calibrate(flow, x, sigmas=sig, budget=4, report=explicit, progress=False, draws=expected)
+    assert again == got and explicit[0]["errors"] == errors
 
 
 def test_validation_draws_are_seeded_rows_like_the_inputs():
