@@ -10,8 +10,10 @@ budgets). Methods at each budget B:
 
 * ``calibrated (default)``: :func:`meancache.calibrate` with every default, given the model as a user with the
   model calls it (``calibrate(velocity, calibration_noise, sigmas=grid, budget=B)``: each candidate, the safe
-  schedules and the searches on all calibration inputs, sampled for real from them, the least mean per-input
-  error chosen), on separate calibration noise; ``report=`` gives the chosen candidate per budget;
+  schedules and the searches on all calibration inputs, sampled for real from them and, on the analytic flows,
+  from the default's new noise rows (``draws``: the runs hold 1,024 rows, or 64 on ``demo``; none on the digits
+  model, whose inputs are a list), the least mean per-input error chosen), on separate calibration noise;
+  ``report=`` gives the chosen candidate per budget;
 * ``calibrated (recording only)``: every default from the recording alone (``calibrate(recording, budget=B)``: the
   searches scored on the fold of the calibration inputs they did not read, the safe schedules beside them, the
   least root-mean-square replay error chosen and re-solved on all inputs), what the CLI's recordings get;
