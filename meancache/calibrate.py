@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 from typing import Iterable
 from typing import Sequence
@@ -47,11 +48,13 @@ from .calibration.joint import joint_solve
 from .calibration.joint import JointCosts
 from .calibration.joint import shared_weights
 from .calibration.recording import _check_inputs
+from .calibration.recording import _check_out
 from .calibration.fitting import cross_fitted
 from .calibration.fitting import fit_schedule
 from .calibration.runs import generator_states
 from .calibration.runs import model_runs
 from .calibration.runs import pipeline_runs
+from .calibration.runs import validation_draws
 from .calibration.selection import corrected
 from .calibration.selection import folds
 from .calibration.selection import input_errors
@@ -78,6 +81,7 @@ from .schedule import MAX_ORDER
 from .schedule import Schedule
 from .schedule import _check_num_steps
 from .sigmas import as_sigma_list
+from .validation import check_velocity
 from .validation import is_int
 
 # the stage names stay importable from here (their former home); the front door itself is calibrate()
@@ -233,7 +237,10 @@ def calibrate(
             ``errors`` list the inputs, then the draws. None (default): enough rows to bring the runs to
             :data:`DRAW_ROWS` rows while those rows hold at most :data:`DRAW_ELEMENTS` latent elements in all (a
             cheap model's small rows: a 16-d flow with 32 inputs gets 992, the demo's 1,024-d one 32, a real
-            model's image latent none), 0 where draws do not apply. 0: none. Why: the mean error over a few inputs
+            model's image latent none), 0 where draws do not apply. 0: none. Before the recording, one call of the
+            model on the draws checks that it takes them: a velocity_fn whose conditioning is tied to the inputs'
+            batch cannot, and then the default chooses on the inputs alone with a warning, while a count given is
+            a ValueError. Why: the mean error over a few inputs
             is decided by the one or two that run away, so the choice between candidates whose tails differ is
             close to chance; with the early candidates in the running, choosing on 1,024 rows met the issue-19
             bar in 132 of 160 cells of ``bench/candidate_study.py``'s eight flows (4, 8, 16 and 32 calibration
@@ -325,6 +332,7 @@ def calibrate(
     if validate == "runs" and isinstance(target, Recording):
         raise ValueError("validate='runs' with a Recording target: real runs need the model (a velocity_fn or a "
                          "pipeline); use 'replay' or 'auto'")
+    asked = draws
     draws = _draws(draws, model_fn, inputs, sigmas, select, validate, fit)
     if pipeline_kwargs and not is_pipeline(target):
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
@@ -340,6 +348,12 @@ def calibrate(
         for b in budget if isinstance(budget, (list, tuple)) else [budget]:
             if not is_int(b) or b < 2:
                 raise ValueError(f"budget={b!r}: must be an int >= 2")
+
+    if report is not None and not isinstance(report, list):
+        raise ValueError(f"report is a {type(report).__name__}: must be None or a list to append to")
+    if draws:
+        _check_out(out)  # the probe below is a model call: every argument is checked before it
+        draws = _probe_draws(target, inputs, sigmas, draws, asked is None)
 
     if isinstance(target, Recording):
         rec = target
@@ -364,8 +378,6 @@ def calibrate(
             runs = pipeline_runs(target, inputs, states, rec, pipeline_kwargs, every=True)
     if elements is not None:
         rec = rec.elements(elements)
-    if report is not None and not isinstance(report, list):
-        raise ValueError(f"report is a {type(report).__name__}: must be None or a list to append to")
     # the folds and the full recording share one grid: their weight tables and per-K replays are computed once
     with shared_weights(), shared_costs():
         schedules = _calibrated(rec, budgets, families, gamma, max_len, extrapolation_orders, select, refine,
@@ -417,6 +429,27 @@ def _draws(draws: int | None, model_fn: bool, inputs, sigmas, select: bool, vali
     if draws and why is not None:
         raise ValueError(f"draws={draws}: new noise rows need {why}")
     return int(draws)
+
+
+def _probe_draws(velocity_fn, inputs: torch.Tensor, sigmas, draws: int, auto: bool) -> int:
+    """``draws``, once ``velocity_fn`` has returned a velocity shaped like a batch of that many new noise rows at the
+    grid's first sigma (one call, before the recording). A velocity_fn whose conditioning is tied to the inputs'
+    batch (prompt embeddings of P rows, say) cannot take them: with the default (``auto``) the choice then runs on
+    the calibration inputs alone, with a warning; with a count the caller gave, a ValueError naming it."""
+    rows = validation_draws(inputs, draws)
+    try:
+        with torch.no_grad():
+            check_velocity(velocity_fn(rows, as_sigma_list(sigmas)[0]), rows, "velocity_fn")
+    except Exception as err:  # the user's model: any failure on the extra rows means it cannot take them
+        why = (f"velocity_fn failed on a batch of {draws} new noise rows shaped like the inputs ({type(err).__name__}: "
+               f"{err})")
+        if not auto:
+            raise ValueError(f"draws={draws}: {why}; a velocity_fn whose conditioning is tied to the inputs' batch "
+                             "needs draws=0") from err
+        warnings.warn(f"calibrate: {why}; choosing on the {inputs.shape[0]} calibration inputs alone (draws=0 "
+                      "skips this check)", stacklevel=3)
+        return 0
+    return draws
 
 
 def auto_max_len(num_steps: int, budget: int) -> int:

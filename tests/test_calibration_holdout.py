@@ -519,3 +519,55 @@ def test_shared_calls_change_no_score(batched, draws, monkeypatch):
         assert entry["scores"] == want["scores"] and capped_entry["scores"] == want["scores"]
     # step 0 once per input (batched: once) instead of once per run; more shared without the cap
     assert shared_calls < capped_calls < plain_calls
+
+
+def _batch_bound(flow, rows: int):
+    """A velocity_fn whose conditioning is tied to a batch of ``rows`` (as prompt embeddings would be), counting
+    its calls."""
+    calls = []
+
+    def velocity(z, s):
+        calls.append(z.shape[0])
+        if z.shape[0] != rows:
+            raise RuntimeError(f"conditioning holds {rows} rows, got {z.shape[0]}")
+        return flow(z, s)
+
+    return velocity, calls
+
+
+def test_a_model_that_cannot_take_the_draws_is_found_before_the_recording():
+    """The default draws=None: a velocity_fn tied to the inputs' batch fails on the draws' one probing call, which
+    warns and chooses on the inputs alone (the schedules of draws=0); a count given is a ValueError naming it, and
+    the probe is the only model call made. A model returning the wrong shape for them is treated alike."""
+    flow, x, sig, _ = _recording(seed=5)
+    velocity, calls = _batch_bound(flow, len(x))
+    report = []
+    with pytest.warns(UserWarning, match=r"velocity_fn failed on a batch of 1016 new noise rows .*RuntimeError: "
+                                          r"conditioning holds 8 rows, got 1016.*calibration inputs alone"):
+        got = meancache.calibrate(velocity, x, sigmas=sig, budget=[5, 8], report=report, progress=False)
+    assert calls[0] == DRAW_ROWS - len(x) and set(calls[1:]) == {len(x)}
+    assert {len(e) for entry in report for e in entry["errors"].values()} == {len(x)}
+    assert got == meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], progress=False, draws=0)
+    calls.clear()
+    with pytest.raises(ValueError, match=r"draws=40: velocity_fn failed on a batch of 40 new noise rows .*needs "
+                                         r"draws=0"):
+        meancache.calibrate(velocity, x, sigmas=sig, budget=5, progress=False, draws=40)
+    assert calls == [40]
+
+    def wrong_shape(z, s):
+        return flow(z, s)[:8]
+
+    with pytest.raises(ValueError, match=r"draws=12: velocity_fn failed .*ValueError: velocity_fn returned velocity "
+                                         r"of shape \(8, 8\) for latents of shape \(12, 8\)"):
+        meancache.calibrate(wrong_shape, x, sigmas=sig, budget=5, progress=False, draws=12)
+
+
+def test_bad_out_or_report_raise_before_the_draws_probe(tmp_path):
+    """The draws' probe is a model call, so a bad ``out`` or ``report`` is an error before it (no call made)."""
+    flow, x, sig, _ = _recording(seed=5)
+    velocity, calls = _batch_bound(flow, 10**6)  # any call would be seen
+    with pytest.raises(ValueError, match=r"out=.*must name a file in an existing folder"):
+        meancache.calibrate(velocity, x, sigmas=sig, budget=5, progress=False, out=str(tmp_path / "no" / "r.pt"))
+    with pytest.raises(ValueError, match=r"report is a dict: must be None or a list"):
+        meancache.calibrate(velocity, x, sigmas=sig, budget=5, progress=False, report={})
+    assert calls == []
