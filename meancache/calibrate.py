@@ -240,12 +240,12 @@ def calibrate(
             model's image latent none), 0 where draws do not apply. 0: none. Before the recording, one call of the
             model on the draws checks that it takes them: a velocity_fn whose conditioning is tied to the inputs'
             batch cannot, and then the default chooses on the inputs alone with a warning, while a count given is
-            a ValueError. Why: the mean error over a few inputs
-            is decided by the one or two that run away, so the choice between candidates whose tails differ is
-            close to chance; with the early candidates in the running, choosing on 1,024 rows met the issue-19
-            bar in 132 of 160 cells of ``bench/candidate_study.py``'s eight flows (4, 8, 16 and 32 calibration
-            inputs) against 117 without, and in 28 of the quality bench's 40 cells against 24; it lowers the
-            held-out rel L2 of the pick (0.66x to 0.85x) and raises its median (1.14x to 1.35x; bench/RESULTS.md).
+            a ValueError. Why: the mean error over a few inputs is decided by the one or two that run away, so the
+            choice between candidates whose tails differ is close to chance; with the early candidates in the
+            running, choosing on 1,024 rows met the issue-19 bar in 132 of 160 cells of
+            ``bench/candidate_study.py``'s eight flows (4, 8, 16 and 32 calibration inputs) against 117 without,
+            and in 28 of the quality bench's 40 cells against 24; it lowers the held-out rel L2 of the pick (0.66x
+            to 0.85x) and raises its median (1.14x to 1.35x; bench/RESULTS.md).
         progress: tqdm progress bar while recording.
         out: with a model or pipeline target, stream the recording this calibration makes to this file
             (:func:`record`'s ``out``: memory-mapped as it is made, :meth:`Recording.save`'s format), so it can be
