@@ -238,7 +238,7 @@ def calibrate(
             :data:`DRAW_ROWS` rows while those rows hold at most :data:`DRAW_ELEMENTS` latent elements in all (a
             cheap model's small rows: a 16-d flow with 32 inputs gets 992, the demo's 1,024-d one 32, a real
             model's image latent none), 0 where draws do not apply. 0: none. Before the recording, one call of the
-            model on the draws checks that it takes them: a velocity_fn whose conditioning is tied to the inputs'
+            model on the inputs and the draws checks that it takes them: a velocity_fn whose conditioning is tied to the inputs'
             batch cannot, and then the default chooses on the inputs alone with a warning, while a count given is
             a ValueError. Why: the mean error over a few inputs is decided by the one or two that run away, so the
             choice between candidates whose tails differ is close to chance; with the early candidates in the
@@ -332,7 +332,7 @@ def calibrate(
     if validate == "runs" and isinstance(target, Recording):
         raise ValueError("validate='runs' with a Recording target: real runs need the model (a velocity_fn or a "
                          "pipeline); use 'replay' or 'auto'")
-    asked = draws
+    auto_draws = draws is None
     draws = _draws(draws, model_fn, inputs, sigmas, select, validate, fit)
     if pipeline_kwargs and not is_pipeline(target):
         raise ValueError(f"{sorted(pipeline_kwargs)}: extra keyword arguments apply to pipeline targets only")
@@ -353,7 +353,7 @@ def calibrate(
         raise ValueError(f"report is a {type(report).__name__}: must be None or a list to append to")
     if draws:
         _check_out(out)  # the probe below is a model call: every argument is checked before it
-        draws = _probe_draws(target, inputs, sigmas, draws, asked is None)
+        draws = _probe_draws(target, inputs, sigmas, draws, auto_draws)
 
     if isinstance(target, Recording):
         rec = target
@@ -432,17 +432,18 @@ def _draws(draws: int | None, model_fn: bool, inputs, sigmas, select: bool, vali
 
 
 def _probe_draws(velocity_fn, inputs: torch.Tensor, sigmas, draws: int, auto: bool) -> int:
-    """``draws``, once ``velocity_fn`` has returned a velocity shaped like a batch of that many new noise rows at the
-    grid's first sigma (one call, before the recording). A velocity_fn whose conditioning is tied to the inputs'
-    batch (prompt embeddings of P rows, say) cannot take them: with the default (``auto``) the choice then runs on
-    the calibration inputs alone, with a warning; with a count the caller gave, a ValueError naming it."""
-    rows = validation_draws(inputs, draws)
+    """``draws``, once ``velocity_fn`` has returned a velocity shaped like its input for the batch the candidates'
+    runs will use, the inputs followed by ``draws`` new noise rows, at the grid's first sigma (one call, before the
+    recording). A velocity_fn whose conditioning is tied to the inputs' batch (prompt embeddings of P rows, say)
+    cannot take them: with the default (``auto``) the choice then runs on the calibration inputs alone, with a
+    warning; with a count the caller gave, a ValueError naming it."""
+    rows = torch.cat([inputs, validation_draws(inputs, draws)])
     try:
         with torch.no_grad():
             check_velocity(velocity_fn(rows, as_sigma_list(sigmas)[0]), rows, "velocity_fn")
     except Exception as err:  # the user's model: any failure on the extra rows means it cannot take them
-        why = (f"velocity_fn failed on a batch of {draws} new noise rows shaped like the inputs ({type(err).__name__}: "
-               f"{err})")
+        why = (f"velocity_fn failed on the {inputs.shape[0]} inputs with {draws} new noise rows after them, a batch "
+               f"of {rows.shape[0]} ({type(err).__name__}: {err})")
         if not auto:
             raise ValueError(f"draws={draws}: {why}; a velocity_fn whose conditioning is tied to the inputs' batch "
                              "needs draws=0") from err

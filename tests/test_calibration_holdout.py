@@ -536,30 +536,45 @@ def _batch_bound(flow, rows: int):
 
 
 def test_a_model_that_cannot_take_the_draws_is_found_before_the_recording():
-    """The default draws=None: a velocity_fn tied to the inputs' batch fails on the draws' one probing call, which
-    warns and chooses on the inputs alone (the schedules of draws=0); a count given is a ValueError naming it, and
-    the probe is the only model call made. A model returning the wrong shape for them is treated alike."""
+    """The default draws=None: a velocity_fn tied to the inputs' batch fails on the draws' one probing call (the
+    inputs and the draws, the batch the runs use), which warns and chooses on the inputs alone (the schedules of
+    draws=0); a count given is a ValueError naming it, and the probe is the only model call made. A model returning
+    the wrong shape for them is treated alike."""
     flow, x, sig, _ = _recording(seed=5)
     velocity, calls = _batch_bound(flow, len(x))
     report = []
-    with pytest.warns(UserWarning, match=r"velocity_fn failed on a batch of 1016 new noise rows .*RuntimeError: "
-                                          r"conditioning holds 8 rows, got 1016.*calibration inputs alone"):
+    with pytest.warns(UserWarning, match=r"velocity_fn failed on the 8 inputs with 1016 new noise rows after them, "
+                                          r"a batch of 1024 \(RuntimeError: conditioning holds 8 rows, got 1024\)"
+                                          r".*calibration inputs alone"):
         got = meancache.calibrate(velocity, x, sigmas=sig, budget=[5, 8], report=report, progress=False)
-    assert calls[0] == DRAW_ROWS - len(x) and set(calls[1:]) == {len(x)}
+    assert calls[0] == DRAW_ROWS and set(calls[1:]) == {len(x)}
     assert {len(e) for entry in report for e in entry["errors"].values()} == {len(x)}
     assert got == meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], progress=False, draws=0)
     calls.clear()
-    with pytest.raises(ValueError, match=r"draws=40: velocity_fn failed on a batch of 40 new noise rows .*needs "
-                                         r"draws=0"):
+    with pytest.raises(ValueError, match=r"draws=40: velocity_fn failed on the 8 inputs with 40 new noise rows "
+                                         r"after them, a batch of 48 .*needs draws=0"):
         meancache.calibrate(velocity, x, sigmas=sig, budget=5, progress=False, draws=40)
-    assert calls == [40]
+    assert calls == [48]
 
     def wrong_shape(z, s):
         return flow(z, s)[:8]
 
     with pytest.raises(ValueError, match=r"draws=12: velocity_fn failed .*ValueError: velocity_fn returned velocity "
-                                         r"of shape \(8, 8\) for latents of shape \(12, 8\)"):
+                                         r"of shape \(8, 8\) for latents of shape \(20, 8\)"):
         meancache.calibrate(wrong_shape, x, sigmas=sig, budget=5, progress=False, draws=12)
+
+
+def test_the_probe_sees_the_batch_of_the_runs_when_the_draws_match_the_inputs():
+    """With as many draws as inputs (512 of 8-d: the default brings them to 1,024 rows), a model tied to a batch of
+    512 takes the draws alone but not the runs' batch of inputs and draws: the probe, made on that batch, still
+    finds it before the recording."""
+    flow = GaussianMixtureFlow(dim=8, components=3, seed=2)
+    sig = shifted_sigmas(8, 3.0)
+    x = torch.randn(DRAW_ROWS // 2, 8, generator=torch.Generator().manual_seed(9))
+    velocity, calls = _batch_bound(flow, len(x))
+    with pytest.warns(UserWarning, match=r"on the 512 inputs with 512 new noise rows after them, a batch of 1024"):
+        meancache.calibrate(velocity, x, sigmas=sig, budget=3, progress=False)
+    assert calls[0] == DRAW_ROWS and set(calls[1:]) == {len(x)}
 
 
 def test_bad_out_or_report_raise_before_the_draws_probe(tmp_path):
