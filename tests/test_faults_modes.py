@@ -186,3 +186,37 @@ def test_module_stats_say_completed_after_the_last_step():
         model(x, timestep=1000 * SIGMAS[N - 1])
     assert model.meancache.stats.completed
     assert "not completed" not in str(model.meancache.stats)
+
+
+def _velocity_fn(flow):
+    """``flow`` as a ``velocity_fn(x, sigma)``; its parameters require grad, so grad mode could build a graph."""
+    return lambda x, sigma: flow(x, timestep=1000 * torch.as_tensor(sigma, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("order", [("grad", "inference", "no_grad"), ("inference", "grad", "inference")],
+                         ids="-".join)
+def test_calibrate_gives_the_same_answer_in_every_grad_mode(order):
+    """``calibrate`` with a model (the draws' probe, the recording, the candidates' real runs) and from a recording
+    made in another mode: the same schedules and scores whatever the mode of this call or an earlier one, and no
+    graph kept (the model has parameters that require grad)."""
+    flow = Flow()
+    noise = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    answers = []
+    for mode in order:
+        report: list = []
+        with MODES[mode]():
+            schedules = meancache.calibrate(_velocity_fn(flow), noise, sigmas=SIGMAS, budget=[4, 6], report=report,
+                                            progress=False)
+            recording = meancache.record(_velocity_fn(flow), noise, SIGMAS, progress=False)
+        assert not recording.velocities.requires_grad and not recording.latents.requires_grad
+        rows = {len(e) for e in report[0]["errors"].values()}
+        assert rows == {1024}  # the default's draws ran (6 inputs + 1,018 rows), so their probe and runs are covered
+        answers.append((schedules, [e["scores"] for e in report], recording))
+    for schedules, scores, recording in answers[1:]:
+        assert schedules == answers[0][0] and scores == answers[0][1]
+        torch.testing.assert_close(recording.velocities, answers[0][2].velocities, rtol=0, atol=0)
+    replayed = []
+    for mode in order:  # a recording made under inference mode, then calibrated in each mode
+        with MODES[mode]():
+            replayed.append(meancache.calibrate(answers[order.index("inference")][2], budget=[4, 6], progress=False))
+    assert replayed[1:] == replayed[:-1]
