@@ -205,14 +205,20 @@ def calibrate(
         refine: model evaluations per budget for local moves after the choice
             (:func:`~meancache.calibration.selection.refine`: shift one compute step, change one segment's
             estimator or order), never raising the largest gain above the cap or the start's, each kept only when
-            it lowers the score and makes neither half of the scored inputs worse. With the model (a
+            it lowers the score and makes neither half of the scored rows worse. With the model (a
             ``velocity_fn``, or a pipeline whose inputs carry seeded generators) the moves are scored by real
-            sampled runs of it from the validation inputs (every fourth,
-            :func:`~meancache.calibration.selection.validation_split`; B evaluations per run and input); with a
-            recording, by whole-run replays on the recording (counted as B evaluations each). None
-            or 0 (default): no refinement. Off by default because, measured on two sharp held-out flows, the moves
-            fit the few scored inputs: they lowered the held-out median error at most budgets but raised the held-
-            out rel L2 (a few more runaway inputs) at B = 8, 10 and 25 (bench/RESULTS.md).
+            sampled runs of it: where the choice ran validation draws (``draws``), on those same rows (the inputs,
+            then the draws) by the same mean (:func:`~meancache.calibration.selection.run_score`); otherwise from
+            the validation inputs (every fourth, :func:`~meancache.calibration.selection.validation_split`) by
+            the root mean square (:func:`~meancache.calibration.selection.tail_score`); B evaluations per run
+            (a batched run of all rows counts once). With a recording, by whole-run replays on the recording
+            (counted as B evaluations each). None (default): :data:`AUTO_REFINE` where the runs hold at least
+            :data:`DRAW_ROWS` rows (a cheap model's small rows with the default draws), else none; 0: none.
+            Why only there: scored on the few validation inputs the moves fit those inputs (on two sharp held-out
+            flows they lowered the held-out median but raised the rel L2 at B = 8, 10 and 25); scored by the mean
+            over 1,024 rows, on the eight flows of ``bench/candidate_study.py`` they lowered the held-out rel L2
+            and median in 120 of 160 cells and raised both in 5 (geometric means 0.80x and 0.68x), and on the
+            quality bench they raised the cells that meet issue 19's bar (bench/RESULTS.md).
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``measure`` (``"runs"`` or ``"replay"``, see ``validate``), ``scores`` (each candidate's
             validation score, None for a candidate not in the running), ``chosen`` (its name), ``start`` (the
@@ -354,6 +360,8 @@ def calibrate(
     if draws:
         _check_out(out)  # the probe below is a model call: every argument is checked before it
         draws = _probe_draws(target, inputs, sigmas, draws, auto_draws)
+    if refine is None:  # on where the moves are scored on DRAW_ROWS rows of a cheap model's runs (see refine)
+        refine = AUTO_REFINE if draws and inputs.shape[0] + draws >= DRAW_ROWS else 0
 
     if isinstance(target, Recording):
         rec = target
@@ -369,11 +377,14 @@ def calibrate(
         rec = record(target, inputs, sigmas, progress=progress, elements=elements, out=out)
     scorer = runs = None
     if model_fn:
-        scorer = model_runs(target, inputs, rec) if refine else None
         if select and validate in ("auto", "runs"):
             runs = model_runs(target, inputs, rec, every=True, draws=draws)
+        if refine and draws:  # the moves are scored as the candidates were: the mean over inputs and draws
+            scorer = (*runs, run_score)
+        elif refine:
+            scorer = (*model_runs(target, inputs, rec), tail_score)
     elif is_pipeline(target):
-        scorer = pipeline_runs(target, inputs, states, rec, pipeline_kwargs) if refine else None
+        scorer = (*pipeline_runs(target, inputs, states, rec, pipeline_kwargs), tail_score) if refine else None
         if select and validate == "runs":
             runs = pipeline_runs(target, inputs, states, rec, pipeline_kwargs, every=True)
     if elements is not None:
@@ -403,6 +414,9 @@ PUBLISHED_SIZE_CAP = 20_000
 
 #: Rows the real runs that choose reach with ``calibrate(draws=None)``'s new noise rows (inputs and draws).
 DRAW_ROWS = 1024
+#: Model evaluations per budget that ``calibrate(refine=None)`` spends on local moves where the real runs hold at
+#: least :data:`DRAW_ROWS` rows (inputs and draws): up to 500 scored moves at B = 6, 120 at B = 25.
+AUTO_REFINE = 3000
 #: Most latent elements those rows may hold in all (whole rows, not the element subset): new rows are drawn only
 #: while they are cheap, so a real model's calibration costs what it did.
 DRAW_ELEMENTS = 2**16
@@ -848,7 +862,7 @@ def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> tuple
     sig = rec.sigmas
     limit = max(min(GAIN_CAPS), schedule_gain(start, sig))
     if scorer is not None:
-        base, per_run, groups = scorer
+        base, per_run, groups, score = scorer
         max_scores = max(1, refine // (start.budget * per_run))
     else:
         def base(s):
@@ -856,13 +870,14 @@ def _refined(rec: Recording, start: Schedule, refine, scorer, progress) -> tuple
 
         groups = [val for _, val in folds(rec.num_inputs)] if rec.num_inputs > 1 else None
         max_scores = max(1, refine // start.budget)
+        score = tail_score
 
     def errors(s):
         e = base(s)
         return e if schedule_gain(s, sig) <= limit else torch.full_like(e, math.inf)
 
     best, value, _ = refine_moves(start, errors, max_scores=max_scores, groups=groups,
-                                  progress=progress and scorer is not None)
+                                  progress=progress and scorer is not None, score=score)
     return best, value, best != start
 
 

@@ -11,6 +11,7 @@ import torch
 
 import meancache
 from meancache import Schedule
+from meancache.calibrate import AUTO_REFINE
 from meancache.calibrate import DRAW_ELEMENTS
 from meancache.calibrate import DRAW_ROWS
 from meancache.calibrate import GAIN_CAPS
@@ -24,6 +25,7 @@ from meancache.calibration.selection import corrected
 from meancache.calibration.selection import folds
 from meancache.calibration.selection import input_errors
 from meancache.calibration.selection import refine
+from meancache.calibration.selection import run_score
 from meancache.calibration.selection import safe_candidates
 from meancache.calibration.selection import schedule_gain
 from meancache.calibration.selection import subset
@@ -121,20 +123,52 @@ def test_gain_caps_keep_every_polynomial_segment_under_the_cap():
         graph.restricted(max_gain=0.5)
 
 
-def test_refinement_never_increases_the_validation_error():
+@pytest.mark.parametrize("draws", [0, None], ids=["validation split", "inputs and draws"])
+def test_refinement_never_increases_the_validation_error(draws):
+    """The final score is the refinement's own measure of the returned schedule, and never above the start's:
+    without draws the root mean square over the validation split, with the default draws the mean over the inputs
+    and the draws (the rows that chose the candidates)."""
     flow, x, sig, rec = _recording(seed=9, steps=20, inputs=8)
     report = []
-    meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], refine=400, report=report, progress=False)
-    _, val = validation_split(8)
+    found = meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], refine=400, draws=draws, report=report,
+                                progress=False)
+    if draws == 0:
+        _, val = validation_split(8)
+        rows, score = x[val], tail_score
+    else:
+        rows, score = torch.cat([x, validation_draws(x, DRAW_ROWS - 8)]), run_score
+    with torch.no_grad():
+        ref = meancache.sample(flow, rows, sig, Schedule.full(20)).double()
 
-    def real(schedule):  # the scorer's own measure: real runs of the model from the validation inputs
+    def real(schedule):  # the scorer's own measure: real runs of the model from those rows
         with torch.no_grad():
-            out = meancache.sample(flow, x[val], sig, schedule)
-        ref = rec.latents[val, -1]
-        return tail_score((out - ref).norm(dim=1).double() / ref.norm(dim=1).double())
+            out = meancache.sample(flow, rows, sig, schedule).double()
+        return score((out - ref).norm(dim=1) / ref.norm(dim=1))
 
-    for entry in report:
+    for entry, final in zip(report, found):
+        assert entry["score"] == pytest.approx(real(final), rel=1e-5)
         assert entry["score"] <= real(entry["start"]) * (1 + COST_RTOL) + 1e-12
+
+
+def test_refinement_is_on_by_default_where_the_runs_hold_draw_rows():
+    """refine=None (the default) spends AUTO_REFINE evaluations where the runs that choose hold DRAW_ROWS rows
+    (a cheap model's small rows), and none where they do not (large rows under the element cap, draws=0)."""
+    flow, x, sig, _ = _recording(seed=9, steps=20, inputs=8)
+    auto, explicit, off = [], [], []
+    found = meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], report=auto, progress=False)
+    again = meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], refine=AUTO_REFINE, report=explicit,
+                                progress=False)
+    plain = meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], refine=0, report=off, progress=False)
+    assert found == again and [e["score"] for e in auto] == [e["score"] for e in explicit]
+    assert any(e["refined"] for e in auto) and found != plain  # the moves changed something on this flow
+    assert plain == [e["start"] for e in auto] and all(e["score"] is None for e in off)
+    for kwargs in (dict(draws=0), dict(dim=DRAW_ELEMENTS // 40)):  # inputs alone; 8 inputs + 32 draws = 40 rows
+        dim = kwargs.pop("dim", 8)
+        wide = GaussianMixtureFlow(dim=dim, components=3, seed=2)
+        xs = torch.randn(8, dim, generator=torch.Generator().manual_seed(9))
+        report = []
+        meancache.calibrate(wide, xs, sigmas=sig, budget=5, report=report, progress=False, **kwargs)
+        assert report[0]["score"] is None and not report[0]["refined"], kwargs
 
 
 def test_refine_keeps_only_moves_that_help_every_group():

@@ -447,14 +447,15 @@ def refine(
     max_scores: int,
     groups: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
+    score: Callable[[torch.Tensor], float] = tail_score,
 ) -> tuple[Schedule, float, int]:
     """Improve ``schedule`` by local moves scored on per-input errors, until no move improves or ``max_scores``
     scorings were spent.
 
-    A move is kept when it lowers the :func:`tail_score` of all inputs by more than :data:`COST_RTOL` (so rounding
-    never decides) **and** raises the tail score of no group (with ``groups``, for example the two
-    :func:`folds`) by more than :data:`COST_RTOL`: a move that helps some inputs by hurting others is what a new
-    input would pay for, so it is not taken. The moves (:func:`_moves`): shift one interior compute step by one
+    A move is kept when it lowers the ``score`` of all inputs (default :func:`tail_score`) by more than
+    :data:`COST_RTOL` (so rounding never decides) **and** raises the score of no group (with ``groups``, for
+    example the two :func:`folds`) by more than :data:`COST_RTOL`: a move that helps some inputs by hurting others
+    is what a new input would pay for, so it is not taken. The moves (:func:`_moves`): shift one interior compute step by one
     step, or give one multi-step segment another estimator or order from :data:`MOVE_ESTIMATORS`. First
     improvement: the moves are tried in a fixed order and the first kept one restarts the search from the new
     schedule. The result's score is never above the start's.
@@ -466,9 +467,11 @@ def refine(
         max_scores: the most calls of ``errors`` (the start's included), >= 1.
         groups: lists of input indices that must not get worse one by one (None: only the total counts).
         progress: a tqdm progress bar over the scorings.
+        score: per-input errors ``(P,)`` -> one number, lower is better: :func:`tail_score` (default) or
+            :func:`run_score`, the mean, which :func:`meancache.calibrate` uses with the validation draws.
 
     Returns:
-        ``(schedule, its tail score, scorings spent)``.
+        ``(schedule, its score, scorings spent)``.
 
     Example:
         >>> import torch
@@ -481,10 +484,12 @@ def refine(
     """
     if isinstance(max_scores, bool) or not isinstance(max_scores, int) or max_scores < 1:
         raise ValueError(f"max_scores={max_scores!r}: must be an int >= 1")
+    if not callable(score):
+        raise ValueError(f"score={score!r}: must be a callable from per-input errors to one number")
     parts = [list(g) for g in groups] if groups else []
 
     def scores(e: torch.Tensor) -> tuple[float, list[float]]:
-        return tail_score(e), [tail_score(e[g]) for g in parts]
+        return score(e), [score(e[g]) for g in parts]
 
     bar = None
     if progress:
