@@ -25,6 +25,8 @@ of the recording; ``auto`` (the default), ``runs`` for ``--flow`` and ``replay``
 does. ``runs`` needs the model, so not with ``--recording``, and is not sharded, so not under ``torchrun``.
 ``--draws N`` sets the new noise rows in the real runs of ``--flow`` (``calibrate``'s ``draws``; without it
 ``calibrate`` picks them: up to 1,024 rows in all for a cheap flow, none for a large latent).
+``--refine N`` sets the model evaluations per budget spent on local moves after the choice (``calibrate``'s
+``refine``; without it ``calibrate`` picks: 3,000 where the runs hold 1,024 rows, none otherwise; 0: none).
 ``--fit`` also weighs the fitted candidates (``calibrate``'s ``fit=True``: per-step weights fitted to the
 recording, the ``f`` labels).
 
@@ -247,6 +249,9 @@ def _check_numbers(args) -> None:
         _own_rule("--draws", args.draws, args.draws == 0 or (args.flow is not None and args.validate != "replay"
                                                               and not args.fit),
                   "new noise rows join real runs of --flow only (not with --validate replay or --fit)")
+    if args.refine is not None:
+        _own_rule("--refine", args.refine, is_int(args.refine) and args.refine >= 0,
+                  "must be an int >= 0 (model evaluations per budget for local moves after the choice)")
     _library_rule("--gamma", args.gamma, _check_gamma)
     if args.steps is not None:  # None: --pipeline without --steps, the pipeline's default (_pipeline_plan)
         _library_rule("--steps", args.steps, _check_num_steps)
@@ -707,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--draws", type=int, default=None,
                      help="--flow: new noise rows that join the real runs choosing between the candidates "
                           "(calibrate's draws; default: up to 1,024 rows in all for a cheap flow, 0 for none)")
+    cal.add_argument("--refine", type=int, default=None,
+                     help="model evaluations per budget for local moves after the choice (calibrate's refine; "
+                          "default: 3,000 where the runs hold 1,024 rows, as a cheap --flow's do, else none; 0: none)")
     cal.add_argument("--fit", action="store_true",
                      help="also weigh the fitted candidates (calibrate's fit=True): per-step weights fitted to the "
                           "recording, kept only when they beat the best other candidate on inputs they were not "
@@ -749,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
                   elements=args.elements, validate=args.validate, fit=args.fit)
     if args.draws is not None:
         search["draws"] = args.draws
+    if args.refine is not None:
+        search["refine"] = args.refine
     try:
         if args.recording is not None:
             rec = Recording.load(args.recording)
@@ -830,6 +840,8 @@ def _calibrate_pipeline(args, plan: _PipelinePlan, estimators, fail) -> int:
         report: list = []
         search = dict(budget=list(args.budget), gamma=args.gamma, max_len=args.max_len, estimators=estimators,
                       report=report, elements=args.elements, fit=args.fit)
+        if args.refine is not None:
+            search["refine"] = args.refine
         pipeline_class = type(pipe).__name__
         if args.validate == "runs":  # one process (checked above): record and run the candidates in one call
             try:

@@ -108,6 +108,7 @@ BAD_NUMBERS = [
     (["--inputs", "0"], "--inputs 0: must be an int >= 1"),
     (["--elements", "0"], "--elements 0: must be an int >= 1"),
     (["--draws", "-1"], "--draws -1: must be an int >= 0"),
+    (["--refine", "-5"], "--refine -5: must be an int >= 0"),
     (["--steps", "1"], "--steps 1: must be >= 2"),
     (["--steps", "0"], "--steps 0: must be >= 2"),
     (["--steps", "20000", "--budget", "10"], "--steps 20000: must be <= MAX_STEPS=10000"),
@@ -215,19 +216,20 @@ def test_draws_where_no_real_runs_of_a_flow_choose_are_one_error_line(tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
-def test_draws_reach_calibrate(tmp_path, capsys, monkeypatch):
-    """--draws goes to calibrate's draws; without it calibrate's default (None) stands."""
+@pytest.mark.parametrize("option", ["draws", "refine"])
+def test_draws_and_refine_reach_calibrate(tmp_path, capsys, monkeypatch, option):
+    """--draws and --refine go to calibrate's draws and refine; without them calibrate's defaults (None) stand."""
     seen = []
     real = cli.calibrate
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("draws", "absent"))
+        seen.append(kwargs.get(option, "absent"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cli, "calibrate", spy)
     common = ["calibrate", "--flow", "gaussian-mixture", "--steps", "8", "--dim", "4", "--components", "2",
               "--inputs", "4", "--budget", "4", "--no-plot", "--quiet"]
-    for extra, expected in ((["--draws", "6"], 6), ([], "absent")):
+    for extra, expected in (([f"--{option}", "6"], 6), ([], "absent")):
         out = tmp_path / str(expected)
         assert cli.main([*common, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
         assert seen[-1] == expected and (out / "schedule-B4.json").exists()
