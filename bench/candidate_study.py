@@ -18,7 +18,9 @@ the start, ``predict`` p = 1 or 2, with a corrector): the last is the default's 
 
 Run: ``python bench/candidate_study.py`` (one torch thread; a minute or two here); ``--inputs P`` calibrates on the
 first P of the 32 inputs, ``--draws N`` passes ``calibrate(draws=N)`` (without it, ``calibrate``'s default: runs
-of 1,024 rows on these flows; ``--draws 0``: the inputs only). Not a pytest module.
+of 1,024 rows on these flows; ``--draws 0``: the inputs only). The candidates are the report's, before the
+refinement that follows the choice by default (``calibrate(refine=None)``), so this measures the choice alone; the
+refinement is measured in bench/RESULTS.md. Not a pytest module.
 """
 
 from __future__ import annotations
