@@ -186,6 +186,21 @@ def test_refine_keeps_only_moves_that_help_every_group():
         refine(start, errors, max_scores=0)
 
 
+def test_refine_minimises_the_score_it_is_given():
+    """A move that lowers the mean and raises the root mean square: taken by score=run_score, not by the default
+    tail_score; a score that is not callable is named before any scoring."""
+    start = Schedule([0, 4, 9], [1, 1], 10, ["predict", "predict"])
+
+    def errors(s):
+        return torch.tensor([0.5, 0.5], dtype=torch.float64) if s == start else torch.tensor([0.05, 0.9])
+
+    assert refine(start, errors, max_scores=5)[0] == start
+    best, value, _ = refine(start, errors, max_scores=5, score=run_score)
+    assert best != start and value == pytest.approx(0.475)
+    with pytest.raises(ValueError, match="score=3: must be a callable"):
+        refine(start, lambda s: pytest.fail("scored before the check"), max_scores=5, score=3)
+
+
 @pytest.mark.parametrize("steps", [6, 12])
 def test_every_budget_calibrates_with_the_defaults(steps):
     _, _, _, rec = _recording(seed=10, steps=steps, inputs=4)

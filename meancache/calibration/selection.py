@@ -455,8 +455,8 @@ def refine(
     A move is kept when it lowers the ``score`` of all inputs (default :func:`tail_score`) by more than
     :data:`COST_RTOL` (so rounding never decides) **and** raises the score of no group (with ``groups``, for
     example the two :func:`folds`) by more than :data:`COST_RTOL`: a move that helps some inputs by hurting others
-    is what a new input would pay for, so it is not taken. The moves (:func:`_moves`): shift one interior compute step by one
-    step, or give one multi-step segment another estimator or order from :data:`MOVE_ESTIMATORS`. First
+    is what a new input would pay for, so it is not taken. The moves (:func:`_moves`): shift one interior compute
+    step by one step, or give one multi-step segment another estimator or order from :data:`MOVE_ESTIMATORS`. First
     improvement: the moves are tried in a fixed order and the first kept one restarts the search from the new
     schedule. The result's score is never above the start's.
 
