@@ -244,9 +244,9 @@ def calibrate(
             :data:`DRAW_ROWS` rows while those rows hold at most :data:`DRAW_ELEMENTS` latent elements in all (a
             cheap model's small rows: a 16-d flow with 32 inputs gets 992, the demo's 1,024-d one 32, a real
             model's image latent none), 0 where draws do not apply. 0: none. Before the recording, one call of the
-            model on the inputs and the draws checks that it takes them: a velocity_fn whose conditioning is tied to the inputs'
-            batch cannot, and then the default chooses on the inputs alone with a warning, while a count given is
-            a ValueError. Why: the mean error over a few inputs is decided by the one or two that run away, so the
+            model on the inputs and the draws checks that it takes them: a velocity_fn whose conditioning is tied
+            to the inputs' batch cannot, and then the default chooses on the inputs alone with a warning, while a
+            count given is a ValueError. Why: the mean error over a few inputs is decided by the one or two that run away, so the
             choice between candidates whose tails differ is close to chance; with the early candidates in the
             running, choosing on 1,024 rows met the issue-19 bar in 132 of 160 cells of
             ``bench/candidate_study.py``'s eight flows (4, 8, 16 and 32 calibration inputs) against 117 without,

@@ -211,7 +211,7 @@ def test_calibrate_gives_the_same_answer_in_every_grad_mode(order):
         assert not recording.velocities.requires_grad and not recording.latents.requires_grad
         rows = {len(e) for e in report[0]["errors"].values()}
         assert rows == {1024}  # the default's draws ran (6 inputs + 1,018 rows), so their probe and runs are covered
-        answers.append((schedules, [e["scores"] for e in report], recording))
+        answers.append((schedules, [(e["scores"], e["score"]) for e in report], recording))  # score: the refined
     for schedules, scores, recording in answers[1:]:
         assert schedules == answers[0][0] and scores == answers[0][1]
         torch.testing.assert_close(recording.velocities, answers[0][2].velocities, rtol=0, atol=0)
