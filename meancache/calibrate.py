@@ -213,12 +213,13 @@ def calibrate(
             the root mean square (:func:`~meancache.calibration.selection.tail_score`); B evaluations per run
             (a batched run of all rows counts once). With a recording, by whole-run replays on the recording
             (counted as B evaluations each). None (default): :data:`AUTO_REFINE` where the runs hold at least
-            :data:`DRAW_ROWS` rows (a cheap model's small rows with the default draws), else none; 0: none.
-            Why only there: scored on the few validation inputs the moves fit those inputs (on two sharp held-out
-            flows they lowered the held-out median but raised the rel L2 at B = 8, 10 and 25); scored by the mean
-            over 1,024 rows, on the eight flows of ``bench/candidate_study.py`` they lowered the held-out rel L2
-            and median in 120 of 160 cells and raised both in 5 (geometric means 0.80x and 0.68x), and on the
-            quality bench they raised the cells that meet issue 19's bar (bench/RESULTS.md).
+            :data:`REFINE_ROWS` = 64 rows with the default draws (a cheap model's rows of up to 1,024 latent
+            elements), else none; 0: none. Why only there: scored on the few validation inputs the moves fit those
+            inputs (on two sharp held-out flows they lowered the held-out median but raised the rel L2 at B = 8, 10
+            and 25); scored by the mean over 1,024 rows, on the eight flows of ``bench/candidate_study.py`` they
+            lowered the held-out rel L2 and median in 120 of 160 cells and raised both in 5 (geometric means 0.80x
+            and 0.68x), over 64 rows they still raised the cells that meet issue 19's bar there and on the demo
+            flow (bench/RESULTS.md).
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``measure`` (``"runs"`` or ``"replay"``, see ``validate``), ``scores`` (each candidate's
             validation score, None for a candidate not in the running), ``chosen`` (its name), ``start`` (the
@@ -360,8 +361,8 @@ def calibrate(
     if draws:
         _check_out(out)  # the probe below is a model call: every argument is checked before it
         draws = _probe_draws(target, inputs, sigmas, draws, auto_draws)
-    if refine is None:  # on where the moves are scored on DRAW_ROWS rows of a cheap model's runs (see refine)
-        refine = AUTO_REFINE if draws and inputs.shape[0] + draws >= DRAW_ROWS else 0
+    if refine is None:  # on where the moves are scored on REFINE_ROWS rows of a cheap model's runs (see refine)
+        refine = AUTO_REFINE if draws and inputs.shape[0] + draws >= REFINE_ROWS else 0
 
     if isinstance(target, Recording):
         rec = target
@@ -415,8 +416,13 @@ PUBLISHED_SIZE_CAP = 20_000
 #: Rows the real runs that choose reach with ``calibrate(draws=None)``'s new noise rows (inputs and draws).
 DRAW_ROWS = 1024
 #: Model evaluations per budget that ``calibrate(refine=None)`` spends on local moves where the real runs hold at
-#: least :data:`DRAW_ROWS` rows (inputs and draws): up to 500 scored moves at B = 6, 120 at B = 25.
+#: least :data:`REFINE_ROWS` rows (inputs and draws): up to 500 scored moves at B = 6, 120 at B = 25.
 AUTO_REFINE = 3000
+#: Fewest rows (inputs and draws) of the real runs on which ``calibrate(refine=None)`` refines: 64 is what the draws
+#: give the demo's 1,024-d flow under :data:`DRAW_ELEMENTS`, so rows of up to 1,024 latent elements refine, a real
+#: model's image latent (no draws) never. Scored on 8 validation inputs the moves fit them; on 64 rows they raised
+#: the cells that meet issue 19's bar on the study's flows and on the demo flow (bench/RESULTS.md).
+REFINE_ROWS = 64
 #: Most latent elements those rows may hold in all (whole rows, not the element subset): new rows are drawn only
 #: while they are cheap, so a real model's calibration costs what it did.
 DRAW_ELEMENTS = 2**16

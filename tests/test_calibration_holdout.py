@@ -15,6 +15,7 @@ from meancache.calibrate import AUTO_REFINE
 from meancache.calibrate import DRAW_ELEMENTS
 from meancache.calibrate import DRAW_ROWS
 from meancache.calibrate import GAIN_CAPS
+from meancache.calibrate import REFINE_ROWS
 from meancache.calibrate import SEARCH_CORRECTORS
 from meancache.calibrate import auto_max_len
 from meancache.calibration import COST_RTOL
@@ -150,9 +151,9 @@ def test_refinement_never_increases_the_validation_error(draws):
         assert entry["score"] <= real(entry["start"]) * (1 + COST_RTOL) + 1e-12
 
 
-def test_refinement_is_on_by_default_where_the_runs_hold_draw_rows():
-    """refine=None (the default) spends AUTO_REFINE evaluations where the runs that choose hold DRAW_ROWS rows
-    (a cheap model's small rows), and none where they do not (large rows under the element cap, draws=0)."""
+def test_refinement_is_on_by_default_where_the_runs_hold_refine_rows():
+    """refine=None (the default) spends AUTO_REFINE evaluations where the runs that choose hold REFINE_ROWS rows
+    (a cheap model's small rows), and none where they do not (larger rows under the element cap, draws=0)."""
     flow, x, sig, _ = _recording(seed=9, steps=20, inputs=8)
     auto, explicit, off = [], [], []
     found = meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], report=auto, progress=False)
@@ -162,13 +163,16 @@ def test_refinement_is_on_by_default_where_the_runs_hold_draw_rows():
     assert found == again and [e["score"] for e in auto] == [e["score"] for e in explicit]
     assert any(e["refined"] for e in auto) and found != plain  # the moves changed something on this flow
     assert plain == [e["start"] for e in auto] and all(e["score"] is None for e in off)
-    for kwargs in (dict(draws=0), dict(dim=DRAW_ELEMENTS // 40)):  # inputs alone; 8 inputs + 32 draws = 40 rows
+    # inputs alone; 8 inputs + 32 draws = 40 rows; 63 rows (8 inputs + 55 draws); 64 rows (8 + 56): the first on
+    for kwargs, on in ((dict(draws=0), False), (dict(dim=DRAW_ELEMENTS // 40), False),
+                       (dict(dim=DRAW_ELEMENTS // (REFINE_ROWS - 1)), False),
+                       (dict(dim=DRAW_ELEMENTS // REFINE_ROWS), True)):
         dim = kwargs.pop("dim", 8)
         wide = GaussianMixtureFlow(dim=dim, components=3, seed=2)
         xs = torch.randn(8, dim, generator=torch.Generator().manual_seed(9))
         report = []
         meancache.calibrate(wide, xs, sigmas=sig, budget=5, report=report, progress=False, **kwargs)
-        assert report[0]["score"] is None and not report[0]["refined"], kwargs
+        assert (report[0]["score"] is not None) == on and (on or not report[0]["refined"]), (dim, kwargs)
 
 
 def test_refine_keeps_only_moves_that_help_every_group():
@@ -265,10 +269,11 @@ def test_real_runs_choose_the_least_mean_error_of_every_candidate(seed, scale, d
     """validate="runs" (the default with a velocity_fn): every candidate, safe ones included, is sampled for real
     from the calibration inputs and, with ``draws``, from that many new noise rows; the chosen one's mean
     per-input error is the least within COST_RTOL, and the scores are those of real runs of the schedules the
-    report gives, from the inputs then the draws."""
+    report gives, from the inputs then the draws (refine=0: the choice alone)."""
     flow, x, sig, _ = _recording(seed=seed, scale=scale, spread=2.5, steps=30)
     report = []
-    got = meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False, draws=draws)
+    got = meancache.calibrate(flow, x, sigmas=sig, budget=[4, 6, 10], report=report, progress=False, draws=draws,
+                              refine=0)
     rows = x if draws == 0 else torch.cat([x, validation_draws(x, draws)])
     full = meancache.sample(flow, rows, sig, Schedule.full(30))
     for entry, schedule in zip(report, got):
