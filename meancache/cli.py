@@ -714,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
                           "(calibrate's draws; default: up to 1,024 rows in all for a cheap flow, 0 for none)")
     cal.add_argument("--refine", type=int, default=None,
                      help="model evaluations per budget for local moves after the choice (calibrate's refine; "
-                          "default: 3,000 where the runs hold 64 rows or more, as a cheap --flow's do, else none; 0: none)")
+                          "default: 3,000 where the runs hold 64 rows or more, as a cheap --flow's do, else none; "
+                          "0: none)")
     cal.add_argument("--fit", action="store_true",
                      help="also weigh the fitted candidates (calibrate's fit=True): per-step weights fitted to the "
                           "recording, kept only when they beat the best other candidate on inputs they were not "
