@@ -207,19 +207,21 @@ def calibrate(
             estimator or order), never raising the largest gain above the cap or the start's, each kept only when
             it lowers the score and makes neither half of the scored rows worse. With the model (a
             ``velocity_fn``, or a pipeline whose inputs carry seeded generators) the moves are scored by real
-            sampled runs of it: where the choice ran validation draws (``draws``), on those same rows (the inputs,
-            then the draws) by the same mean (:func:`~meancache.calibration.selection.run_score`); otherwise from
-            the validation inputs (every fourth, :func:`~meancache.calibration.selection.validation_split`) by
-            the root mean square (:func:`~meancache.calibration.selection.tail_score`); B evaluations per run
-            (a batched run of all rows counts once). With a recording, by whole-run replays on the recording
-            (counted as B evaluations each). None (default): :data:`AUTO_REFINE` where the runs hold at least
-            :data:`REFINE_ROWS` = 64 rows with the default draws (a cheap model's rows of up to 1,024 latent
-            elements), else none; 0: none. Why only there: scored on the few validation inputs the moves fit those
-            inputs (on two sharp held-out flows they lowered the held-out median but raised the rel L2 at B = 8, 10
-            and 25); scored by the mean over 1,024 rows, on the eight flows of ``bench/candidate_study.py`` they
-            lowered the held-out rel L2 and median in 120 of 160 cells and raised both in 5 (geometric means 0.80x
-            and 0.68x), over 64 rows they still raised the cells that meet issue 19's bar there and on the demo
-            flow (bench/RESULTS.md).
+            sampled runs of it: where the choice ran validation draws (``draws``) or its batched runs hold at
+            least :data:`REFINE_ROWS` rows, on those same rows (the inputs, then any draws) by the same mean
+            (:func:`~meancache.calibration.selection.run_score`); otherwise from the validation inputs (every
+            fourth, :func:`~meancache.calibration.selection.validation_split`) by the root mean square
+            (:func:`~meancache.calibration.selection.tail_score`); B evaluations per run (a batched run of all rows
+            counts once). With a recording, by whole-run replays on the recording (counted as B evaluations each).
+            None (default): :data:`AUTO_REFINE` where the batched runs that choose hold at least
+            :data:`REFINE_ROWS` = 64 rows, inputs and draws, and without draws at most :data:`DRAW_ELEMENTS`
+            latent elements in all (a cheap model's rows of up to 1,024 elements, as the default draws give; never
+            a real model's image latents), else none; 0: none. Why only there: scored on the few validation
+            inputs the moves fit those inputs (on two sharp held-out flows they lowered the held-out median but
+            raised the rel L2 at B = 8, 10 and 25); scored by the mean over 1,024 rows, on the eight flows of
+            ``bench/candidate_study.py`` they lowered the held-out rel L2 and median in 120 of 160 cells and raised
+            both in 5 (geometric means 0.80x and 0.68x); over 64 rows (inputs and draws, or 64 inputs) they still
+            raised the cells that meet issue 19's bar there and on the demo flow (bench/RESULTS.md).
         report: a list to which one dict per budget is appended, saying how its schedule was chosen:
             ``budget``, ``measure`` (``"runs"`` or ``"replay"``, see ``validate``), ``scores`` (each candidate's
             validation score, None for a candidate not in the running), ``chosen`` (its name), ``start`` (the
@@ -361,8 +363,10 @@ def calibrate(
     if draws:
         _check_out(out)  # the probe below is a model call: every argument is checked before it
         draws = _probe_draws(target, inputs, sigmas, draws, auto_draws)
-    if refine is None:  # on where the moves are scored on REFINE_ROWS rows of a cheap model's runs (see refine)
-        refine = AUTO_REFINE if draws and inputs.shape[0] + draws >= REFINE_ROWS else 0
+    rows = _run_rows(model_fn, inputs, select, validate, fit, draws)
+    if refine is None:  # on where the moves are scored on REFINE_ROWS cheap rows of the runs that choose (see refine)
+        cheap = draws or (rows and rows * max(1, math.prod(inputs.shape[1:])) <= DRAW_ELEMENTS)
+        refine = AUTO_REFINE if rows >= REFINE_ROWS and cheap else 0
 
     if isinstance(target, Recording):
         rec = target
@@ -380,7 +384,7 @@ def calibrate(
     if model_fn:
         if select and validate in ("auto", "runs"):
             runs = model_runs(target, inputs, rec, every=True, draws=draws)
-        if refine and draws:  # the moves are scored as the candidates were: the mean over inputs and draws
+        if refine and (draws or rows >= REFINE_ROWS):  # scored as the candidates were: the mean over the rows
             scorer = (*runs, run_score)
         elif refine:
             scorer = (*model_runs(target, inputs, rec), tail_score)
@@ -418,28 +422,45 @@ DRAW_ROWS = 1024
 #: Model evaluations per budget that ``calibrate(refine=None)`` spends on local moves where the real runs hold at
 #: least :data:`REFINE_ROWS` rows (inputs and draws): up to 500 scored moves at B = 6, 120 at B = 25.
 AUTO_REFINE = 3000
-#: Fewest rows (inputs and draws) of the real runs on which ``calibrate(refine=None)`` refines: 64 is what the draws
-#: give the demo's 1,024-d flow under :data:`DRAW_ELEMENTS`, so rows of up to 1,024 latent elements refine, a real
-#: model's image latent (no draws) never. Scored on 8 validation inputs the moves fit them; on 64 rows they raised
-#: the cells that meet issue 19's bar on the study's flows and on the demo flow (bench/RESULTS.md).
+#: Fewest rows (inputs and draws) of the batched real runs that choose on which ``calibrate(refine=None)`` refines,
+#: scoring the moves on those rows: 64 is what the draws give the demo's 1,024-d flow under :data:`DRAW_ELEMENTS`,
+#: so rows of up to 1,024 latent elements refine, with the draws or 64 inputs or more; without draws only while
+#: the rows hold at most :data:`DRAW_ELEMENTS` elements in all, so a real model's image latents never. Scored on 8
+#: validation inputs the moves fit them; on 64 rows (inputs and draws, or 64 inputs) they raised the cells that
+#: meet issue 19's bar on the study's flows and on the demo flow (bench/RESULTS.md).
 REFINE_ROWS = 64
 #: Most latent elements those rows may hold in all (whole rows, not the element subset): new rows are drawn only
 #: while they are cheap, so a real model's calibration costs what it did.
 DRAW_ELEMENTS = 2**16
 
 
+def _batched_runs_rule(model_fn: bool, inputs, select: bool, validate: str, fit: bool) -> str | None:
+    """Why the candidates are not chosen by batched real runs of rows (a velocity_fn with one batched tensor of
+    inputs, ``select=True``, ``validate`` runs, ``fit=False``), or None where they are: only there can new noise
+    rows join the runs (``draws``) and the moves be scored on the rows that chose (``refine``)."""
+    if not model_fn or not isinstance(inputs, torch.Tensor):
+        return "a velocity_fn target with one batched tensor of inputs"
+    if not select or validate == "replay":
+        return "the choice by real runs (select=True, validate='auto' or 'runs')"
+    if fit:
+        return "fit=False (the fitted candidates are weighed input by input against the calibration inputs)"
+    return None
+
+
+def _run_rows(model_fn: bool, inputs, select: bool, validate: str, fit: bool, draws: int) -> int:
+    """Rows of the batched real runs that choose (the inputs, then ``draws`` new ones), 0 where the choice is not
+    made by such runs (:func:`_batched_runs_rule`): what ``refine=None`` and the moves' scorer look at."""
+    if _batched_runs_rule(model_fn, inputs, select, validate, fit) is not None:
+        return 0
+    return inputs.shape[0] + draws
+
+
 def _draws(draws: int | None, model_fn: bool, inputs, sigmas, select: bool, validate: str, fit: bool) -> int:
     """The new noise rows of ``calibrate(draws=)`` (see there): None picks them (:data:`DRAW_ROWS`,
     :data:`DRAW_ELEMENTS`; 0 where draws do not apply); a count given where they do not apply is a ValueError
     naming the rule."""
-    why = None
-    if not model_fn or not isinstance(inputs, torch.Tensor):
-        why = "a velocity_fn target with one batched tensor of inputs"
-    elif not select or validate == "replay":
-        why = "the choice by real runs (select=True, validate='auto' or 'runs')"
-    elif fit:
-        why = "fit=False (the fitted candidates are weighed input by input against the calibration inputs)"
-    elif float(as_sigma_list(sigmas)[0]) != 1.0:
+    why = _batched_runs_rule(model_fn, inputs, select, validate, fit)
+    if why is None and float(as_sigma_list(sigmas)[0]) != 1.0:
         why = "a grid that starts at sigma = 1, where the inputs are standard-normal noise"
     if draws is None:
         if why is not None:

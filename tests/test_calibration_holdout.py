@@ -124,20 +124,23 @@ def test_gain_caps_keep_every_polynomial_segment_under_the_cap():
         graph.restricted(max_gain=0.5)
 
 
-@pytest.mark.parametrize("draws", [0, None], ids=["validation split", "inputs and draws"])
-def test_refinement_never_increases_the_validation_error(draws):
+@pytest.mark.parametrize("inputs, draws", [(8, 0), (8, None), (REFINE_ROWS, 0)],
+                         ids=["validation split", "inputs and draws", "REFINE_ROWS inputs"])
+def test_refinement_never_increases_the_validation_error(inputs, draws):
     """The final score is the refinement's own measure of the returned schedule, and never above the start's:
-    without draws the root mean square over the validation split, with the default draws the mean over the inputs
-    and the draws (the rows that chose the candidates)."""
-    flow, x, sig, rec = _recording(seed=9, steps=20, inputs=8)
+    with a few inputs and no draws the root mean square over the validation split; with the default draws, or
+    REFINE_ROWS inputs, the mean over the rows that chose the candidates (the inputs, then any draws)."""
+    flow, x, sig, rec = _recording(seed=9, steps=20, inputs=inputs)
     report = []
     found = meancache.calibrate(flow, x, sigmas=sig, budget=[5, 8], refine=400, draws=draws, report=report,
                                 progress=False)
-    if draws == 0:
-        _, val = validation_split(8)
-        rows, score = x[val], tail_score
+    if draws is None:
+        rows, score = torch.cat([x, validation_draws(x, DRAW_ROWS - inputs)]), run_score
+    elif inputs >= REFINE_ROWS:
+        rows, score = x, run_score
     else:
-        rows, score = torch.cat([x, validation_draws(x, DRAW_ROWS - 8)]), run_score
+        _, val = validation_split(inputs)
+        rows, score = x[val], tail_score
     with torch.no_grad():
         ref = meancache.sample(flow, rows, sig, Schedule.full(20)).double()
 
@@ -163,16 +166,18 @@ def test_refinement_is_on_by_default_where_the_runs_hold_refine_rows():
     assert found == again and [e["score"] for e in auto] == [e["score"] for e in explicit]
     assert any(e["refined"] for e in auto) and found != plain  # the moves changed something on this flow
     assert plain == [e["start"] for e in auto] and all(e["score"] is None for e in off)
-    # inputs alone; 8 inputs + 32 draws = 40 rows; 63 rows (8 inputs + 55 draws); 64 rows (8 + 56): the first on
-    for kwargs, on in ((dict(draws=0), False), (dict(dim=DRAW_ELEMENTS // 40), False),
-                       (dict(dim=DRAW_ELEMENTS // (REFINE_ROWS - 1)), False),
-                       (dict(dim=DRAW_ELEMENTS // REFINE_ROWS), True)):
-        dim = kwargs.pop("dim", 8)
+    # 8 inputs alone; 8 inputs + 32 draws = 40 rows; 63 rows (8 inputs + 55 draws); 64 rows (8 + 56): the first on;
+    # 64 inputs without draws: on while they hold at most DRAW_ELEMENTS elements (64 x 1,024), not above (64 x 1,040)
+    cases = ((8, 8, dict(draws=0), False), (8, DRAW_ELEMENTS // 40, {}, False),
+             (8, DRAW_ELEMENTS // (REFINE_ROWS - 1), {}, False), (8, DRAW_ELEMENTS // REFINE_ROWS, {}, True),
+             (REFINE_ROWS, 8, dict(draws=0), True), (REFINE_ROWS, DRAW_ELEMENTS // REFINE_ROWS, {}, True),
+             (REFINE_ROWS, DRAW_ELEMENTS // (REFINE_ROWS - 1), {}, False))
+    for count, dim, kwargs, on in cases:
         wide = GaussianMixtureFlow(dim=dim, components=3, seed=2)
-        xs = torch.randn(8, dim, generator=torch.Generator().manual_seed(9))
+        xs = torch.randn(count, dim, generator=torch.Generator().manual_seed(9))
         report = []
         meancache.calibrate(wide, xs, sigmas=sig, budget=5, report=report, progress=False, **kwargs)
-        assert (report[0]["score"] is not None) == on and (on or not report[0]["refined"]), (dim, kwargs)
+        assert (report[0]["score"] is not None) == on and (on or not report[0]["refined"]), (count, dim, kwargs)
 
 
 def test_refine_keeps_only_moves_that_help_every_group():
