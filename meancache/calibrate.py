@@ -365,8 +365,8 @@ def calibrate(
         draws = _probe_draws(target, inputs, sigmas, draws, auto_draws)
     rows = _run_rows(model_fn, inputs, select, validate, fit, draws)
     if refine is None:  # on where the moves are scored on REFINE_ROWS cheap rows of the runs that choose (see refine)
-        cheap = draws or (rows and rows * max(1, math.prod(inputs.shape[1:])) <= DRAW_ELEMENTS)
-        refine = AUTO_REFINE if rows >= REFINE_ROWS and cheap else 0
+        cheap = rows >= REFINE_ROWS and (draws or rows * _row_elements(inputs) <= DRAW_ELEMENTS)
+        refine = AUTO_REFINE if cheap else 0
 
     if isinstance(target, Recording):
         rec = target
@@ -455,6 +455,11 @@ def _run_rows(model_fn: bool, inputs, select: bool, validate: str, fit: bool, dr
     return inputs.shape[0] + draws
 
 
+def _row_elements(inputs: torch.Tensor) -> int:
+    """Latent elements of one row of a batched tensor of inputs ``(P, *shape)`` (at least 1)."""
+    return max(1, math.prod(inputs.shape[1:]))
+
+
 def _draws(draws: int | None, model_fn: bool, inputs, sigmas, select: bool, validate: str, fit: bool) -> int:
     """The new noise rows of ``calibrate(draws=)`` (see there): None picks them (:data:`DRAW_ROWS`,
     :data:`DRAW_ELEMENTS`; 0 where draws do not apply); a count given where they do not apply is a ValueError
@@ -465,8 +470,7 @@ def _draws(draws: int | None, model_fn: bool, inputs, sigmas, select: bool, vali
     if draws is None:
         if why is not None:
             return 0
-        per_row = max(1, math.prod(inputs.shape[1:]))
-        return max(0, min(DRAW_ROWS, DRAW_ELEMENTS // per_row) - inputs.shape[0])
+        return max(0, min(DRAW_ROWS, DRAW_ELEMENTS // _row_elements(inputs)) - inputs.shape[0])
     if draws and why is not None:
         raise ValueError(f"draws={draws}: new noise rows need {why}")
     return int(draws)
